@@ -1,1 +1,6 @@
-//! placeholder
+//! The prefix-rft engine: model files, tokenizer, chat template, Llama-family forward with
+//! adapter hooks, KV cache and sampler. It knows nothing of HTTP, tenants or feedback.
+
+pub mod gguf;
+#[doc(hidden)]
+pub mod testing;
