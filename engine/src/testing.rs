@@ -1,6 +1,13 @@
-//! Helpers shared by the engine's tests: where the real model is, and tiny random models.
+//! Helpers shared by the engine's tests: where the real model is, and tiny random models
+//! written both as GGUF and as a Hugging Face safetensors directory, so unit tests run in
+//! milliseconds on real loading code.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use rand::{Rng, SeedableRng};
+
+use crate::gguf::{GgufValue, GgufWriter};
+use crate::quant::GgmlDType;
 
 /// The default model file; the test command (`scripts/test`) fetches it before running tests.
 pub fn default_model_path() -> PathBuf {
@@ -12,4 +19,189 @@ pub fn default_model_path() -> PathBuf {
         path.display()
     );
     path
+}
+
+/// Shape of a tiny test model.
+#[derive(Debug, Clone, Copy)]
+pub struct TinySpec {
+    /// Vocabulary.
+    pub vocab: usize,
+    /// Hidden width (a multiple of 32 so block formats apply).
+    pub hidden: usize,
+    /// MLP width (a multiple of 32).
+    pub intermediate: usize,
+    /// Layers.
+    pub layers: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Tie the output head to the embedding.
+    pub tied: bool,
+    /// Add q/k/v biases (Qwen2 style).
+    pub bias: bool,
+}
+
+impl Default for TinySpec {
+    fn default() -> Self {
+        TinySpec { vocab: 96, hidden: 64, intermediate: 128, layers: 2, heads: 4, kv_heads: 2, tied: false, bias: false }
+    }
+}
+
+/// Random weights under Hugging Face names: `(name, shape, values)`, shape `[rows, cols]` or `[n]`.
+pub fn tiny_weights(spec: &TinySpec, seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut t = Vec::new();
+    let hd = spec.hidden / spec.heads;
+    let mut mat = |name: String, rows: usize, cols: usize, scale: f32| {
+        let v: Vec<f32> = (0..rows * cols).map(|_| rng.gen_range(-scale..scale)).collect();
+        (name, vec![rows, cols], v)
+    };
+    t.push(mat("model.embed_tokens.weight".into(), spec.vocab, spec.hidden, 1.0));
+    for l in 0..spec.layers {
+        let p = |s: &str| format!("model.layers.{l}.{s}");
+        let s = 1.0 / (spec.hidden as f32).sqrt() * 1.7;
+        t.push(mat(p("self_attn.q_proj.weight"), spec.heads * hd, spec.hidden, s));
+        t.push(mat(p("self_attn.k_proj.weight"), spec.kv_heads * hd, spec.hidden, s));
+        t.push(mat(p("self_attn.v_proj.weight"), spec.kv_heads * hd, spec.hidden, s));
+        t.push(mat(p("self_attn.o_proj.weight"), spec.hidden, spec.heads * hd, s));
+        t.push(mat(p("mlp.gate_proj.weight"), spec.intermediate, spec.hidden, s));
+        t.push(mat(p("mlp.up_proj.weight"), spec.intermediate, spec.hidden, s));
+        t.push(mat(p("mlp.down_proj.weight"), spec.hidden, spec.intermediate, 1.0 / (spec.intermediate as f32).sqrt()));
+        if spec.bias {
+            t.push(mat(p("self_attn.q_proj.bias"), 1, spec.heads * hd, 0.5));
+            t.push(mat(p("self_attn.k_proj.bias"), 1, spec.kv_heads * hd, 0.5));
+            t.push(mat(p("self_attn.v_proj.bias"), 1, spec.kv_heads * hd, 0.5));
+        }
+        t.push(mat(p("input_layernorm.weight"), 1, spec.hidden, 1.0));
+        t.push(mat(p("post_attention_layernorm.weight"), 1, spec.hidden, 1.0));
+    }
+    t.push(mat("model.norm.weight".into(), 1, spec.hidden, 1.0));
+    if !spec.tied {
+        t.push(mat("lm_head.weight".into(), spec.vocab, spec.hidden, 0.3));
+    }
+    for (name, shape, v) in t.iter_mut() {
+        if name.ends_with("norm.weight") {
+            // Norm weights near 1, as in trained models.
+            v.iter_mut().for_each(|x| *x = 1.0 + 0.2 * *x);
+        }
+        if shape[0] == 1 {
+            *shape = vec![shape[1]];
+        }
+    }
+    t
+}
+
+fn gguf_name(hf: &str) -> String {
+    let stem = hf.trim_end_matches(".weight").trim_end_matches(".bias");
+    let suffix = if hf.ends_with(".bias") { "bias" } else { "weight" };
+    let mapped = match stem {
+        "model.embed_tokens" => "token_embd".to_string(),
+        "model.norm" => "output_norm".to_string(),
+        "lm_head" => "output".to_string(),
+        _ => {
+            let rest = stem.trim_start_matches("model.layers.");
+            let (idx, part) = rest.split_once('.').unwrap_or((rest, ""));
+            let part = match part {
+                "self_attn.q_proj" => "attn_q",
+                "self_attn.k_proj" => "attn_k",
+                "self_attn.v_proj" => "attn_v",
+                "self_attn.o_proj" => "attn_output",
+                "mlp.gate_proj" => "ffn_gate",
+                "mlp.up_proj" => "ffn_up",
+                "mlp.down_proj" => "ffn_down",
+                "input_layernorm" => "attn_norm",
+                "post_attention_layernorm" => "ffn_norm",
+                other => other,
+            };
+            format!("blk.{idx}.{part}")
+        }
+    };
+    format!("{mapped}.{suffix}")
+}
+
+/// llama.cpp's rotary permutation of q/k rows (the inverse of what the loader undoes).
+fn permute_rows(v: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+    let d = rows / heads;
+    let mut out = vec![0f32; v.len()];
+    for h in 0..heads {
+        for j in 0..2 {
+            for i in 0..d / 2 {
+                let src = h * d + j * (d / 2) + i;
+                let dst = h * d + 2 * i + j;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&v[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// Writes `weights` as a llama GGUF the way llama.cpp's converter does (q/k permuted), with
+/// 2-D weights stored as `matrix_dtype` and 1-D ones as F32.
+pub fn write_tiny_gguf(path: &Path, spec: &TinySpec, weights: &[(String, Vec<usize>, Vec<f32>)], matrix_dtype: GgmlDType) {
+    let mut w = GgufWriter::new();
+    let u = |v: usize| GgufValue::U32(v as u32);
+    w.metadata("general.architecture", GgufValue::String("llama".into()))
+        .metadata("llama.vocab_size", u(spec.vocab))
+        .metadata("llama.context_length", u(256))
+        .metadata("llama.embedding_length", u(spec.hidden))
+        .metadata("llama.feed_forward_length", u(spec.intermediate))
+        .metadata("llama.block_count", u(spec.layers))
+        .metadata("llama.attention.head_count", u(spec.heads))
+        .metadata("llama.attention.head_count_kv", u(spec.kv_heads))
+        .metadata("llama.rope.freq_base", GgufValue::F32(10000.0))
+        .metadata("llama.attention.layer_norm_rms_epsilon", GgufValue::F32(1e-5));
+    for (name, shape, values) in weights {
+        let (values, dims, dtype) = match shape.as_slice() {
+            [n] => {
+                let heads = if name.contains("q_proj") { spec.heads } else { spec.kv_heads };
+                let v = if name.contains("q_proj.bias") || name.contains("k_proj.bias") {
+                    permute_rows(values, *n, 1, heads)
+                } else {
+                    values.clone()
+                };
+                (v, vec![*n as u64], GgmlDType::F32)
+            }
+            [r, c] => {
+                let v = if name.contains("q_proj") {
+                    permute_rows(values, *r, *c, spec.heads)
+                } else if name.contains("k_proj") {
+                    permute_rows(values, *r, *c, spec.kv_heads)
+                } else {
+                    values.clone()
+                };
+                (v, vec![*c as u64, *r as u64], matrix_dtype)
+            }
+            _ => panic!("tiny weights are 1-D or 2-D"),
+        };
+        let bytes = crate::quant::quantize(dtype, &values).expect("quantize tiny weight");
+        w.tensor(&gguf_name(name), &dims, dtype.ggml_id(), bytes);
+    }
+    w.write(path).expect("write tiny gguf");
+}
+
+/// Writes `weights` as a Hugging Face directory: `config.json` and `model.safetensors` (F32).
+pub fn write_tiny_hf_dir(dir: &Path, spec: &TinySpec, weights: &[(String, Vec<usize>, Vec<f32>)]) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let config = serde_json::json!({
+        "model_type": "llama", "vocab_size": spec.vocab, "hidden_size": spec.hidden,
+        "intermediate_size": spec.intermediate, "num_hidden_layers": spec.layers,
+        "num_attention_heads": spec.heads, "num_key_value_heads": spec.kv_heads,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
+        "tie_word_embeddings": spec.tied, "attention_bias": spec.bias,
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).expect("write config");
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = weights
+        .iter()
+        .map(|(n, s, v)| (n.clone(), s.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+        .iter()
+        .map(|(n, s, b)| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                .expect("tensor view");
+            (n.clone(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, &None, &dir.join("model.safetensors")).expect("write safetensors");
 }

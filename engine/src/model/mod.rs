@@ -1,0 +1,13 @@
+//! Llama-family models: configuration, weights, KV cache, the adapter seam and the forward.
+
+pub mod config;
+pub mod hooks;
+pub mod kv_cache;
+pub mod llama;
+pub mod weights;
+
+pub use config::{Arch, ConfigError, ModelConfig};
+pub use hooks::{AdapterHook, Proj, ProjRows};
+pub use kv_cache::KvCache;
+pub use llama::{Llama, Logits, LogitsWanted, ModelError, SeqStep};
+pub use weights::{LoadOptions, ModelWeights, WeightsError};

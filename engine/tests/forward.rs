@@ -1,0 +1,136 @@
+//! The forward on tiny random models: both file formats agree, batching and the KV cache do
+//! not change results, bad input is an error.
+
+use prefix_rft_engine::gguf::GgufFile;
+use prefix_rft_engine::model::{KvCache, Llama, LoadOptions, Logits, LogitsWanted, ModelError, SeqStep};
+use prefix_rft_engine::quant::GgmlDType;
+use prefix_rft_engine::testing::{tiny_weights, write_tiny_gguf, write_tiny_hf_dir, TinySpec};
+
+fn tiny_gguf(spec: &TinySpec, dtype: GgmlDType) -> (tempfile::TempDir, Llama) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&path, spec, &tiny_weights(spec, 7), dtype);
+    let file = GgufFile::open(&path).expect("open");
+    let model = Llama::from_gguf(&file, LoadOptions::default()).expect("load");
+    (dir, model)
+}
+
+fn all_logits(model: &Llama, tokens: &[u32]) -> Logits {
+    let mut cache = KvCache::new(model.config());
+    let mut step = [SeqStep { tokens, cache: &mut cache, adapter: None, logits: LogitsWanted::All }];
+    model.forward(&mut step).expect("forward")
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn gguf_and_safetensors_give_the_same_logits() {
+    for spec in [TinySpec::default(), TinySpec { tied: true, bias: true, ..TinySpec::default() }] {
+        let weights = tiny_weights(&spec, 7);
+        let (_d, from_gguf) = tiny_gguf(&spec, GgmlDType::F32);
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_tiny_hf_dir(dir.path(), &spec, &weights);
+        let from_hf = Llama::from_hf_dir(dir.path(), LoadOptions::default()).expect("load hf");
+        let tokens = [1u32, 5, 9, 33, 2, 70, 11, 4];
+        let a = all_logits(&from_gguf, &tokens);
+        let b = all_logits(&from_hf, &tokens);
+        assert!(max_abs_diff(&a.data, &b.data) < 1e-4, "spec {spec:?}");
+    }
+}
+
+#[test]
+fn incremental_decode_equals_one_full_forward() {
+    let spec = TinySpec::default();
+    let (_d, model) = tiny_gguf(&spec, GgmlDType::F32);
+    let tokens: Vec<u32> = (0..20).map(|i| (i * 7 + 3) % 96).collect();
+    let full = all_logits(&model, &tokens);
+    let mut cache = KvCache::new(model.config());
+    // Prefill in two uneven chunks, then one token at a time.
+    let chunks: Vec<&[u32]> = std::iter::once(&tokens[..5])
+        .chain(std::iter::once(&tokens[5..12]))
+        .chain(tokens[12..].chunks(1))
+        .collect();
+    let mut row = 0;
+    for chunk in chunks {
+        let mut step = [SeqStep { tokens: chunk, cache: &mut cache, adapter: None, logits: LogitsWanted::All }];
+        let out = model.forward(&mut step).expect("forward");
+        for r in 0..chunk.len() {
+            assert!(max_abs_diff(out.row(r), full.row(row)) < 1e-4, "position {row}");
+            row += 1;
+        }
+    }
+    assert_eq!(cache.len(), tokens.len());
+}
+
+#[test]
+fn batched_decode_equals_one_by_one() {
+    let spec = TinySpec::default();
+    for dtype in [GgmlDType::F32, GgmlDType::Q8_0, GgmlDType::Q4_1] {
+        let (_d, model) = tiny_gguf(&spec, dtype);
+        let prompts: Vec<Vec<u32>> = vec![vec![3, 4, 5], (10..27).collect(), vec![42]];
+        let steps = 6;
+        // Alone: each sequence by itself.
+        let mut alone = Vec::new();
+        for p in &prompts {
+            let mut cache = KvCache::new(model.config());
+            let mut rows = Vec::new();
+            let mut input = p.clone();
+            for s in 0..steps {
+                let mut step = [SeqStep { tokens: &input, cache: &mut cache, adapter: None, logits: LogitsWanted::Last }];
+                let out = model.forward(&mut step).expect("forward");
+                rows.push(out.last_of(0).expect("logits").to_vec());
+                input = vec![(s as u32 * 13 + p[0]) % 96];
+            }
+            alone.push(rows);
+        }
+        // Together: prefill all in one step, then decode all in one step each time.
+        let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(model.config())).collect();
+        let mut inputs = prompts.clone();
+        for s in 0..steps {
+            let mut batch: Vec<SeqStep<'_>> = inputs
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(t, c)| SeqStep { tokens: t, cache: c, adapter: None, logits: LogitsWanted::Last })
+                .collect();
+            let out = model.forward(&mut batch).expect("forward");
+            for (i, p) in prompts.iter().enumerate() {
+                let diff = max_abs_diff(out.last_of(i).expect("logits"), &alone[i][s]);
+                assert!(diff < 1e-4, "{dtype:?} seq {i} step {s}: {diff}");
+                inputs[i] = vec![(s as u32 * 13 + p[0]) % 96];
+            }
+        }
+    }
+}
+
+#[test]
+fn rejects_token_outside_vocabulary() {
+    let (_d, model) = tiny_gguf(&TinySpec::default(), GgmlDType::F32);
+    let mut cache = KvCache::new(model.config());
+    let mut step = [SeqStep { tokens: &[1, 96], cache: &mut cache, adapter: None, logits: LogitsWanted::Last }];
+    assert!(matches!(model.forward(&mut step), Err(ModelError::TokenOutOfRange { token: 96, .. })));
+    assert_eq!(cache.len(), 0, "a refused step leaves the cache untouched");
+}
+
+#[test]
+fn rejects_sequence_longer_than_context() {
+    let (_d, model) = tiny_gguf(&TinySpec::default(), GgmlDType::F32);
+    let tokens = vec![1u32; 257];
+    let mut cache = KvCache::new(model.config());
+    let mut step = [SeqStep { tokens: &tokens, cache: &mut cache, adapter: None, logits: LogitsWanted::Last }];
+    assert!(matches!(model.forward(&mut step), Err(ModelError::ContextLength { needed: 257, context: 256 })));
+}
+
+#[test]
+fn refuses_truncated_model_file_naming_it() {
+    let spec = TinySpec::default();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&path, &spec, &tiny_weights(&spec, 7), GgmlDType::Q8_0);
+    let bytes = std::fs::read(&path).expect("read");
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).expect("truncate");
+    let err = GgufFile::open(&path).expect_err("truncated file must be refused").to_string();
+    assert!(err.contains("tiny.gguf"), "{err}");
+}

@@ -1,0 +1,154 @@
+//! `config.toml`: parsed into raw serde types, then validated into the form the rest of the
+//! program trusts. Unknown keys are refused so a typo is an error, not a silent default.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The configuration embedded in the binary (the repository's `config.toml`).
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../config.toml");
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{origin}: {source}")]
+    Parse { origin: String, source: toml::de::Error },
+    #[error("{origin}: {message}")]
+    Invalid { origin: String, message: String },
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Bind address.
+    pub host: String,
+    /// Bind port.
+    pub port: u16,
+    /// Adapter store and feedback database root.
+    pub data_dir: PathBuf,
+}
+
+/// `[model]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Base model id clients send as `model`.
+    pub id: String,
+    /// GGUF file or Hugging Face directory.
+    pub path: PathBuf,
+    /// Dequantise weights to f32 at load.
+    #[serde(default)]
+    pub dequantize: bool,
+    /// Compute threads (0 = one per core).
+    #[serde(default)]
+    pub threads: usize,
+}
+
+/// `[[tenants]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSection {
+    /// Tenant id.
+    pub id: String,
+    /// Keys that act as this tenant.
+    pub api_keys: Vec<String>,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Admin keys.
+    pub api_keys: Vec<String>,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[server]`
+    pub server: ServerSection,
+    /// `[model]`
+    pub model: ModelSection,
+    /// `[[tenants]]`
+    #[serde(default)]
+    pub tenants: Vec<TenantSection>,
+    /// `[admin]`
+    pub admin: AdminSection,
+}
+
+impl Config {
+    /// Parses and validates TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let cfg: Config =
+            toml::from_str(text).map_err(|source| ConfigError::Parse { origin: origin.to_string(), source })?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    /// Reads `path`, or the embedded default when `None`.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        match path {
+            None => Self::parse(EMBEDDED_DEFAULT, "embedded config.toml"),
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })?;
+                Self::parse(&text, &p.display().to_string())
+            }
+        }
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |message: String| Err(ConfigError::Invalid { origin: origin.to_string(), message });
+        if self.model.id.trim().is_empty() {
+            return invalid("model.id must not be empty".into());
+        }
+        let mut seen_ids = std::collections::HashSet::new();
+        let mut seen_keys = std::collections::HashSet::new();
+        for t in &self.tenants {
+            if t.id.trim().is_empty() || !seen_ids.insert(t.id.as_str()) {
+                return invalid(format!("tenant id `{}` is empty or repeated", t.id));
+            }
+            for k in &t.api_keys {
+                if k.is_empty() || !seen_keys.insert(k.as_str()) {
+                    return invalid(format!("tenant `{}` has an empty or repeated API key", t.id));
+                }
+            }
+        }
+        for k in &self.admin.api_keys {
+            if k.is_empty() || !seen_keys.insert(k.as_str()) {
+                return invalid("admin has an empty API key or one shared with a tenant".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_parses() {
+        let cfg = Config::load(None).expect("embedded config");
+        assert_eq!(cfg.model.id, "smollm2-135m-instruct");
+        assert_eq!(cfg.tenants.len(), 2);
+        assert_eq!(cfg.server.port, 8080);
+    }
+
+    #[test]
+    fn refuses_unknown_keys() {
+        let text = EMBEDDED_DEFAULT.replace("dequantize = false", "dequantise = false");
+        let err = Config::parse(&text, "t").expect_err("typo must fail").to_string();
+        assert!(err.contains("dequantise"), "{err}");
+    }
+
+    #[test]
+    fn refuses_a_key_shared_by_two_tenants() {
+        let text = EMBEDDED_DEFAULT.replace("sk-globex-demo", "sk-acme-demo");
+        assert!(matches!(Config::parse(&text, "t"), Err(ConfigError::Invalid { .. })));
+    }
+}
