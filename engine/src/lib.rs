@@ -1,1 +1,4 @@
 //! placeholder
+
+pub mod sampler;
+pub mod stop;
