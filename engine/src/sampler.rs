@@ -30,6 +30,9 @@ pub const MAX_TOP_LOGPROBS: usize = 20;
 const TOP_P_INITIAL_K: usize = 64;
 /// Growth factor of that candidate set when it does not cover the mass.
 const TOP_P_GROWTH: usize = 8;
+/// `top_k_indices` switches from a heap to select-and-sort once
+/// k · LARGE_K_RATIO ≥ n.
+const LARGE_K_RATIO: usize = 8;
 
 /// Validated sampling parameters of one sequence (OpenAI semantics).
 ///
@@ -575,11 +578,27 @@ impl PartialEq for Entry {
 impl Eq for Entry {}
 
 /// Top-k (id, value) pairs by value, descending, ties by lower id;
-/// O(n log k). NaN values rank below everything. Returns `min(k, n)` pairs.
+/// O(n log k) (O(n + k log k) when k is a sizeable fraction of n). NaN values rank below everything. Returns `min(k, n)` pairs.
 pub fn top_k_indices(values: &[f32], k: usize) -> Vec<(u32, f32)> {
     let k = k.min(values.len());
     if k == 0 {
         return Vec::new();
+    }
+    if k.saturating_mul(LARGE_K_RATIO) >= values.len() {
+        // For k comparable to n a heap is slower than selecting in place:
+        // O(n) partition, then sort only the k kept entries.
+        let mut all: Vec<Entry> = values
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| Entry::new(i as u32, v))
+            .collect();
+        if k < all.len() {
+            all.select_nth_unstable(k - 1);
+            all.truncate(k);
+        }
+        // Entries are distinct (unique ids), so unstable sorting is exact.
+        all.sort_unstable();
+        return all.into_iter().map(|e| (e.id, e.value)).collect();
     }
     let mut heap = BinaryHeap::with_capacity(k);
     for (i, &v) in values.iter().enumerate() {
