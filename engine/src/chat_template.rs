@@ -559,6 +559,17 @@ mod tests {
     }
 
     #[test]
+    fn message_content_is_data_not_template() {
+        let t = ChatTemplate::new(CHATML, None, None).unwrap();
+        let m = vec![ChatMessage::new(
+            "user",
+            "{{ 7 * 7 }}{% for i in range(10) %}x{% endfor %}",
+        )];
+        let out = t.render(&m, false).unwrap();
+        assert!(out.contains("user\n{{ 7 * 7 }}{% for i in range(10) %}x{% endfor %}<|im_end|>"));
+    }
+
+    #[test]
     fn syntax_errors_are_reported_at_compile_time() {
         let err = ChatTemplate::new("{% for m in messages %}", None, None).unwrap_err();
         assert!(matches!(err, ChatTemplateError::Syntax(_)), "{err:?}");

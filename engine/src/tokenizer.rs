@@ -302,7 +302,7 @@ impl Tokenizer {
                 })?;
                 // A vocabulary entry outside the byte alphabet is respelled through its UTF-8
                 // bytes, as transformers does, so the BPE model can still reach it.
-                let alphabet = byte_level_alphabet();
+                let alphabet = byte_level_alphabet_cached();
                 let vocab_tokens: Vec<String> = tokens
                     .iter()
                     .map(|t| {
@@ -409,7 +409,7 @@ impl Tokenizer {
         // plain added tokens so they too are matched whole. In a byte-level vocabulary a
         // "control" token spelled outside the byte alphabet is a llama.cpp mislabel, skipped
         // as transformers does.
-        let alphabet = byte_level_alphabet();
+        let alphabet = byte_level_alphabet_cached();
         let spelled_ok = |t: &str| {
             spelling != Spelling::ByteLevel || t.chars().all(|c| alphabet.contains_key(&c))
         };
@@ -1278,6 +1278,16 @@ mod tests {
             build(&m).unwrap().encode("ab ab", false).unwrap(),
             vec![3, 5]
         );
+    }
+
+    #[test]
+    fn every_supported_pre_tokenizer_builds() {
+        for pre in SUPPORTED_PRE.split(", ") {
+            let mut m = gpt2_meta();
+            m.insert("tokenizer.ggml.pre".into(), GgufValue::String(pre.into()));
+            let tok = build(&m).unwrap_or_else(|e| panic!("{pre}: {e}"));
+            assert_eq!(tok.encode("ab ab", false).unwrap(), vec![3, 5], "{pre}");
+        }
     }
 
     #[test]
