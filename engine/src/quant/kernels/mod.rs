@@ -1,0 +1,96 @@
+//! Vec-dot kernels per weight format and their one-time runtime dispatch.
+//!
+//! A kernel computes `dot(w, a)` over `n` elements: `w` one weight row in its ggml format,
+//! `a` one activation row already in the weight's vec-dot format (see
+//! [`GgmlDType::vec_dot_type`]; raw f32 bytes for float weights). Kernels never allocate.
+
+use super::GgmlDType;
+use std::sync::OnceLock;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+pub(crate) mod scalar;
+
+/// `dot(n_elements, weight_row_bytes, activation_row_bytes)`.
+pub(crate) type VecDotFn = fn(usize, &[u8], &[u8]) -> f32;
+
+/// The kernel set chosen for this CPU.
+pub(crate) struct Kernels {
+    /// Name of the instruction set in use ("avx2", "scalar").
+    pub name: &'static str,
+    dots: [VecDotFn; 15],
+}
+
+impl Kernels {
+    /// The vec-dot kernel for weights of `dtype`.
+    #[inline(always)]
+    pub fn dot(&self, dtype: GgmlDType) -> VecDotFn {
+        self.dots[index(dtype)]
+    }
+}
+
+/// Position of `dtype` in the kernel tables.
+fn index(dtype: GgmlDType) -> usize {
+    GgmlDType::ALL.iter().position(|&t| t == dtype).unwrap_or(0)
+}
+
+/// The portable scalar kernel for weights of `dtype` (the oracle).
+pub(crate) fn scalar_dot(dtype: GgmlDType) -> VecDotFn {
+    use scalar::*;
+    match dtype {
+        GgmlDType::F32 => dot_f32,
+        GgmlDType::F16 => dot_f16,
+        GgmlDType::BF16 => dot_bf16,
+        GgmlDType::Q4_0 => dot_q4_0_q8_0,
+        GgmlDType::Q4_1 => dot_q4_1_q8_1,
+        GgmlDType::Q5_0 => dot_q5_0_q8_0,
+        GgmlDType::Q5_1 => dot_q5_1_q8_1,
+        GgmlDType::Q8_0 => dot_q8_0_q8_0,
+        GgmlDType::Q8_1 => dot_q8_1_q8_1,
+        GgmlDType::Q2K => dot_q2k_q8k,
+        GgmlDType::Q3K => dot_q3k_q8k,
+        GgmlDType::Q4K => dot_q4k_q8k,
+        GgmlDType::Q5K => dot_q5k_q8k,
+        GgmlDType::Q6K => dot_q6k_q8k,
+        GgmlDType::Q8K => dot_q8k_q8k,
+    }
+}
+
+/// Scalar kernels for every format.
+fn scalar_kernels() -> Kernels {
+    Kernels {
+        name: "scalar",
+        dots: GgmlDType::ALL.map(scalar_dot),
+    }
+}
+
+/// The best kernels for this CPU, detected once.
+pub(crate) fn kernels() -> &'static Kernels {
+    static K: OnceLock<Kernels> = OnceLock::new();
+    K.get_or_init(|| {
+        let mut k = scalar_kernels();
+        #[cfg(target_arch = "x86_64")]
+        if std::env::var_os("PREFIX_RFT_QUANT_SCALAR").is_none() {
+            if let Some(simd) = avx2::dots() {
+                k.name = "avx2";
+                for (t, f) in simd {
+                    k.dots[index(t)] = f;
+                }
+            }
+        }
+        k
+    })
+}
+
+/// The SIMD kernels available on this CPU (for tests comparing them to the scalar oracle).
+#[cfg(test)]
+pub(crate) fn simd_dots() -> Vec<(GgmlDType, VecDotFn)> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx2::dots().unwrap_or_default()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Vec::new()
+    }
+}

@@ -1,0 +1,270 @@
+//! [`QMatrix`]: a weight matrix in ggml blocks and its ggml-exact matmul.
+//!
+//! `out[m, rows] = x[m, cols] · Wᵀ`. As in ggml, quantized weights see activations first
+//! quantized per row to the weight's vec-dot type (Q8_0, Q8_1 or Q8_K) and then integer block
+//! dots. Float weights (F32/F16/BF16) take the f32 activations unchanged (ggml would round
+//! activations to f16 for F16 weights; keeping f32 is slightly more accurate and simpler).
+
+use super::kernels::kernels;
+use super::pool::{num_threads, parallel_for};
+use super::quantize::quantize_into;
+use super::{dequantize, quantize, GgmlDType, QuantError, WeightBytes};
+use std::cell::RefCell;
+
+/// A weight matrix `[rows = out_features, cols = in_features]`, row-major in ggml blocks.
+#[derive(Clone, Debug)]
+pub struct QMatrix {
+    dtype: GgmlDType,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+    bytes: WeightBytes,
+}
+
+thread_local! {
+    /// Per-thread buffer for quantized activations, so matmul does not allocate per call.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on a scratch buffer of `len` bytes (the thread's cached one when free).
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            f(&mut buf[..len])
+        }
+        // Re-entered (a matmul inside a matmul task on this thread): use a fresh buffer.
+        Err(_) => f(&mut vec![0u8; len]),
+    })
+}
+
+/// The output pointer shared by the row tasks.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint sets of output elements (their own rows), and the pointer
+// outlives the parallel_for call that uses it.
+unsafe impl Sync for OutPtr {}
+// SAFETY: as above.
+unsafe impl Send for OutPtr {}
+
+/// Weight rows per task when processing several activation rows (keeps the tile in L1).
+const PREFILL_TILE: usize = 16;
+
+impl QMatrix {
+    /// Wraps `bytes` as a `rows x cols` matrix of `dtype`, checking shape and length.
+    pub fn new(
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+        bytes: WeightBytes,
+    ) -> Result<Self, QuantError> {
+        let row_bytes = dtype.row_bytes(cols).ok_or(QuantError::BadShape {
+            dtype,
+            rows,
+            cols,
+            reason: "cols is not a multiple of the block size",
+        })?;
+        let expected = row_bytes.checked_mul(rows).ok_or(QuantError::BadShape {
+            dtype,
+            rows,
+            cols,
+            reason: "size overflows",
+        })?;
+        if bytes.len() != expected {
+            return Err(QuantError::SizeMismatch {
+                what: "QMatrix bytes",
+                expected,
+                actual: bytes.len(),
+            });
+        }
+        Ok(QMatrix {
+            dtype,
+            rows,
+            cols,
+            row_bytes,
+            bytes,
+        })
+    }
+
+    /// Quantizes the row-major f32 `data` (`rows * cols`) to `dtype`.
+    pub fn from_f32(
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+        data: &[f32],
+    ) -> Result<Self, QuantError> {
+        let n = rows.checked_mul(cols).ok_or(QuantError::BadShape {
+            dtype,
+            rows,
+            cols,
+            reason: "size overflows",
+        })?;
+        if data.len() != n {
+            return Err(QuantError::SizeMismatch {
+                what: "QMatrix::from_f32 data",
+                expected: n,
+                actual: data.len(),
+            });
+        }
+        if dtype.row_bytes(cols).is_none() {
+            return Err(QuantError::BadShape {
+                dtype,
+                rows,
+                cols,
+                reason: "cols is not a multiple of the block size",
+            });
+        }
+        Self::new(dtype, rows, cols, quantize(dtype, data)?.into())
+    }
+
+    /// The weight format.
+    pub fn dtype(&self) -> GgmlDType {
+        self.dtype
+    }
+
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes of weight data.
+    pub fn size_in_bytes(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// The raw bytes of the whole matrix.
+    pub fn bytes(&self) -> &WeightBytes {
+        &self.bytes
+    }
+
+    /// The raw bytes of row `row`.
+    ///
+    /// # Panics
+    /// If `row >= rows` (like slice indexing; [`QMatrix::dequantize_row`] checks instead).
+    pub fn row_bytes_slice(&self, row: usize) -> &[u8] {
+        &self.bytes[row * self.row_bytes..(row + 1) * self.row_bytes]
+    }
+
+    /// Dequantizes row `row` into `out` (`cols` long), e.g. an embedding lookup.
+    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<(), QuantError> {
+        if row >= self.rows {
+            return Err(QuantError::RowOutOfRange {
+                row,
+                rows: self.rows,
+            });
+        }
+        if out.len() != self.cols {
+            return Err(QuantError::SizeMismatch {
+                what: "dequantize_row output",
+                expected: self.cols,
+                actual: out.len(),
+            });
+        }
+        dequantize(self.dtype, self.row_bytes_slice(row), out)
+    }
+
+    /// The whole matrix as row-major f32 (`rows * cols`).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut v = vec![0f32; self.rows * self.cols];
+        // Cannot fail: the byte length was validated against the shape in `new`.
+        let r = dequantize(self.dtype, &self.bytes, &mut v);
+        debug_assert!(r.is_ok());
+        v
+    }
+
+    /// `out[m, rows] = x[m, cols] · Wᵀ` (row-major f32), parallel over output rows on the
+    /// global pool. Activations are quantized to the weight's vec-dot type first, as ggml does.
+    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), QuantError> {
+        let (rows, cols) = (self.rows, self.cols);
+        let x_len = m.checked_mul(cols);
+        if x_len != Some(x.len()) {
+            return Err(QuantError::SizeMismatch {
+                what: "matmul input",
+                expected: x_len.unwrap_or(usize::MAX),
+                actual: x.len(),
+            });
+        }
+        let out_len = m.checked_mul(rows);
+        if out_len != Some(out.len()) {
+            return Err(QuantError::SizeMismatch {
+                what: "matmul output",
+                expected: out_len.unwrap_or(usize::MAX),
+                actual: out.len(),
+            });
+        }
+        if m == 0 || rows == 0 {
+            return Ok(());
+        }
+        match self.dtype.vec_dot_type() {
+            None => {
+                // SAFETY: any f32 bit pattern is valid as bytes; same memory, 4x the length.
+                let xb = unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, x.len() * 4) };
+                self.matmul_prepared(xb, cols * 4, m, out);
+                Ok(())
+            }
+            Some(vdt) => {
+                let arb = vdt.row_bytes(cols).ok_or(QuantError::BadShape {
+                    dtype: vdt,
+                    rows: m,
+                    cols,
+                    reason: "cols is not a multiple of the activation block size",
+                })?;
+                with_scratch(arb * m, |act| {
+                    for (xr, ar) in x.chunks_exact(cols).zip(act.chunks_exact_mut(arb)) {
+                        quantize_into(vdt, xr, ar)?;
+                    }
+                    self.matmul_prepared(act, arb, m, out);
+                    Ok(())
+                })
+            }
+        }
+    }
+
+    /// The matmul proper on activations already in vec-dot format (`m` rows of `arb` bytes).
+    fn matmul_prepared(&self, act: &[u8], arb: usize, m: usize, out: &mut [f32]) {
+        let (rows, cols, rb) = (self.rows, self.cols, self.row_bytes);
+        let dot = kernels().dot(self.dtype);
+        let w: &[u8] = &self.bytes;
+        let threads = num_threads();
+        // Rows per task: a few tasks per thread balance load; tiny matrices stay on one thread.
+        let chunk = if m == 1 {
+            let work = rows * rb;
+            if threads == 1 || work < 16 * 1024 {
+                rows
+            } else {
+                rows.div_ceil(threads * 4).max(8)
+            }
+        } else {
+            PREFILL_TILE
+        };
+        let n_tasks = rows.div_ceil(chunk);
+        let optr = OutPtr(out.as_mut_ptr());
+        let task = move |t: usize| {
+            let optr = optr;
+            let r0 = t * chunk;
+            let r1 = (r0 + chunk).min(rows);
+            // Activation row outer, weight tile inner: the tile stays in L1 across rows of x.
+            for i in 0..m {
+                let a = &act[i * arb..(i + 1) * arb];
+                for r in r0..r1 {
+                    let v = dot(cols, &w[r * rb..(r + 1) * rb], a);
+                    // SAFETY: i < m and r < rows, so the index is inside `out` (m * rows long);
+                    // each (i, r) is written by exactly one task (rows are split disjointly).
+                    unsafe { *optr.0.add(i * rows + r) = v };
+                }
+            }
+        };
+        if n_tasks == 1 {
+            task(0);
+        } else {
+            parallel_for(n_tasks, &task);
+        }
+    }
+}

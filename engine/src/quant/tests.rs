@@ -1,0 +1,488 @@
+//! Tests of the quant module: candle as the dequantization reference, round-trip bounds,
+//! matmul against dequantized math, SIMD against the scalar oracle, validation and the pool.
+
+use super::kernels::{scalar_dot, simd_dots};
+use super::*;
+use candle_core::quantized::{GgmlDType as CDType, QTensor};
+use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Gaussian-ish test data (sum of uniforms) with a few outliers, like real weights.
+fn data(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|i| {
+            let g: f32 = (0..4).map(|_| rng.gen_range(-1.0f32..1.0)).sum::<f32>() * 0.5;
+            if i % 97 == 13 {
+                g * 6.0
+            } else {
+                g
+            }
+        })
+        .collect()
+}
+
+fn candle_dtype(t: GgmlDType) -> CDType {
+    match t {
+        GgmlDType::F32 => CDType::F32,
+        GgmlDType::F16 => CDType::F16,
+        GgmlDType::BF16 => CDType::BF16,
+        GgmlDType::Q4_0 => CDType::Q4_0,
+        GgmlDType::Q4_1 => CDType::Q4_1,
+        GgmlDType::Q5_0 => CDType::Q5_0,
+        GgmlDType::Q5_1 => CDType::Q5_1,
+        GgmlDType::Q8_0 => CDType::Q8_0,
+        GgmlDType::Q8_1 => CDType::Q8_1,
+        GgmlDType::Q2K => CDType::Q2K,
+        GgmlDType::Q3K => CDType::Q3K,
+        GgmlDType::Q4K => CDType::Q4K,
+        GgmlDType::Q5K => CDType::Q5K,
+        GgmlDType::Q6K => CDType::Q6K,
+        GgmlDType::Q8K => CDType::Q8K,
+    }
+}
+
+/// Blocks made by candle's quantizer (a reference nobody here wrote): (bytes, candle's dequant).
+fn candle_blocks(t: GgmlDType, rows: usize, cols: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
+    let x = Tensor::from_vec(data(rows * cols, seed), (rows, cols), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&x, candle_dtype(t)).unwrap();
+    let bytes = q.data().unwrap().into_owned();
+    let deq = q
+        .dequantize(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    (bytes, deq)
+}
+
+#[test]
+fn ggml_ids_names_and_sizes_round_trip() {
+    for t in GgmlDType::ALL {
+        assert_eq!(GgmlDType::from_ggml_id(t.ggml_id()), Some(t));
+        let c = candle_dtype(t);
+        assert_eq!(t.block_size(), c.block_size(), "{}", t.name());
+        assert_eq!(t.type_size(), c.type_size(), "{}", t.name());
+    }
+    assert_eq!(GgmlDType::from_ggml_id(4), None);
+    assert_eq!(GgmlDType::Q6K.name(), "Q6_K");
+    assert_eq!(GgmlDType::Q4_1.row_bytes(576), Some(18 * 20));
+    assert_eq!(GgmlDType::Q4K.row_bytes(576), None);
+    assert_eq!(GgmlDType::F32.row_bytes(usize::MAX), None);
+}
+
+#[test]
+fn dequantize_matches_candle_for_every_type() {
+    for t in GgmlDType::ALL {
+        if t == GgmlDType::Q8_1 {
+            continue; // candle cannot dequantize Q8_1; covered by the next test.
+        }
+        let (bytes, want) = candle_blocks(t, 4, 512, 7);
+        let mut got = vec![0f32; want.len()];
+        dequantize(t, &bytes, &mut got).unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(g == w || (g - w).abs() <= 1e-6 * w.abs(), "{} [{i}]: {g} vs {w}", t.name());
+        }
+    }
+}
+
+#[test]
+fn q8_1_dequantizes_as_scale_times_quant_and_stores_scaled_sum() {
+    let x = data(64, 3);
+    let b = quantize(GgmlDType::Q8_1, &x).unwrap();
+    let mut y = vec![0f32; 64];
+    dequantize(GgmlDType::Q8_1, &b, &mut y).unwrap();
+    for blk in 0..2 {
+        let bb = &b[36 * blk..36 * blk + 36];
+        let d = half::f16::from_bits(u16::from_le_bytes([bb[0], bb[1]])).to_f32();
+        let s = half::f16::from_bits(u16::from_le_bytes([bb[2], bb[3]])).to_f32();
+        let sum: i32 = bb[4..].iter().map(|&q| q as i8 as i32).sum();
+        assert!((s - d * sum as f32).abs() <= 2e-3 * s.abs().max(1e-3));
+        for j in 0..32 {
+            assert_eq!(y[32 * blk + j], d * (bb[4 + j] as i8) as f32);
+        }
+    }
+    for (a, b) in x.iter().zip(&y) {
+        assert!((a - b).abs() < 0.03, "{a} vs {b}");
+    }
+}
+
+#[test]
+fn quantize_dequantize_round_trip_error_within_format_bound() {
+    // Bound on RMS error relative to RMS of the data, per format.
+    let cases = [
+        (GgmlDType::F32, 0.0),
+        (GgmlDType::F16, 1e-3),
+        (GgmlDType::BF16, 5e-3),
+        (GgmlDType::Q8_0, 0.01),
+        (GgmlDType::Q8_1, 0.01),
+        (GgmlDType::Q8K, 0.02),
+        (GgmlDType::Q6K, 0.04),
+        (GgmlDType::Q5_0, 0.08),
+        (GgmlDType::Q5_1, 0.08),
+        (GgmlDType::Q4_0, 0.16),
+        (GgmlDType::Q4_1, 0.16),
+        (GgmlDType::Q4K, 0.16),
+    ];
+    let x = data(4096, 11);
+    let rms = (x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32).sqrt();
+    for (t, bound) in cases {
+        let b = quantize(t, &x).unwrap();
+        assert_eq!(b.len(), t.row_bytes(x.len()).unwrap());
+        let mut y = vec![0f32; x.len()];
+        dequantize(t, &b, &mut y).unwrap();
+        let err = (x.iter().zip(&y).map(|(a, b)| (a - b) * (a - b)).sum::<f32>() / x.len() as f32)
+            .sqrt();
+        assert!(err <= bound * rms, "{}: rms err {err} vs bound {}", t.name(), bound * rms);
+    }
+    // All-zero input quantizes to all-zero output for every quantizer.
+    for (t, _) in cases {
+        let z = vec![0f32; 512];
+        let mut y = vec![1f32; 512];
+        dequantize(t, &quantize(t, &z).unwrap(), &mut y).unwrap();
+        assert!(y.iter().all(|&v| v == 0.0), "{}", t.name());
+    }
+}
+
+#[test]
+fn weight_quantizers_match_candle_bytes_for_legacy_formats() {
+    for t in [
+        GgmlDType::F32,
+        GgmlDType::F16,
+        GgmlDType::BF16,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+    ] {
+        let (want, _) = candle_blocks(t, 4, 512, 21);
+        let got = quantize(t, &data(4 * 512, 21)).unwrap();
+        assert_eq!(got, want, "{}", t.name());
+    }
+}
+
+#[test]
+fn quantize_rejects_unsupported_and_partial_blocks() {
+    assert!(matches!(
+        quantize(GgmlDType::Q3K, &[0.0; 256]),
+        Err(QuantError::UnsupportedType { .. })
+    ));
+    assert!(matches!(
+        quantize(GgmlDType::Q4_0, &[0.0; 33]),
+        Err(QuantError::BadShape { .. })
+    ));
+    let mut out = [0f32; 32];
+    assert!(matches!(
+        dequantize(GgmlDType::Q4_0, &[0; 17], &mut out),
+        Err(QuantError::SizeMismatch { .. })
+    ));
+}
+
+/// Weight bytes for `t`: our quantizer where we have one, candle's otherwise.
+fn weight(t: GgmlDType, rows: usize, cols: usize, seed: u64) -> QMatrix {
+    let bytes = match quantize(t, &data(rows * cols, seed)) {
+        Ok(b) => b,
+        Err(_) => candle_blocks(t, rows, cols, seed).0,
+    };
+    QMatrix::new(t, rows, cols, bytes.into()).unwrap()
+}
+
+/// `x · Wᵀ` from dequantized weights and dequantized vec-dot activations, in f64, plus the
+/// L1 magnitude sum(|w·x|) that scales the tolerance.
+fn reference(w: &QMatrix, x: &[f32], m: usize) -> (Vec<f64>, Vec<f64>) {
+    let (rows, cols) = (w.rows(), w.cols());
+    let wf = w.to_f32();
+    let mut want = vec![0f64; m * rows];
+    let mut mag = vec![0f64; m * rows];
+    for i in 0..m {
+        let xr = &x[i * cols..(i + 1) * cols];
+        let mut xq = xr.to_vec();
+        let mut q81 = None;
+        if let Some(vdt) = w.dtype().vec_dot_type() {
+            let b = quantize(vdt, xr).unwrap();
+            dequantize(vdt, &b, &mut xq).unwrap();
+            if matches!(w.dtype(), GgmlDType::Q4_1 | GgmlDType::Q5_1) {
+                q81 = Some(b);
+            }
+        }
+        for r in 0..rows {
+            let wr = &wf[r * cols..(r + 1) * cols];
+            let mut s: f64 = wr.iter().zip(&xq).map(|(&a, &b)| a as f64 * b as f64).sum();
+            let l1: f64 = wr.iter().zip(&xq).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+            if let Some(b) = &q81 {
+                // ggml's Q4_1/Q5_1 dot uses the f16-rounded s = d*sum(q) of the Q8_1 block for
+                // the minimum term; apply the same rounding to the reference.
+                let wb = w.row_bytes_slice(r);
+                let wts = w.dtype().type_size();
+                for blk in 0..cols / 32 {
+                    let ab = &b[36 * blk..];
+                    let f = |o: usize, s: &[u8]| {
+                        half::f16::from_bits(u16::from_le_bytes([s[o], s[o + 1]])).to_f32() as f64
+                    };
+                    let exact: f64 = xq[32 * blk..32 * blk + 32].iter().map(|&v| v as f64).sum();
+                    s += f(2, &wb[wts * blk..]) * (f(2, ab) - exact);
+                }
+            }
+            want[i * rows + r] = s;
+            mag[i * rows + r] = l1;
+        }
+    }
+    (want, mag)
+}
+
+fn check_matmul(t: GgmlDType, rows: usize, cols: usize, m: usize) {
+    let w = weight(t, rows, cols, rows as u64 * 31 + cols as u64);
+    let x = data(m * cols, 99 + m as u64);
+    let mut out = vec![f32::NAN; m * rows];
+    w.matmul(&x, m, &mut out).unwrap();
+    let (want, mag) = reference(&w, &x, m);
+    for k in 0..m * rows {
+        let err = (out[k] as f64 - want[k]).abs();
+        assert!(
+            err <= 1e-4 * mag[k] + 1e-6,
+            "{} {rows}x{cols} m={m} [{k}]: {} vs {} (mag {})",
+            t.name(),
+            out[k],
+            want[k],
+            mag[k]
+        );
+    }
+}
+
+#[test]
+fn matmul_of_every_type_matches_dequantized_reference() {
+    for t in GgmlDType::ALL {
+        let cols = if t.block_size() == 256 { 512 } else { 576 };
+        for rows in [7, 33] {
+            for m in [1, 3, 17] {
+                check_matmul(t, rows, cols, m);
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_of_model_shapes_matches_dequantized_reference() {
+    set_num_threads(2);
+    check_matmul(GgmlDType::Q4_1, 576, 576, 1);
+    check_matmul(GgmlDType::Q4_1, 1536, 576, 3);
+    check_matmul(GgmlDType::Q4_1, 576, 1536, 17);
+    check_matmul(GgmlDType::Q8_0, 1536, 576, 1);
+    check_matmul(GgmlDType::Q4K, 576, 1536, 3);
+    check_matmul(GgmlDType::Q6K, 1536, 512, 1);
+}
+
+#[test]
+fn simd_vec_dots_equal_scalar_oracle() {
+    let mut rng = StdRng::seed_from_u64(5);
+    for (t, simd) in simd_dots() {
+        let scalar = scalar_dot(t);
+        let sizes: &[usize] = if t.block_size() == 256 {
+            &[256, 512, 1536]
+        } else if t.block_size() == 32 {
+            &[32, 64, 96, 576, 1536]
+        } else {
+            &[1, 7, 31, 33, 576, 1537]
+        };
+        for &n in sizes {
+            for trial in 0..4 {
+                // Weights: random bytes exercise every bit pattern of the layout; f16/f32
+                // scale fields are then overwritten with sane values by re-quantizing where
+                // a quantizer exists, else by masking.
+                let w = if trial % 2 == 0 {
+                    weight(t, 1, n, trial as u64 + n as u64).row_bytes_slice(0).to_vec()
+                } else {
+                    random_blocks(t, n, &mut rng)
+                };
+                let x = data(n, 1000 + trial as u64);
+                let a = match t.vec_dot_type() {
+                    Some(v) => quantize(v, &x).unwrap(),
+                    None => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                };
+                let (s, v) = (scalar(n, &w, &a), simd(n, &w, &a));
+                let mag = (scalar(n, &w, &a).abs()).max(1.0);
+                assert!(
+                    (s - v).abs() <= 1e-5 * mag * (n as f32).sqrt(),
+                    "{} n={n} trial={trial}: scalar {s} simd {v}",
+                    t.name()
+                );
+            }
+        }
+    }
+}
+
+/// Random bytes for `n` elements of `t` with finite, moderate f16 scales.
+fn random_blocks(t: GgmlDType, n: usize, rng: &mut StdRng) -> Vec<u8> {
+    let mut b: Vec<u8> = (0..t.row_bytes(n).unwrap()).map(|_| rng.gen()).collect();
+    let scale_offsets: &[usize] = match t {
+        GgmlDType::Q4_0 | GgmlDType::Q5_0 | GgmlDType::Q8_0 => &[0],
+        GgmlDType::Q4_1 | GgmlDType::Q5_1 | GgmlDType::Q8_1 => &[0, 2],
+        GgmlDType::Q4K | GgmlDType::Q5K => &[0, 2],
+        GgmlDType::Q2K => &[80, 82],
+        GgmlDType::Q3K => &[108],
+        GgmlDType::Q6K => &[208],
+        _ => {
+            // Float formats: replace with real values.
+            let x = data(n, 77);
+            return quantize(t, &x).unwrap();
+        }
+    };
+    for blk in b.chunks_exact_mut(t.type_size()) {
+        for &o in scale_offsets {
+            let v = half::f16::from_f32(rng.gen_range(-0.01f32..0.01));
+            blk[o..o + 2].copy_from_slice(&v.to_bits().to_le_bytes());
+        }
+    }
+    b
+}
+
+#[test]
+fn qmatrix_new_rejects_bad_lengths_and_partial_blocks() {
+    let ok = QMatrix::new(GgmlDType::Q4_1, 2, 64, vec![0u8; 2 * 40].into());
+    assert!(ok.is_ok());
+    let e = QMatrix::new(GgmlDType::Q4_1, 2, 64, vec![0u8; 79].into()).unwrap_err();
+    assert!(matches!(e, QuantError::SizeMismatch { expected: 80, actual: 79, .. }), "{e}");
+    let e = QMatrix::new(GgmlDType::Q4_1, 2, 48, vec![0u8; 60].into()).unwrap_err();
+    assert!(matches!(e, QuantError::BadShape { .. }), "{e}");
+    assert!(e.to_string().contains("block size"));
+    let e = QMatrix::new(GgmlDType::Q4K, 1, 576, vec![0u8; 0].into()).unwrap_err();
+    assert!(matches!(e, QuantError::BadShape { .. }));
+    let e = QMatrix::new(GgmlDType::F32, usize::MAX, 2, vec![].into()).unwrap_err();
+    assert!(matches!(e, QuantError::BadShape { .. }));
+    let w = ok.unwrap();
+    assert!(w.matmul(&[0.0; 63], 1, &mut [0.0; 2]).is_err());
+    assert!(w.matmul(&[0.0; 64], 1, &mut [0.0; 3]).is_err());
+    assert!(matches!(
+        w.dequantize_row(2, &mut [0.0; 64]),
+        Err(QuantError::RowOutOfRange { .. })
+    ));
+}
+
+#[test]
+fn dequantize_row_and_to_f32_agree() {
+    let w = weight(GgmlDType::Q8_0, 5, 64, 1);
+    let all = w.to_f32();
+    let mut row = vec![0f32; 64];
+    w.dequantize_row(3, &mut row).unwrap();
+    assert_eq!(&all[3 * 64..4 * 64], &row[..]);
+}
+
+#[test]
+fn mapped_weight_bytes_are_zero_copy_views() {
+    let mut f = tempfile::tempfile().unwrap();
+    let x = data(64, 2);
+    let q = quantize(GgmlDType::Q4_1, &x).unwrap();
+    std::io::Write::write_all(&mut f, &[1, 2, 3]).unwrap();
+    std::io::Write::write_all(&mut f, &q).unwrap();
+    // SAFETY: the temp file is private to this test and not modified while mapped.
+    let map = std::sync::Arc::new(unsafe { memmap2::Mmap::map(&f) }.unwrap());
+    assert!(WeightBytes::mapped(map.clone(), 3, q.len() + 1).is_err());
+    let wb = WeightBytes::mapped(map, 3, q.len()).unwrap();
+    assert_eq!(&wb[..], &q[..]);
+    let w = QMatrix::new(GgmlDType::Q4_1, 1, 64, wb).unwrap();
+    let mut y = vec![0f32; 64];
+    w.dequantize_row(0, &mut y).unwrap();
+    let mut z = vec![0f32; 64];
+    dequantize(GgmlDType::Q4_1, &q, &mut z).unwrap();
+    assert_eq!(y, z);
+}
+
+#[test]
+fn parallel_for_runs_each_task_once_and_nests() {
+    set_num_threads(2);
+    for n in [1usize, 2, 3, 17, 1000] {
+        let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+        parallel_for(n, &|t| {
+            // A nested call runs inline instead of deadlocking.
+            parallel_for(2, &|_| {});
+            hits[t].fetch_add(1, Ordering::Relaxed);
+        });
+        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+    }
+    // Concurrent callers from several threads all complete correctly.
+    std::thread::scope(|s| {
+        for _ in 0..3 {
+            s.spawn(|| {
+                for _ in 0..200 {
+                    let c = AtomicUsize::new(0);
+                    parallel_for(8, &|_| {
+                        c.fetch_add(1, Ordering::Relaxed);
+                    });
+                    assert_eq!(c.load(Ordering::Relaxed), 8);
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn parallel_for_propagates_task_panics() {
+    set_num_threads(2);
+    let r = std::panic::catch_unwind(|| {
+        parallel_for(4, &|t| {
+            if t == 3 {
+                panic!("boom");
+            }
+        })
+    });
+    assert!(r.is_err());
+    // The pool still works afterwards.
+    let c = AtomicUsize::new(0);
+    parallel_for(4, &|_| {
+        c.fetch_add(1, Ordering::Relaxed);
+    });
+    assert_eq!(c.load(Ordering::Relaxed), 4);
+}
+
+/// GEMV/GEMM throughput; run with
+/// `cargo test -p prefix-rft-engine --lib quant::tests::bench -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn bench_gemv_throughput() {
+    use std::time::Instant;
+    println!("kernels: {}", super::kernels::kernels().name);
+    let shapes = [
+        (GgmlDType::Q4_1, 576, 576),
+        (GgmlDType::Q4_1, 1536, 576),
+        (GgmlDType::Q4_1, 576, 1536),
+        (GgmlDType::Q8_0, 49152, 576),
+    ];
+    for threads in [1, 2] {
+        set_num_threads(threads);
+        for &(t, rows, cols) in &shapes {
+            let w = weight(t, rows, cols, 1);
+            for m in [1usize, 16] {
+                let x = data(m * cols, 2);
+                let mut out = vec![0f32; m * rows];
+                let iters = ((2e8 / (w.size_in_bytes() * m) as f64) as usize).clamp(5, 20000);
+                for _ in 0..iters.min(50) {
+                    w.matmul(&x, m, &mut out).unwrap();
+                }
+                let t0 = Instant::now();
+                for _ in 0..iters {
+                    w.matmul(&x, m, &mut out).unwrap();
+                }
+                let us = t0.elapsed().as_secs_f64() * 1e6 / iters as f64;
+                println!(
+                    "{:5} {rows:5}x{cols:<5} m={m:<2} threads={threads}: {us:9.2} us/call  {:6.2} GB/s weights  {:7.1} GFLOP/s",
+                    t.name(),
+                    w.size_in_bytes() as f64 / us / 1e3,
+                    2.0 * (rows * cols * m) as f64 / us / 1e3,
+                );
+            }
+        }
+        // Pool overhead: an empty 2-task job.
+        let iters = 100_000;
+        let t0 = Instant::now();
+        for _ in 0..iters {
+            parallel_for(threads * 2, &|_| {});
+        }
+        println!(
+            "parallel_for overhead, threads={threads}: {:.2} us/call",
+            t0.elapsed().as_secs_f64() * 1e6 / iters as f64
+        );
+    }
+}
