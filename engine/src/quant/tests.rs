@@ -1,7 +1,7 @@
 //! Tests of the quant module: candle as the dequantization reference, round-trip bounds,
 //! matmul against dequantized math, SIMD against the scalar oracle, validation and the pool.
 
-use super::kernels::{scalar_dot, simd_dots};
+use super::kernels::{scalar_dot, simd_dots, simd_dots4};
 use super::*;
 use candle_core::quantized::{GgmlDType as CDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -308,6 +308,29 @@ fn simd_vec_dots_equal_scalar_oracle() {
                     (s - v).abs() <= 1e-5 * mag * (n as f32).sqrt(),
                     "{} n={n} trial={trial}: scalar {s} simd {v}",
                     t.name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn simd_four_row_vec_dots_equal_scalar_oracle() {
+    for (t, simd4) in simd_dots4() {
+        let scalar = scalar_dot(t);
+        let vdt = t.vec_dot_type().unwrap();
+        for n in [32, 96, 576, 1536] {
+            let w = weight(t, 1, n, n as u64).row_bytes_slice(0).to_vec();
+            let acts: Vec<Vec<u8>> =
+                (0..4).map(|k| quantize(vdt, &data(n, 50 + k)).unwrap()).collect();
+            let got = simd4(n, &w, [0, 1, 2, 3].map(|k| &acts[k][..]));
+            for k in 0..4 {
+                let s = scalar(n, &w, &acts[k]);
+                assert!(
+                    (s - got[k]).abs() <= 1e-5 * s.abs().max(1.0) * (n as f32).sqrt(),
+                    "{} n={n} row {k}: scalar {s} simd {}",
+                    t.name(),
+                    got[k]
                 );
             }
         }
