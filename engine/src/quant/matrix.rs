@@ -205,7 +205,8 @@ impl QMatrix {
         match self.dtype.vec_dot_type() {
             None => {
                 // SAFETY: any f32 bit pattern is valid as bytes; same memory, 4x the length.
-                let xb = unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, x.len() * 4) };
+                let xb =
+                    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, x.len() * 4) };
                 self.matmul_prepared(xb, cols * 4, m, out);
                 Ok(())
             }
@@ -231,7 +232,11 @@ impl QMatrix {
     fn matmul_prepared(&self, act: &[u8], arb: usize, m: usize, out: &mut [f32]) {
         let (rows, cols, rb) = (self.rows, self.cols, self.row_bytes);
         let dot = kernels().dot(self.dtype);
-        let dot4 = if m >= 4 { kernels().dot4(self.dtype) } else { None };
+        let dot4 = if m >= 4 {
+            kernels().dot4(self.dtype)
+        } else {
+            None
+        };
         let w: &[u8] = &self.bytes;
         let threads = num_threads();
         // Rows per task: a few tasks per thread balance load; tiny matrices stay on one thread.

@@ -48,7 +48,9 @@ macro_rules! wrapper4 {
             let at: GgmlDType = $at;
             assert!(
                 wt.row_bytes(n).is_some_and(|b| w.len() >= b)
-                    && at.row_bytes(n).is_some_and(|b| a.iter().all(|a| a.len() >= b)),
+                    && at
+                        .row_bytes(n)
+                        .is_some_and(|b| a.iter().all(|a| a.len() >= b)),
                 "vec-dot operand too short"
             );
             // SAFETY: handed out by `dots4()` only after feature detection; the assert
@@ -319,7 +321,8 @@ unsafe fn q4_1_x4_impl(n: usize, w: *const u8, a: [*const u8; 4]) -> [f32; 4] {
                 let prod = _mm_mul_ps(wdm, h2f_pair(ab));
                 mins[r] = _mm_add_ps(mins[r], prod);
                 let p = dot_u8_i8(q, ld256(ab.add(4)));
-                acc[r] = _mm256_fmadd_ps(_mm256_broadcastss_ps(prod), _mm256_cvtepi32_ps(p), acc[r]);
+                acc[r] =
+                    _mm256_fmadd_ps(_mm256_broadcastss_ps(prod), _mm256_cvtepi32_ps(p), acc[r]);
             }
         }
     }
@@ -344,7 +347,8 @@ unsafe fn q8_0_x4_impl(n: usize, w: *const u8, a: [*const u8; 4]) -> [f32; 4] {
             for r in 0..4 {
                 let ab = a[r].add(34 * i);
                 let p = dot_u8_i8(qa, _mm256_sign_epi8(ld256(ab.add(2)), q));
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * h2f(ab)), _mm256_cvtepi32_ps(p), acc[r]);
+                acc[r] =
+                    _mm256_fmadd_ps(_mm256_set1_ps(dw * h2f(ab)), _mm256_cvtepi32_ps(p), acc[r]);
             }
         }
     }
@@ -362,7 +366,10 @@ unsafe fn q5_0_impl(n: usize, w: *const u8, a: *const u8) -> f32 {
             let d = _mm256_set1_ps(h2f(wb) * h2f(ab));
             let qh = std::ptr::read_unaligned(wb.add(2) as *const u32);
             // Where the 5th bit is clear, value - 16 == nibble | 0xF0 as i8.
-            let q = _mm256_or_si256(nibbles(wb.add(6)), _mm256_andnot_si256(bits_to_bytes(qh), hi));
+            let q = _mm256_or_si256(
+                nibbles(wb.add(6)),
+                _mm256_andnot_si256(bits_to_bytes(qh), hi),
+            );
             let p = dot_i8_i8(q, ld256(ab.add(2)));
             acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
         }
@@ -381,9 +388,16 @@ unsafe fn q5_1_impl(n: usize, w: *const u8, a: *const u8) -> f32 {
             let (wb, ab) = (w.add(24 * i), a.add(36 * i));
             summs += h2f(wb.add(2)) * h2f(ab.add(2));
             let qh = std::ptr::read_unaligned(wb.add(4) as *const u32);
-            let q = _mm256_or_si256(nibbles(wb.add(8)), _mm256_and_si256(bits_to_bytes(qh), bit4));
+            let q = _mm256_or_si256(
+                nibbles(wb.add(8)),
+                _mm256_and_si256(bits_to_bytes(qh), bit4),
+            );
             let p = dot_u8_i8(q, ld256(ab.add(4)));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(wb) * h2f(ab)), _mm256_cvtepi32_ps(p), acc);
+            acc = _mm256_fmadd_ps(
+                _mm256_set1_ps(h2f(wb) * h2f(ab)),
+                _mm256_cvtepi32_ps(p),
+                acc,
+            );
         }
     }
     hsum(acc) + summs
@@ -402,14 +416,26 @@ unsafe fn q8_0_impl(n: usize, w: *const u8, a: *const u8) -> f32 {
             let (w1, a1) = (w0.add(34), a0.add(34));
             let p0 = dot_i8_i8(ld256(w0.add(2)), ld256(a0.add(2)));
             let p1 = dot_i8_i8(ld256(w1.add(2)), ld256(a1.add(2)));
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(w0) * h2f(a0)), _mm256_cvtepi32_ps(p0), acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(w1) * h2f(a1)), _mm256_cvtepi32_ps(p1), acc1);
+            acc0 = _mm256_fmadd_ps(
+                _mm256_set1_ps(h2f(w0) * h2f(a0)),
+                _mm256_cvtepi32_ps(p0),
+                acc0,
+            );
+            acc1 = _mm256_fmadd_ps(
+                _mm256_set1_ps(h2f(w1) * h2f(a1)),
+                _mm256_cvtepi32_ps(p1),
+                acc1,
+            );
             i += 2;
         }
         if i < nb {
             let (w0, a0) = (w.add(34 * i), a.add(34 * i));
             let p0 = dot_i8_i8(ld256(w0.add(2)), ld256(a0.add(2)));
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(w0) * h2f(a0)), _mm256_cvtepi32_ps(p0), acc0);
+            acc0 = _mm256_fmadd_ps(
+                _mm256_set1_ps(h2f(w0) * h2f(a0)),
+                _mm256_cvtepi32_ps(p0),
+                acc0,
+            );
         }
     }
     hsum(_mm256_add_ps(acc0, acc1))
@@ -431,8 +457,11 @@ unsafe fn q4k_impl(n: usize, w: *const u8, a: *const u8) -> f32 {
             for j in 0..4 {
                 let (s0, m0) = crate::quant::dequant::scale_min_k4(2 * j, &sc_bytes);
                 let (s1, m1) = crate::quant::dequant::scale_min_k4(2 * j + 1, &sc_bytes);
-                let bs = |k: usize| std::ptr::read_unaligned(ab.add(4 + QK_K + 2 * k) as *const i16) as i32;
-                msum += m0 as i32 * (bs(4 * j) + bs(4 * j + 1)) + m1 as i32 * (bs(4 * j + 2) + bs(4 * j + 3));
+                let bs = |k: usize| {
+                    std::ptr::read_unaligned(ab.add(4 + QK_K + 2 * k) as *const i16) as i32
+                };
+                msum += m0 as i32 * (bs(4 * j) + bs(4 * j + 1))
+                    + m1 as i32 * (bs(4 * j + 2) + bs(4 * j + 3));
                 let q = ld256(wb.add(16 + 32 * j));
                 let lo = _mm256_and_si256(q, m4);
                 let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
