@@ -80,6 +80,8 @@ fn scalar_kernels() -> Kernels {
 pub(crate) fn kernels() -> &'static Kernels {
     static K: OnceLock<Kernels> = OnceLock::new();
     K.get_or_init(|| {
+        // `mut` is only needed where a SIMD set can replace the scalar kernels.
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut k = scalar_kernels();
         #[cfg(target_arch = "x86_64")]
         if std::env::var_os("PREFIX_RFT_QUANT_SCALAR").is_none() {
