@@ -46,14 +46,12 @@ pub(crate) fn q3k_scales(s: &[u8]) -> [i8; 16] {
 
 /// Dequantizes `bytes` of format `dtype` into `out` (whose length is the element count).
 pub fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> Result<(), QuantError> {
-    let expected = dtype
-        .row_bytes(out.len())
-        .ok_or(QuantError::BadShape {
-            dtype,
-            rows: 1,
-            cols: out.len(),
-            reason: "element count is not a multiple of the block size",
-        })?;
+    let expected = dtype.row_bytes(out.len()).ok_or(QuantError::BadShape {
+        dtype,
+        rows: 1,
+        cols: out.len(),
+        reason: "element count is not a multiple of the block size",
+    })?;
     if bytes.len() != expected {
         return Err(QuantError::SizeMismatch {
             what: "dequantize input",

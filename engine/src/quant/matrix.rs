@@ -205,7 +205,8 @@ impl QMatrix {
         match self.dtype.vec_dot_type() {
             None => {
                 // SAFETY: any f32 bit pattern is valid as bytes; same memory, 4x the length.
-                let xb = unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, x.len() * 4) };
+                let xb =
+                    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, x.len() * 4) };
                 self.matmul_prepared(xb, cols * 4, m, out);
                 Ok(())
             }
@@ -231,6 +232,11 @@ impl QMatrix {
     fn matmul_prepared(&self, act: &[u8], arb: usize, m: usize, out: &mut [f32]) {
         let (rows, cols, rb) = (self.rows, self.cols, self.row_bytes);
         let dot = kernels().dot(self.dtype);
+        let dot4 = if m >= 4 {
+            kernels().dot4(self.dtype)
+        } else {
+            None
+        };
         let w: &[u8] = &self.bytes;
         let threads = num_threads();
         // Rows per task: a few tasks per thread balance load; tiny matrices stay on one thread.
@@ -250,8 +256,24 @@ impl QMatrix {
             let optr = optr;
             let r0 = t * chunk;
             let r1 = (r0 + chunk).min(rows);
-            // Activation row outer, weight tile inner: the tile stays in L1 across rows of x.
-            for i in 0..m {
+            // Activation rows outer (four at a time where a 4-row kernel exists), weight tile
+            // inner: the tile stays in L1 while the activations stream past it once.
+            let mut i = 0;
+            if let Some(dot4) = dot4 {
+                while i + 4 <= m {
+                    let a = [0, 1, 2, 3].map(|k| &act[(i + k) * arb..(i + k + 1) * arb]);
+                    for r in r0..r1 {
+                        let v = dot4(cols, &w[r * rb..(r + 1) * rb], a);
+                        for (k, vk) in v.into_iter().enumerate() {
+                            // SAFETY: i + k < m and r < rows, so the index is inside `out`
+                            // (m * rows long); each (row, r) is written by exactly one task.
+                            unsafe { *optr.0.add((i + k) * rows + r) = vk };
+                        }
+                    }
+                    i += 4;
+                }
+            }
+            for i in i..m {
                 let a = &act[i * arb..(i + 1) * arb];
                 for r in r0..r1 {
                     let v = dot(cols, &w[r * rb..(r + 1) * rb], a);

@@ -141,7 +141,7 @@ fn worker(p: &'static Pool, index: usize) {
             std::hint::spin_loop();
             spins = spins.wrapping_add(1);
             let inactive = index >= p.active.load(Relaxed);
-            if inactive || (spins % 64 == 0 && idle_since.elapsed() > SPIN) {
+            if inactive || (spins.is_multiple_of(64) && idle_since.elapsed() > SPIN) {
                 p.sleepers.fetch_add(1, SeqCst);
                 if p.state.load(SeqCst) == seen {
                     std::thread::park();
@@ -175,7 +175,9 @@ pub fn parallel_for(n_tasks: usize, f: &(dyn Fn(usize) + Sync)) {
     if n_tasks == 1
         || nested
         || p.active.load(Relaxed) == 0
-        || p.busy_lock.compare_exchange(false, true, Acquire, Relaxed).is_err()
+        || p.busy_lock
+            .compare_exchange(false, true, Acquire, Relaxed)
+            .is_err()
     {
         (0..n_tasks).for_each(f);
         return;

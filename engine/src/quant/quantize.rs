@@ -212,7 +212,11 @@ fn q4k_block(x: &[f32], o: &mut [u8]) {
     }
     let max_scale = scales.iter().fold(0f32, |a, &v| a.max(v));
     let max_min = mins.iter().fold(0f32, |a, &v| a.max(v));
-    let inv_s = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
+    let inv_s = if max_scale > 0.0 {
+        63.0 / max_scale
+    } else {
+        0.0
+    };
     let inv_m = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
     let mut ls = [0u8; 8];
     let mut lm = [0u8; 8];
@@ -301,7 +305,8 @@ fn pack_q6k(l: &mut [u8; QK_K], o: &mut [u8]) {
             let q4 = l[128 * n + i + 96];
             o[64 * n + i] = (q1 & 0xF) | ((q3 & 0xF) << 4);
             o[64 * n + i + 32] = (q2 & 0xF) | ((q4 & 0xF) << 4);
-            o[128 + 32 * n + i] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6);
+            o[128 + 32 * n + i] =
+                (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6);
         }
     }
 }

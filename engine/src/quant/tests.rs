@@ -1,7 +1,7 @@
 //! Tests of the quant module: candle as the dequantization reference, round-trip bounds,
 //! matmul against dequantized math, SIMD against the scalar oracle, validation and the pool.
 
-use super::kernels::{scalar_dot, simd_dots};
+use super::kernels::{scalar_dot, simd_dots, simd_dots4};
 use super::*;
 use candle_core::quantized::{GgmlDType as CDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -84,7 +84,11 @@ fn dequantize_matches_candle_for_every_type() {
         let mut got = vec![0f32; want.len()];
         dequantize(t, &bytes, &mut got).unwrap();
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert!(g == w || (g - w).abs() <= 1e-6 * w.abs(), "{} [{i}]: {g} vs {w}", t.name());
+            assert!(
+                g == w || (g - w).abs() <= 1e-6 * w.abs(),
+                "{} [{i}]: {g} vs {w}",
+                t.name()
+            );
         }
     }
 }
@@ -134,9 +138,19 @@ fn quantize_dequantize_round_trip_error_within_format_bound() {
         assert_eq!(b.len(), t.row_bytes(x.len()).unwrap());
         let mut y = vec![0f32; x.len()];
         dequantize(t, &b, &mut y).unwrap();
-        let err = (x.iter().zip(&y).map(|(a, b)| (a - b) * (a - b)).sum::<f32>() / x.len() as f32)
+        let err = (x
+            .iter()
+            .zip(&y)
+            .map(|(a, b)| (a - b) * (a - b))
+            .sum::<f32>()
+            / x.len() as f32)
             .sqrt();
-        assert!(err <= bound * rms, "{}: rms err {err} vs bound {}", t.name(), bound * rms);
+        assert!(
+            err <= bound * rms,
+            "{}: rms err {err} vs bound {}",
+            t.name(),
+            bound * rms
+        );
     }
     // All-zero input quantizes to all-zero output for every quantizer.
     for (t, _) in cases {
@@ -211,7 +225,11 @@ fn reference(w: &QMatrix, x: &[f32], m: usize) -> (Vec<f64>, Vec<f64>) {
         for r in 0..rows {
             let wr = &wf[r * cols..(r + 1) * cols];
             let mut s: f64 = wr.iter().zip(&xq).map(|(&a, &b)| a as f64 * b as f64).sum();
-            let l1: f64 = wr.iter().zip(&xq).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+            let l1: f64 = wr
+                .iter()
+                .zip(&xq)
+                .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                .sum();
             if let Some(b) = &q81 {
                 // ggml's Q4_1/Q5_1 dot uses the f16-rounded s = d*sum(q) of the Q8_1 block for
                 // the minimum term; apply the same rounding to the reference.
@@ -293,7 +311,9 @@ fn simd_vec_dots_equal_scalar_oracle() {
                 // scale fields are then overwritten with sane values by re-quantizing where
                 // a quantizer exists, else by masking.
                 let w = if trial % 2 == 0 {
-                    weight(t, 1, n, trial as u64 + n as u64).row_bytes_slice(0).to_vec()
+                    weight(t, 1, n, trial as u64 + n as u64)
+                        .row_bytes_slice(0)
+                        .to_vec()
                 } else {
                     random_blocks(t, n, &mut rng)
                 };
@@ -308,6 +328,30 @@ fn simd_vec_dots_equal_scalar_oracle() {
                     (s - v).abs() <= 1e-5 * mag * (n as f32).sqrt(),
                     "{} n={n} trial={trial}: scalar {s} simd {v}",
                     t.name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn simd_four_row_vec_dots_equal_scalar_oracle() {
+    for (t, simd4) in simd_dots4() {
+        let scalar = scalar_dot(t);
+        let vdt = t.vec_dot_type().unwrap();
+        for n in [32, 96, 576, 1536] {
+            let w = weight(t, 1, n, n as u64).row_bytes_slice(0).to_vec();
+            let acts: Vec<Vec<u8>> = (0..4)
+                .map(|k| quantize(vdt, &data(n, 50 + k)).unwrap())
+                .collect();
+            let got = simd4(n, &w, [0, 1, 2, 3].map(|k| &acts[k][..]));
+            for k in 0..4 {
+                let s = scalar(n, &w, &acts[k]);
+                assert!(
+                    (s - got[k]).abs() <= 1e-5 * s.abs().max(1.0) * (n as f32).sqrt(),
+                    "{} n={n} row {k}: scalar {s} simd {}",
+                    t.name(),
+                    got[k]
                 );
             }
         }
@@ -344,7 +388,17 @@ fn qmatrix_new_rejects_bad_lengths_and_partial_blocks() {
     let ok = QMatrix::new(GgmlDType::Q4_1, 2, 64, vec![0u8; 2 * 40].into());
     assert!(ok.is_ok());
     let e = QMatrix::new(GgmlDType::Q4_1, 2, 64, vec![0u8; 79].into()).unwrap_err();
-    assert!(matches!(e, QuantError::SizeMismatch { expected: 80, actual: 79, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            QuantError::SizeMismatch {
+                expected: 80,
+                actual: 79,
+                ..
+            }
+        ),
+        "{e}"
+    );
     let e = QMatrix::new(GgmlDType::Q4_1, 2, 48, vec![0u8; 60].into()).unwrap_err();
     assert!(matches!(e, QuantError::BadShape { .. }), "{e}");
     assert!(e.to_string().contains("block size"));

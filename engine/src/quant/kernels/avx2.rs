@@ -31,6 +31,38 @@ pub(super) fn dots() -> Option<Vec<(GgmlDType, VecDotFn)>> {
     ])
 }
 
+/// The AVX2 four-activation-row kernels, if this CPU has AVX2, FMA and F16C.
+pub(super) fn dots4() -> Option<Vec<(GgmlDType, super::VecDot4Fn)>> {
+    dots()?;
+    Some(vec![
+        (GgmlDType::Q4_1, q4_1_dot4 as super::VecDot4Fn),
+        (GgmlDType::Q8_0, q8_0_dot4),
+    ])
+}
+
+/// Defines the safe four-row wrapper `$name` around `$imp` (see [`wrapper!`]).
+macro_rules! wrapper4 {
+    ($name:ident, $imp:ident, $wt:expr, $at:expr) => {
+        fn $name(n: usize, w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+            let wt: GgmlDType = $wt;
+            let at: GgmlDType = $at;
+            assert!(
+                wt.row_bytes(n).is_some_and(|b| w.len() >= b)
+                    && at
+                        .row_bytes(n)
+                        .is_some_and(|b| a.iter().all(|a| a.len() >= b)),
+                "vec-dot operand too short"
+            );
+            // SAFETY: handed out by `dots4()` only after feature detection; the assert
+            // guarantees every block read is in bounds.
+            unsafe { $imp(n, w.as_ptr(), a.map(<[u8]>::as_ptr)) }
+        }
+    };
+}
+
+wrapper4!(q4_1_dot4, q4_1_x4_impl, GgmlDType::Q4_1, GgmlDType::Q8_1);
+wrapper4!(q8_0_dot4, q8_0_x4_impl, GgmlDType::Q8_0, GgmlDType::Q8_0);
+
 /// Defines the safe wrapper `$name` around `$imp` after checking that `w` holds `n` elements
 /// of `$wt` and `a` holds `n` elements of the activation format `$at`.
 macro_rules! wrapper {
@@ -227,34 +259,100 @@ unsafe fn q4_0_impl(n: usize, w: *const u8, a: *const u8) -> f32 {
     hsum(acc)
 }
 
+/// The two f16 at `p` (a block's `d` and `m`/`s`) as f32 lanes 0 and 1.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn h2f_pair(p: *const u8) -> __m128 {
+    // SAFETY: the caller guarantees four readable bytes at `p`.
+    let bits = unsafe { std::ptr::read_unaligned(p as *const u32) };
+    _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))
+}
+
+/// One Q4_1·Q8_1 block: adds `d_w·d_a·sum(q_w·q_a)` to `acc` and `m_w·s_a` to lane 1 of `mins`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_1_block(wb: *const u8, ab: *const u8, acc: &mut __m256, mins: &mut __m128) {
+    // SAFETY: the caller guarantees a whole block at `wb` (20 bytes) and `ab` (36 bytes).
+    unsafe {
+        // [d_w·d_a, m_w·s_a] from one conversion per operand.
+        let prod = _mm_mul_ps(h2f_pair(wb), h2f_pair(ab));
+        *mins = _mm_add_ps(*mins, prod);
+        let p = dot_u8_i8(nibbles(wb.add(4)), ld256(ab.add(4)));
+        *acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(prod), _mm256_cvtepi32_ps(p), *acc);
+    }
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_1_impl(n: usize, w: *const u8, a: *const u8) -> f32 {
     let mut acc0 = _mm256_setzero_ps();
     let mut acc1 = _mm256_setzero_ps();
-    let mut summs = 0f32;
+    let mut mins = _mm_setzero_ps();
     let nb = n / 32;
     // SAFETY (whole body): nb blocks of 20 (w) and 36 (a) bytes are readable.
     unsafe {
         let mut i = 0;
         // Two blocks per step: independent accumulators hide the FMA latency.
         while i + 2 <= nb {
-            let (w0, a0) = (w.add(20 * i), a.add(36 * i));
-            let (w1, a1) = (w0.add(20), a0.add(36));
-            summs += h2f(w0.add(2)) * h2f(a0.add(2)) + h2f(w1.add(2)) * h2f(a1.add(2));
-            let p0 = dot_u8_i8(nibbles(w0.add(4)), ld256(a0.add(4)));
-            let p1 = dot_u8_i8(nibbles(w1.add(4)), ld256(a1.add(4)));
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(w0) * h2f(a0)), _mm256_cvtepi32_ps(p0), acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(w1) * h2f(a1)), _mm256_cvtepi32_ps(p1), acc1);
+            q4_1_block(w.add(20 * i), a.add(36 * i), &mut acc0, &mut mins);
+            q4_1_block(w.add(20 * i + 20), a.add(36 * i + 36), &mut acc1, &mut mins);
             i += 2;
         }
         if i < nb {
-            let (w0, a0) = (w.add(20 * i), a.add(36 * i));
-            summs += h2f(w0.add(2)) * h2f(a0.add(2));
-            let p0 = dot_u8_i8(nibbles(w0.add(4)), ld256(a0.add(4)));
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(w0) * h2f(a0)), _mm256_cvtepi32_ps(p0), acc0);
+            q4_1_block(w.add(20 * i), a.add(36 * i), &mut acc0, &mut mins);
         }
     }
-    hsum(_mm256_add_ps(acc0, acc1)) + summs
+    hsum(_mm256_add_ps(acc0, acc1)) + _mm_cvtss_f32(_mm_movehdup_ps(mins))
+}
+
+/// Q4_1 weights against four Q8_1 activation rows at once: the weight block is unpacked once
+/// and reused (prefill).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_1_x4_impl(n: usize, w: *const u8, a: [*const u8; 4]) -> [f32; 4] {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut mins = [_mm_setzero_ps(); 4];
+    // SAFETY (whole body): n/32 blocks are readable at w (20 B) and at each a[r] (36 B).
+    unsafe {
+        for i in 0..n / 32 {
+            let wb = w.add(20 * i);
+            let wdm = h2f_pair(wb);
+            let q = nibbles(wb.add(4));
+            for r in 0..4 {
+                let ab = a[r].add(36 * i);
+                let prod = _mm_mul_ps(wdm, h2f_pair(ab));
+                mins[r] = _mm_add_ps(mins[r], prod);
+                let p = dot_u8_i8(q, ld256(ab.add(4)));
+                acc[r] =
+                    _mm256_fmadd_ps(_mm256_broadcastss_ps(prod), _mm256_cvtepi32_ps(p), acc[r]);
+            }
+        }
+    }
+    let mut out = [0f32; 4];
+    for r in 0..4 {
+        out[r] = hsum(acc[r]) + _mm_cvtss_f32(_mm_movehdup_ps(mins[r]));
+    }
+    out
+}
+
+/// Q8_0 weights against four Q8_0 activation rows at once (prefill).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0_x4_impl(n: usize, w: *const u8, a: [*const u8; 4]) -> [f32; 4] {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    // SAFETY (whole body): n/32 blocks of 34 bytes are readable at w and at each a[r].
+    unsafe {
+        for i in 0..n / 32 {
+            let wb = w.add(34 * i);
+            let dw = h2f(wb);
+            let q = ld256(wb.add(2));
+            let qa = _mm256_sign_epi8(q, q);
+            for r in 0..4 {
+                let ab = a[r].add(34 * i);
+                let p = dot_u8_i8(qa, _mm256_sign_epi8(ld256(ab.add(2)), q));
+                acc[r] =
+                    _mm256_fmadd_ps(_mm256_set1_ps(dw * h2f(ab)), _mm256_cvtepi32_ps(p), acc[r]);
+            }
+        }
+    }
+    [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -268,7 +366,10 @@ unsafe fn q5_0_impl(n: usize, w: *const u8, a: *const u8) -> f32 {
             let d = _mm256_set1_ps(h2f(wb) * h2f(ab));
             let qh = std::ptr::read_unaligned(wb.add(2) as *const u32);
             // Where the 5th bit is clear, value - 16 == nibble | 0xF0 as i8.
-            let q = _mm256_or_si256(nibbles(wb.add(6)), _mm256_andnot_si256(bits_to_bytes(qh), hi));
+            let q = _mm256_or_si256(
+                nibbles(wb.add(6)),
+                _mm256_andnot_si256(bits_to_bytes(qh), hi),
+            );
             let p = dot_i8_i8(q, ld256(ab.add(2)));
             acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
         }
@@ -287,9 +388,16 @@ unsafe fn q5_1_impl(n: usize, w: *const u8, a: *const u8) -> f32 {
             let (wb, ab) = (w.add(24 * i), a.add(36 * i));
             summs += h2f(wb.add(2)) * h2f(ab.add(2));
             let qh = std::ptr::read_unaligned(wb.add(4) as *const u32);
-            let q = _mm256_or_si256(nibbles(wb.add(8)), _mm256_and_si256(bits_to_bytes(qh), bit4));
+            let q = _mm256_or_si256(
+                nibbles(wb.add(8)),
+                _mm256_and_si256(bits_to_bytes(qh), bit4),
+            );
             let p = dot_u8_i8(q, ld256(ab.add(4)));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(wb) * h2f(ab)), _mm256_cvtepi32_ps(p), acc);
+            acc = _mm256_fmadd_ps(
+                _mm256_set1_ps(h2f(wb) * h2f(ab)),
+                _mm256_cvtepi32_ps(p),
+                acc,
+            );
         }
     }
     hsum(acc) + summs
@@ -308,14 +416,26 @@ unsafe fn q8_0_impl(n: usize, w: *const u8, a: *const u8) -> f32 {
             let (w1, a1) = (w0.add(34), a0.add(34));
             let p0 = dot_i8_i8(ld256(w0.add(2)), ld256(a0.add(2)));
             let p1 = dot_i8_i8(ld256(w1.add(2)), ld256(a1.add(2)));
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(w0) * h2f(a0)), _mm256_cvtepi32_ps(p0), acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(w1) * h2f(a1)), _mm256_cvtepi32_ps(p1), acc1);
+            acc0 = _mm256_fmadd_ps(
+                _mm256_set1_ps(h2f(w0) * h2f(a0)),
+                _mm256_cvtepi32_ps(p0),
+                acc0,
+            );
+            acc1 = _mm256_fmadd_ps(
+                _mm256_set1_ps(h2f(w1) * h2f(a1)),
+                _mm256_cvtepi32_ps(p1),
+                acc1,
+            );
             i += 2;
         }
         if i < nb {
             let (w0, a0) = (w.add(34 * i), a.add(34 * i));
             let p0 = dot_i8_i8(ld256(w0.add(2)), ld256(a0.add(2)));
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(w0) * h2f(a0)), _mm256_cvtepi32_ps(p0), acc0);
+            acc0 = _mm256_fmadd_ps(
+                _mm256_set1_ps(h2f(w0) * h2f(a0)),
+                _mm256_cvtepi32_ps(p0),
+                acc0,
+            );
         }
     }
     hsum(_mm256_add_ps(acc0, acc1))
@@ -337,8 +457,11 @@ unsafe fn q4k_impl(n: usize, w: *const u8, a: *const u8) -> f32 {
             for j in 0..4 {
                 let (s0, m0) = crate::quant::dequant::scale_min_k4(2 * j, &sc_bytes);
                 let (s1, m1) = crate::quant::dequant::scale_min_k4(2 * j + 1, &sc_bytes);
-                let bs = |k: usize| std::ptr::read_unaligned(ab.add(4 + QK_K + 2 * k) as *const i16) as i32;
-                msum += m0 as i32 * (bs(4 * j) + bs(4 * j + 1)) + m1 as i32 * (bs(4 * j + 2) + bs(4 * j + 3));
+                let bs = |k: usize| {
+                    std::ptr::read_unaligned(ab.add(4 + QK_K + 2 * k) as *const i16) as i32
+                };
+                msum += m0 as i32 * (bs(4 * j) + bs(4 * j + 1))
+                    + m1 as i32 * (bs(4 * j + 2) + bs(4 * j + 3));
                 let q = ld256(wb.add(16 + 32 * j));
                 let lo = _mm256_and_si256(q, m4);
                 let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);

@@ -14,11 +14,16 @@ pub(crate) mod scalar;
 /// `dot(n_elements, weight_row_bytes, activation_row_bytes)`.
 pub(crate) type VecDotFn = fn(usize, &[u8], &[u8]) -> f32;
 
+/// `dot4(n_elements, weight_row_bytes, four_activation_rows)`: one weight row against four
+/// activation rows, unpacking the weights once (prefill).
+pub(crate) type VecDot4Fn = fn(usize, &[u8], [&[u8]; 4]) -> [f32; 4];
+
 /// The kernel set chosen for this CPU.
 pub(crate) struct Kernels {
     /// Name of the instruction set in use ("avx2", "scalar").
     pub name: &'static str,
     dots: [VecDotFn; 15],
+    dots4: [Option<VecDot4Fn>; 15],
 }
 
 impl Kernels {
@@ -26,6 +31,12 @@ impl Kernels {
     #[inline(always)]
     pub fn dot(&self, dtype: GgmlDType) -> VecDotFn {
         self.dots[index(dtype)]
+    }
+
+    /// The four-activation-row kernel for weights of `dtype`, where one exists.
+    #[inline(always)]
+    pub fn dot4(&self, dtype: GgmlDType) -> Option<VecDot4Fn> {
+        self.dots4[index(dtype)]
     }
 }
 
@@ -61,6 +72,7 @@ fn scalar_kernels() -> Kernels {
     Kernels {
         name: "scalar",
         dots: GgmlDType::ALL.map(scalar_dot),
+        dots4: [None; 15],
     }
 }
 
@@ -68,6 +80,8 @@ fn scalar_kernels() -> Kernels {
 pub(crate) fn kernels() -> &'static Kernels {
     static K: OnceLock<Kernels> = OnceLock::new();
     K.get_or_init(|| {
+        // `mut` is only needed where a SIMD set can replace the scalar kernels.
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut k = scalar_kernels();
         #[cfg(target_arch = "x86_64")]
         if std::env::var_os("PREFIX_RFT_QUANT_SCALAR").is_none() {
@@ -76,10 +90,26 @@ pub(crate) fn kernels() -> &'static Kernels {
                 for (t, f) in simd {
                     k.dots[index(t)] = f;
                 }
+                for (t, f) in avx2::dots4().unwrap_or_default() {
+                    k.dots4[index(t)] = Some(f);
+                }
             }
         }
         k
     })
+}
+
+/// The four-row SIMD kernels available on this CPU (for tests).
+#[cfg(test)]
+pub(crate) fn simd_dots4() -> Vec<(GgmlDType, VecDot4Fn)> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx2::dots4().unwrap_or_default()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Vec::new()
+    }
 }
 
 /// The SIMD kernels available on this CPU (for tests comparing them to the scalar oracle).

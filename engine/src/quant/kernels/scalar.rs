@@ -144,8 +144,8 @@ pub(crate) fn dot_q2k_q8k(n: usize, w: &[u8], a: &[u8]) -> f32 {
                     let k = half * 8 + shift * 2 + g;
                     let q = &qs[32 * half + 16 * g..];
                     let y = &q8[16 * k..];
-                    isum += (sc[k] & 0xF) as i32
-                        * isum16(y, |l| ((q[l] >> (2 * shift)) & 3) as i32);
+                    isum +=
+                        (sc[k] & 0xF) as i32 * isum16(y, |l| ((q[l] >> (2 * shift)) & 3) as i32);
                 }
             }
         }
@@ -195,12 +195,15 @@ pub(crate) fn dot_q4k_q8k(n: usize, w: &[u8], a: &[u8]) -> f32 {
             let (s0, m0) = scale_min_k4(2 * j, sc);
             let (s1, m1) = scale_min_k4(2 * j + 1, sc);
             let q = &qs[32 * j..32 * j + 32];
-            let lo: i32 = (0..32).map(|l| (q[l] & 0xF) as i32 * (q8[64 * j + l] as i8) as i32).sum();
+            let lo: i32 = (0..32)
+                .map(|l| (q[l] & 0xF) as i32 * (q8[64 * j + l] as i8) as i32)
+                .sum();
             let hi: i32 = (0..32)
                 .map(|l| (q[l] >> 4) as i32 * (q8[64 * j + 32 + l] as i8) as i32)
                 .sum();
             isum += s0 as i32 * lo + s1 as i32 * hi;
-            msum += m0 as i32 * (bs[4 * j] + bs[4 * j + 1]) + m1 as i32 * (bs[4 * j + 2] + bs[4 * j + 3]);
+            msum += m0 as i32 * (bs[4 * j] + bs[4 * j + 1])
+                + m1 as i32 * (bs[4 * j + 2] + bs[4 * j + 3]);
         }
         s += yd * f16_at(b, 0) * isum as f32 - yd * f16_at(b, 2) * msum as f32;
     }
@@ -232,7 +235,8 @@ pub(crate) fn dot_q5k_q8k(n: usize, w: &[u8], a: &[u8]) -> f32 {
                 })
                 .sum();
             isum += s0 as i32 * lo + s1 as i32 * hi;
-            msum += m0 as i32 * (bs[4 * j] + bs[4 * j + 1]) + m1 as i32 * (bs[4 * j + 2] + bs[4 * j + 3]);
+            msum += m0 as i32 * (bs[4 * j] + bs[4 * j + 1])
+                + m1 as i32 * (bs[4 * j + 2] + bs[4 * j + 3]);
         }
         s += yd * f16_at(b, 0) * isum as f32 - yd * f16_at(b, 2) * msum as f32;
     }
@@ -280,7 +284,9 @@ pub(crate) fn dot_q8k_q8k(n: usize, w: &[u8], a: &[u8]) -> f32 {
     for i in 0..n / QK_K {
         let (wd, wq, _) = q8k(w, i);
         let (yd, yq, _) = q8k(a, i);
-        let isum: i32 = (0..QK_K).map(|j| (wq[j] as i8) as i32 * (yq[j] as i8) as i32).sum();
+        let isum: i32 = (0..QK_K)
+            .map(|j| (wq[j] as i8) as i32 * (yq[j] as i8) as i32)
+            .sum();
         s += wd * yd * isum as f32;
     }
     s
