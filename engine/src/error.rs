@@ -16,7 +16,11 @@ pub enum EngineError {
     #[error("{path}: {message}")]
     Load { path: String, message: String },
     #[error("prompt of {prompt} tokens plus {max_tokens} new tokens exceeds the context length {context}")]
-    ContextLength { prompt: usize, max_tokens: usize, context: usize },
+    ContextLength {
+        prompt: usize,
+        max_tokens: usize,
+        context: usize,
+    },
     #[error("empty prompt: at least one token is needed")]
     EmptyPrompt,
 }

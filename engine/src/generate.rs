@@ -57,17 +57,31 @@ pub fn generate(
     let context = m.model.config().max_position_embeddings;
     let mut cache = KvCache::with_adapter(m.model.config(), adapter);
     if cache.len() + prompt.len() + cfg.max_tokens > context {
-        return Err(EngineError::ContextLength { prompt: prompt.len(), max_tokens: cfg.max_tokens, context });
+        return Err(EngineError::ContextLength {
+            prompt: prompt.len(),
+            max_tokens: cfg.max_tokens,
+            context,
+        });
     }
     cache.reserve(prompt.len() + cfg.max_tokens);
     let mut sampler = Sampler::new(cfg.sampling.clone(), prompt);
     let mut stops = StopMatcher::new(cfg.stop.clone());
     let mut decoder = m.tokenizer.decoder(true);
     let eos = m.tokenizer.eos_ids();
-    let mut out = Generation { tokens: Vec::new(), text: String::new(), finish_reason: FinishReason::Length, logprobs: Vec::new() };
+    let mut out = Generation {
+        tokens: Vec::new(),
+        text: String::new(),
+        finish_reason: FinishReason::Length,
+        logprobs: Vec::new(),
+    };
     let mut input: Vec<u32> = prompt.to_vec();
     while out.tokens.len() < cfg.max_tokens {
-        let mut step = [SeqStep { tokens: &input, cache: &mut cache, adapter, logits: LogitsWanted::Last }];
+        let mut step = [SeqStep {
+            tokens: &input,
+            cache: &mut cache,
+            adapter,
+            logits: LogitsWanted::Last,
+        }];
         let logits = m.model.forward(&mut step)?;
         let mut row = logits.last_of(0).map(<[f32]>::to_vec).unwrap_or_default();
         let sampled = sampler.sample(&mut row);
@@ -108,7 +122,12 @@ pub fn score(m: &LoadedModel, tokens: &[u32]) -> Result<(Vec<f32>, Vec<u32>), En
         return Err(EngineError::EmptyPrompt);
     }
     let mut cache = KvCache::new(m.model.config());
-    let mut step = [SeqStep { tokens, cache: &mut cache, adapter: None, logits: LogitsWanted::All }];
+    let mut step = [SeqStep {
+        tokens,
+        cache: &mut cache,
+        adapter: None,
+        logits: LogitsWanted::All,
+    }];
     let logits = m.model.forward(&mut step)?;
     let mut lp = vec![0f32; logits.vocab];
     let mut out = Vec::with_capacity(tokens.len().saturating_sub(1));
@@ -120,7 +139,13 @@ pub fn score(m: &LoadedModel, tokens: &[u32]) -> Result<(Vec<f32>, Vec<u32>), En
         let best = row
             .iter()
             .enumerate()
-            .fold((0usize, f32::NEG_INFINITY), |b, (j, &v)| if v > b.1 { (j, v) } else { b });
+            .fold((0usize, f32::NEG_INFINITY), |b, (j, &v)| {
+                if v > b.1 {
+                    (j, v)
+                } else {
+                    b
+                }
+            });
         top1.push(best.0 as u32);
     }
     Ok((out, top1))

@@ -10,7 +10,6 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-
 const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
 /// Longest metadata string accepted (a chat template is a few KiB; 16 MiB is generous).
@@ -24,17 +23,34 @@ const MAX_DIMS: u32 = 8;
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
     #[error("{path}: cannot open: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: not a GGUF file (magic {magic:?})")]
     NotGguf { path: PathBuf, magic: [u8; 4] },
     #[error("{path}: unsupported GGUF version {version} (supported: 2, 3)")]
     Version { path: PathBuf, version: u32 },
     #[error("{path}: truncated or corrupt at byte {offset}: {what}")]
-    Corrupt { path: PathBuf, offset: usize, what: String },
+    Corrupt {
+        path: PathBuf,
+        offset: usize,
+        what: String,
+    },
     #[error("{path}: tensor `{name}` has unsupported type id {type_id}")]
-    UnsupportedType { path: PathBuf, name: String, type_id: u32 },
+    UnsupportedType {
+        path: PathBuf,
+        name: String,
+        type_id: u32,
+    },
     #[error("{path}: tensor `{name}` lies outside the file (needs bytes {start}..{end}, file has {len})")]
-    TensorOutOfBounds { path: PathBuf, name: String, start: u64, end: u64, len: usize },
+    TensorOutOfBounds {
+        path: PathBuf,
+        name: String,
+        start: u64,
+        end: u64,
+        len: usize,
+    },
 }
 
 /// One metadata value.
@@ -158,7 +174,10 @@ impl std::fmt::Debug for GgufFile {
 impl GgufFile {
     /// Maps and parses `path`.
     pub fn open(path: &Path) -> Result<Self, GgufError> {
-        let io = |source| GgufError::Io { path: path.to_path_buf(), source };
+        let io = |source| GgufError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         let file = File::open(path).map_err(io)?;
         // SAFETY: the mapping is read-only and private to this process; if another process
         // truncates the file underneath us, reads fault. Model files are treated as immutable
@@ -176,7 +195,11 @@ impl GgufFile {
             }
             return Err(GgufError::NotGguf { path, magic });
         }
-        let mut cur = Cursor { bytes, pos: 4, path: &path };
+        let mut cur = Cursor {
+            bytes,
+            pos: 4,
+            path: &path,
+        };
         let version = cur.u32()?;
         if !(2..=3).contains(&version) {
             return Err(GgufError::Version { path, version });
@@ -217,7 +240,9 @@ impl GgufFile {
             .and_then(GgufValue::as_u64)
             .unwrap_or(DEFAULT_ALIGNMENT);
         if alignment == 0 || !alignment.is_power_of_two() {
-            return Err(cur.corrupt(format!("general.alignment {alignment} is not a power of two")));
+            return Err(cur.corrupt(format!(
+                "general.alignment {alignment} is not a power of two"
+            )));
         }
         let data_start = (cur.pos as u64).div_ceil(alignment) * alignment;
 
@@ -225,12 +250,18 @@ impl GgufFile {
         let mut tensor_order = Vec::with_capacity(infos.len());
         for (name, dims, type_id, offset) in infos {
             let Some((block_size, type_size, type_name)) = ggml_type_layout(type_id) else {
-                return Err(GgufError::UnsupportedType { path, name, type_id });
+                return Err(GgufError::UnsupportedType {
+                    path,
+                    name,
+                    type_id,
+                });
             };
             let elements = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
             let byte_len = elements.and_then(|n| {
                 let bs = block_size as u64;
-                (n % bs == 0).then(|| (n / bs).checked_mul(type_size as u64)).flatten()
+                (n % bs == 0)
+                    .then(|| (n / bs).checked_mul(type_size as u64))
+                    .flatten()
             });
             let start = data_start.checked_add(offset);
             let (Some(byte_len), Some(start)) = (byte_len, start) else {
@@ -251,10 +282,22 @@ impl GgufFile {
             tensor_order.push(name.clone());
             tensors.insert(
                 name.clone(),
-                GgufTensorInfo { name, dims, type_id, offset: start as usize, len: byte_len as usize },
+                GgufTensorInfo {
+                    name,
+                    dims,
+                    type_id,
+                    offset: start as usize,
+                    len: byte_len as usize,
+                },
             );
         }
-        Ok(GgufFile { path, map, metadata, tensors, tensor_order })
+        Ok(GgufFile {
+            path,
+            map,
+            metadata,
+            tensors,
+            tensor_order,
+        })
     }
 
     /// The file this was read from.
@@ -311,7 +354,11 @@ struct Cursor<'a> {
 
 impl Cursor<'_> {
     fn corrupt(&self, what: String) -> GgufError {
-        GgufError::Corrupt { path: self.path.to_path_buf(), offset: self.pos, what }
+        GgufError::Corrupt {
+            path: self.path.to_path_buf(),
+            offset: self.pos,
+            what,
+        }
     }
 
     fn remaining(&self) -> usize {
@@ -420,7 +467,8 @@ impl GgufWriter {
 
     /// Adds a tensor; `dims` in GGUF order (innermost first), `data` already in `type_id` layout.
     pub fn tensor(&mut self, name: &str, dims: &[u64], type_id: u32, data: Vec<u8>) -> &mut Self {
-        self.tensors.push((name.to_string(), dims.to_vec(), type_id, data));
+        self.tensors
+            .push((name.to_string(), dims.to_vec(), type_id, data));
         self
     }
 
@@ -528,9 +576,17 @@ mod tests {
             .metadata("llama.block_count", GgufValue::U32(2))
             .metadata(
                 "tokenizer.ggml.tokens",
-                GgufValue::Array(vec![GgufValue::String("a".into()), GgufValue::String("b".into())]),
+                GgufValue::Array(vec![
+                    GgufValue::String("a".into()),
+                    GgufValue::String("b".into()),
+                ]),
             )
-            .tensor("w", &[4, 2], 0, (0..8).flat_map(|i| (i as f32).to_le_bytes()).collect())
+            .tensor(
+                "w",
+                &[4, 2],
+                0,
+                (0..8).flat_map(|i| (i as f32).to_le_bytes()).collect(),
+            )
             .tensor("v", &[3], 0, vec![0u8; 12]);
         w
     }
@@ -539,21 +595,33 @@ mod tests {
     fn round_trips_metadata_and_tensors() {
         let (_d, path) = write_tmp(&sample().to_bytes());
         let f = GgufFile::open(&path).expect("open");
-        assert_eq!(f.get("general.architecture").and_then(GgufValue::as_str), Some("llama"));
-        assert_eq!(f.get("llama.block_count").and_then(GgufValue::as_u64), Some(2));
+        assert_eq!(
+            f.get("general.architecture").and_then(GgufValue::as_str),
+            Some("llama")
+        );
+        assert_eq!(
+            f.get("llama.block_count").and_then(GgufValue::as_u64),
+            Some(2)
+        );
         assert_eq!(f.tensor_order, vec!["w".to_string(), "v".to_string()]);
         let w = &f.tensors["w"];
         assert_eq!(w.dims, vec![4, 2]);
         assert_eq!(w.offset % 32, 0);
         let data = f.tensor_data(w);
-        assert_eq!(f32::from_le_bytes([data[28], data[29], data[30], data[31]]), 7.0);
+        assert_eq!(
+            f32::from_le_bytes([data[28], data[29], data[30], data[31]]),
+            7.0
+        );
     }
 
     #[test]
     fn rejects_non_gguf_file_naming_it() {
         let (_d, path) = write_tmp(b"PK\x03\x04 not a model");
         let err = GgufFile::open(&path).expect_err("must fail").to_string();
-        assert!(err.contains("m.gguf") && err.contains("not a GGUF file"), "{err}");
+        assert!(
+            err.contains("m.gguf") && err.contains("not a GGUF file"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -562,7 +630,10 @@ mod tests {
         // The last tensor has 12 data bytes followed by 20 bytes of alignment padding.
         for cut in 0..bytes.len() - 20 {
             let (_d, path) = write_tmp(&bytes[..cut]);
-            assert!(GgufFile::open(&path).is_err(), "truncated at {cut} was accepted");
+            assert!(
+                GgufFile::open(&path).is_err(),
+                "truncated at {cut} was accepted"
+            );
         }
     }
 
@@ -581,7 +652,10 @@ mod tests {
         let mut w = GgufWriter::new();
         w.tensor("x", &[32], 99, vec![0u8; 32]);
         let (_d, path) = write_tmp(&w.to_bytes());
-        assert!(matches!(GgufFile::open(&path), Err(GgufError::UnsupportedType { type_id: 99, .. })));
+        assert!(matches!(
+            GgufFile::open(&path),
+            Err(GgufError::UnsupportedType { type_id: 99, .. })
+        ));
     }
 
     #[test]
@@ -589,7 +663,10 @@ mod tests {
         let path = crate::testing::default_model_path();
         let f = GgufFile::open(&path).expect("open");
         assert_eq!(f.tensors.len(), 272);
-        assert_eq!(f.get("llama.embedding_length").and_then(GgufValue::as_u64), Some(576));
+        assert_eq!(
+            f.get("llama.embedding_length").and_then(GgufValue::as_u64),
+            Some(576)
+        );
         assert_eq!(f.tensors["blk.0.attn_q.weight"].type_id, 3);
     }
 }

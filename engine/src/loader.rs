@@ -24,7 +24,10 @@ pub struct LoadedModel {
 impl LoadedModel {
     /// Loads a `.gguf` file or a Hugging Face directory.
     pub fn load(path: &Path, opts: LoadOptions) -> Result<Self, EngineError> {
-        let load_err = |message: String| EngineError::Load { path: path.display().to_string(), message };
+        let load_err = |message: String| EngineError::Load {
+            path: path.display().to_string(),
+            message,
+        };
         if !path.exists() {
             return Err(load_err("no such file or directory".into()));
         }
@@ -46,15 +49,30 @@ impl LoadedModel {
                 tokenizer.vocab_size()
             )));
         }
-        for id in tokenizer.bos_id().into_iter().chain(tokenizer.eos_ids().iter().copied()) {
+        for id in tokenizer
+            .bos_id()
+            .into_iter()
+            .chain(tokenizer.eos_ids().iter().copied())
+        {
             if id as usize >= vocab {
-                return Err(load_err(format!("special token id {id} is outside the vocabulary of {vocab}")));
+                return Err(load_err(format!(
+                    "special token id {id} is outside the vocabulary of {vocab}"
+                )));
             }
         }
         let chat_template = match tokenizer.chat_template() {
-            Some(src) => Some(ChatTemplate::new(src, tokenizer.bos_token(), tokenizer.eos_token())?),
+            Some(src) => Some(ChatTemplate::new(
+                src,
+                tokenizer.bos_token(),
+                tokenizer.eos_token(),
+            )?),
             None => None,
         };
-        Ok(LoadedModel { model, tokenizer, chat_template, path: path.to_path_buf() })
+        Ok(LoadedModel {
+            model,
+            tokenizer,
+            chat_template,
+            path: path.to_path_buf(),
+        })
     }
 }

@@ -11,8 +11,8 @@ use crate::quant::GgmlDType;
 
 /// The default model file; the test command (`scripts/test`) fetches it before running tests.
 pub fn default_model_path() -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(
         path.exists(),
         "{} is missing: run scripts/fetch-model (scripts/test does this for you)",
@@ -44,7 +44,16 @@ pub struct TinySpec {
 
 impl Default for TinySpec {
     fn default() -> Self {
-        TinySpec { vocab: 96, hidden: 64, intermediate: 128, layers: 2, heads: 4, kv_heads: 2, tied: false, bias: false }
+        TinySpec {
+            vocab: 96,
+            hidden: 64,
+            intermediate: 128,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            tied: false,
+            bias: false,
+        }
     }
 }
 
@@ -54,27 +63,74 @@ pub fn tiny_weights(spec: &TinySpec, seed: u64) -> Vec<(String, Vec<usize>, Vec<
     let mut t = Vec::new();
     let hd = spec.hidden / spec.heads;
     let mut mat = |name: String, rows: usize, cols: usize, scale: f32| {
-        let v: Vec<f32> = (0..rows * cols).map(|_| rng.gen_range(-scale..scale)).collect();
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.gen_range(-scale..scale))
+            .collect();
         (name, vec![rows, cols], v)
     };
-    t.push(mat("model.embed_tokens.weight".into(), spec.vocab, spec.hidden, 1.0));
+    t.push(mat(
+        "model.embed_tokens.weight".into(),
+        spec.vocab,
+        spec.hidden,
+        1.0,
+    ));
     for l in 0..spec.layers {
         let p = |s: &str| format!("model.layers.{l}.{s}");
         let s = 1.0 / (spec.hidden as f32).sqrt() * 1.7;
-        t.push(mat(p("self_attn.q_proj.weight"), spec.heads * hd, spec.hidden, s));
-        t.push(mat(p("self_attn.k_proj.weight"), spec.kv_heads * hd, spec.hidden, s));
-        t.push(mat(p("self_attn.v_proj.weight"), spec.kv_heads * hd, spec.hidden, s));
-        t.push(mat(p("self_attn.o_proj.weight"), spec.hidden, spec.heads * hd, s));
-        t.push(mat(p("mlp.gate_proj.weight"), spec.intermediate, spec.hidden, s));
-        t.push(mat(p("mlp.up_proj.weight"), spec.intermediate, spec.hidden, s));
-        t.push(mat(p("mlp.down_proj.weight"), spec.hidden, spec.intermediate, 1.0 / (spec.intermediate as f32).sqrt()));
+        t.push(mat(
+            p("self_attn.q_proj.weight"),
+            spec.heads * hd,
+            spec.hidden,
+            s,
+        ));
+        t.push(mat(
+            p("self_attn.k_proj.weight"),
+            spec.kv_heads * hd,
+            spec.hidden,
+            s,
+        ));
+        t.push(mat(
+            p("self_attn.v_proj.weight"),
+            spec.kv_heads * hd,
+            spec.hidden,
+            s,
+        ));
+        t.push(mat(
+            p("self_attn.o_proj.weight"),
+            spec.hidden,
+            spec.heads * hd,
+            s,
+        ));
+        t.push(mat(
+            p("mlp.gate_proj.weight"),
+            spec.intermediate,
+            spec.hidden,
+            s,
+        ));
+        t.push(mat(
+            p("mlp.up_proj.weight"),
+            spec.intermediate,
+            spec.hidden,
+            s,
+        ));
+        t.push(mat(
+            p("mlp.down_proj.weight"),
+            spec.hidden,
+            spec.intermediate,
+            1.0 / (spec.intermediate as f32).sqrt(),
+        ));
         if spec.bias {
             t.push(mat(p("self_attn.q_proj.bias"), 1, spec.heads * hd, 0.5));
             t.push(mat(p("self_attn.k_proj.bias"), 1, spec.kv_heads * hd, 0.5));
             t.push(mat(p("self_attn.v_proj.bias"), 1, spec.kv_heads * hd, 0.5));
         }
         t.push(mat(p("input_layernorm.weight"), 1, spec.hidden, 1.0));
-        t.push(mat(p("post_attention_layernorm.weight"), 1, spec.hidden, 1.0));
+        t.push(mat(
+            p("post_attention_layernorm.weight"),
+            1,
+            spec.hidden,
+            1.0,
+        ));
     }
     t.push(mat("model.norm.weight".into(), 1, spec.hidden, 1.0));
     if !spec.tied {
@@ -94,7 +150,11 @@ pub fn tiny_weights(spec: &TinySpec, seed: u64) -> Vec<(String, Vec<usize>, Vec<
 
 fn gguf_name(hf: &str) -> String {
     let stem = hf.trim_end_matches(".weight").trim_end_matches(".bias");
-    let suffix = if hf.ends_with(".bias") { "bias" } else { "weight" };
+    let suffix = if hf.ends_with(".bias") {
+        "bias"
+    } else {
+        "weight"
+    };
     let mapped = match stem {
         "model.embed_tokens" => "token_embd".to_string(),
         "model.norm" => "output_norm".to_string(),
@@ -138,7 +198,12 @@ fn permute_rows(v: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
 
 /// Writes `weights` as a llama GGUF the way llama.cpp's converter does (q/k permuted), with
 /// 2-D weights stored as `matrix_dtype` and 1-D ones as F32.
-pub fn write_tiny_gguf(path: &Path, spec: &TinySpec, weights: &[(String, Vec<usize>, Vec<f32>)], matrix_dtype: GgmlDType) {
+pub fn write_tiny_gguf(
+    path: &Path,
+    spec: &TinySpec,
+    weights: &[(String, Vec<usize>, Vec<f32>)],
+    matrix_dtype: GgmlDType,
+) {
     let mut w = GgufWriter::new();
     let u = |v: usize| GgufValue::U32(v as u32);
     w.metadata("general.architecture", GgufValue::String("llama".into()))
@@ -150,11 +215,18 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec, weights: &[(String, Vec<usi
         .metadata("llama.attention.head_count", u(spec.heads))
         .metadata("llama.attention.head_count_kv", u(spec.kv_heads))
         .metadata("llama.rope.freq_base", GgufValue::F32(10000.0))
-        .metadata("llama.attention.layer_norm_rms_epsilon", GgufValue::F32(1e-5));
+        .metadata(
+            "llama.attention.layer_norm_rms_epsilon",
+            GgufValue::F32(1e-5),
+        );
     for (name, shape, values) in weights {
         let (values, dims, dtype) = match shape.as_slice() {
             [n] => {
-                let heads = if name.contains("q_proj") { spec.heads } else { spec.kv_heads };
+                let heads = if name.contains("q_proj") {
+                    spec.heads
+                } else {
+                    spec.kv_heads
+                };
                 let v = if name.contains("q_proj.bias") || name.contains("k_proj.bias") {
                     permute_rows(values, *n, 1, heads)
                 } else {
@@ -193,7 +265,13 @@ pub fn write_tiny_hf_dir(dir: &Path, spec: &TinySpec, weights: &[(String, Vec<us
     std::fs::write(dir.join("config.json"), config.to_string()).expect("write config");
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = weights
         .iter()
-        .map(|(n, s, v)| (n.clone(), s.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .map(|(n, s, v)| {
+            (
+                n.clone(),
+                s.clone(),
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+        })
         .collect();
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
         .iter()
@@ -203,5 +281,6 @@ pub fn write_tiny_hf_dir(dir: &Path, spec: &TinySpec, weights: &[(String, Vec<us
             (n.clone(), view)
         })
         .collect();
-    safetensors::serialize_to_file(views, &None, &dir.join("model.safetensors")).expect("write safetensors");
+    safetensors::serialize_to_file(views, &None, &dir.join("model.safetensors"))
+        .expect("write safetensors");
 }

@@ -2,7 +2,9 @@
 //! not change results, bad input is an error.
 
 use prefix_rft_engine::gguf::GgufFile;
-use prefix_rft_engine::model::{KvCache, Llama, LoadOptions, Logits, LogitsWanted, ModelError, SeqStep};
+use prefix_rft_engine::model::{
+    KvCache, Llama, LoadOptions, Logits, LogitsWanted, ModelError, SeqStep,
+};
 use prefix_rft_engine::quant::GgmlDType;
 use prefix_rft_engine::testing::{tiny_weights, write_tiny_gguf, write_tiny_hf_dir, TinySpec};
 
@@ -17,18 +19,33 @@ fn tiny_gguf(spec: &TinySpec, dtype: GgmlDType) -> (tempfile::TempDir, Llama) {
 
 fn all_logits(model: &Llama, tokens: &[u32]) -> Logits {
     let mut cache = KvCache::new(model.config());
-    let mut step = [SeqStep { tokens, cache: &mut cache, adapter: None, logits: LogitsWanted::All }];
+    let mut step = [SeqStep {
+        tokens,
+        cache: &mut cache,
+        adapter: None,
+        logits: LogitsWanted::All,
+    }];
     model.forward(&mut step).expect("forward")
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
 fn gguf_and_safetensors_give_the_same_logits() {
-    for spec in [TinySpec::default(), TinySpec { tied: true, bias: true, ..TinySpec::default() }] {
+    for spec in [
+        TinySpec::default(),
+        TinySpec {
+            tied: true,
+            bias: true,
+            ..TinySpec::default()
+        },
+    ] {
         let weights = tiny_weights(&spec, 7);
         let (_d, from_gguf) = tiny_gguf(&spec, GgmlDType::F32);
         let dir = tempfile::tempdir().expect("tempdir");
@@ -55,10 +72,18 @@ fn incremental_decode_equals_one_full_forward() {
         .collect();
     let mut row = 0;
     for chunk in chunks {
-        let mut step = [SeqStep { tokens: chunk, cache: &mut cache, adapter: None, logits: LogitsWanted::All }];
+        let mut step = [SeqStep {
+            tokens: chunk,
+            cache: &mut cache,
+            adapter: None,
+            logits: LogitsWanted::All,
+        }];
         let out = model.forward(&mut step).expect("forward");
         for r in 0..chunk.len() {
-            assert!(max_abs_diff(out.row(r), full.row(row)) < 1e-4, "position {row}");
+            assert!(
+                max_abs_diff(out.row(r), full.row(row)) < 1e-4,
+                "position {row}"
+            );
             row += 1;
         }
     }
@@ -79,7 +104,12 @@ fn batched_decode_equals_one_by_one() {
             let mut rows = Vec::new();
             let mut input = p.clone();
             for s in 0..steps {
-                let mut step = [SeqStep { tokens: &input, cache: &mut cache, adapter: None, logits: LogitsWanted::Last }];
+                let mut step = [SeqStep {
+                    tokens: &input,
+                    cache: &mut cache,
+                    adapter: None,
+                    logits: LogitsWanted::Last,
+                }];
                 let out = model.forward(&mut step).expect("forward");
                 rows.push(out.last_of(0).expect("logits").to_vec());
                 input = vec![(s as u32 * 13 + p[0]) % 96];
@@ -87,13 +117,21 @@ fn batched_decode_equals_one_by_one() {
             alone.push(rows);
         }
         // Together: prefill all in one step, then decode all in one step each time.
-        let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(model.config())).collect();
+        let mut caches: Vec<KvCache> = prompts
+            .iter()
+            .map(|_| KvCache::new(model.config()))
+            .collect();
         let mut inputs = prompts.clone();
         for s in 0..steps {
             let mut batch: Vec<SeqStep<'_>> = inputs
                 .iter()
                 .zip(caches.iter_mut())
-                .map(|(t, c)| SeqStep { tokens: t, cache: c, adapter: None, logits: LogitsWanted::Last })
+                .map(|(t, c)| SeqStep {
+                    tokens: t,
+                    cache: c,
+                    adapter: None,
+                    logits: LogitsWanted::Last,
+                })
                 .collect();
             let out = model.forward(&mut batch).expect("forward");
             for (i, p) in prompts.iter().enumerate() {
@@ -109,8 +147,16 @@ fn batched_decode_equals_one_by_one() {
 fn rejects_token_outside_vocabulary() {
     let (_d, model) = tiny_gguf(&TinySpec::default(), GgmlDType::F32);
     let mut cache = KvCache::new(model.config());
-    let mut step = [SeqStep { tokens: &[1, 96], cache: &mut cache, adapter: None, logits: LogitsWanted::Last }];
-    assert!(matches!(model.forward(&mut step), Err(ModelError::TokenOutOfRange { token: 96, .. })));
+    let mut step = [SeqStep {
+        tokens: &[1, 96],
+        cache: &mut cache,
+        adapter: None,
+        logits: LogitsWanted::Last,
+    }];
+    assert!(matches!(
+        model.forward(&mut step),
+        Err(ModelError::TokenOutOfRange { token: 96, .. })
+    ));
     assert_eq!(cache.len(), 0, "a refused step leaves the cache untouched");
 }
 
@@ -119,8 +165,19 @@ fn rejects_sequence_longer_than_context() {
     let (_d, model) = tiny_gguf(&TinySpec::default(), GgmlDType::F32);
     let tokens = vec![1u32; 257];
     let mut cache = KvCache::new(model.config());
-    let mut step = [SeqStep { tokens: &tokens, cache: &mut cache, adapter: None, logits: LogitsWanted::Last }];
-    assert!(matches!(model.forward(&mut step), Err(ModelError::ContextLength { needed: 257, context: 256 })));
+    let mut step = [SeqStep {
+        tokens: &tokens,
+        cache: &mut cache,
+        adapter: None,
+        logits: LogitsWanted::Last,
+    }];
+    assert!(matches!(
+        model.forward(&mut step),
+        Err(ModelError::ContextLength {
+            needed: 257,
+            context: 256
+        })
+    ));
 }
 
 #[test]
@@ -131,6 +188,8 @@ fn refuses_truncated_model_file_naming_it() {
     write_tiny_gguf(&path, &spec, &tiny_weights(&spec, 7), GgmlDType::Q8_0);
     let bytes = std::fs::read(&path).expect("read");
     std::fs::write(&path, &bytes[..bytes.len() / 2]).expect("truncate");
-    let err = GgufFile::open(&path).expect_err("truncated file must be refused").to_string();
+    let err = GgufFile::open(&path)
+        .expect_err("truncated file must be refused")
+        .to_string();
     assert!(err.contains("tiny.gguf"), "{err}");
 }

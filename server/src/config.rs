@@ -12,9 +12,15 @@ pub const EMBEDDED_DEFAULT: &str = include_str!("../../config.toml");
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{origin}: {source}")]
-    Parse { origin: String, source: toml::de::Error },
+    Parse {
+        origin: String,
+        source: toml::de::Error,
+    },
     #[error("{origin}: {message}")]
     Invalid { origin: String, message: String },
 }
@@ -83,8 +89,10 @@ pub struct Config {
 impl Config {
     /// Parses and validates TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let cfg: Config =
-            toml::from_str(text).map_err(|source| ConfigError::Parse { origin: origin.to_string(), source })?;
+        let cfg: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            origin: origin.to_string(),
+            source,
+        })?;
         cfg.validate(origin)?;
         Ok(cfg)
     }
@@ -94,15 +102,22 @@ impl Config {
         match path {
             None => Self::parse(EMBEDDED_DEFAULT, "embedded config.toml"),
             Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })?;
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
                 Self::parse(&text, &p.display().to_string())
             }
         }
     }
 
     fn validate(&self, origin: &str) -> Result<(), ConfigError> {
-        let invalid = |message: String| Err(ConfigError::Invalid { origin: origin.to_string(), message });
+        let invalid = |message: String| {
+            Err(ConfigError::Invalid {
+                origin: origin.to_string(),
+                message,
+            })
+        };
         if self.model.id.trim().is_empty() {
             return invalid("model.id must not be empty".into());
         }
@@ -114,7 +129,10 @@ impl Config {
             }
             for k in &t.api_keys {
                 if k.is_empty() || !seen_keys.insert(k.as_str()) {
-                    return invalid(format!("tenant `{}` has an empty or repeated API key", t.id));
+                    return invalid(format!(
+                        "tenant `{}` has an empty or repeated API key",
+                        t.id
+                    ));
                 }
             }
         }
@@ -142,13 +160,18 @@ mod tests {
     #[test]
     fn refuses_unknown_keys() {
         let text = EMBEDDED_DEFAULT.replace("dequantize = false", "dequantise = false");
-        let err = Config::parse(&text, "t").expect_err("typo must fail").to_string();
+        let err = Config::parse(&text, "t")
+            .expect_err("typo must fail")
+            .to_string();
         assert!(err.contains("dequantise"), "{err}");
     }
 
     #[test]
     fn refuses_a_key_shared_by_two_tenants() {
         let text = EMBEDDED_DEFAULT.replace("sk-globex-demo", "sk-acme-demo");
-        assert!(matches!(Config::parse(&text, "t"), Err(ConfigError::Invalid { .. })));
+        assert!(matches!(
+            Config::parse(&text, "t"),
+            Err(ConfigError::Invalid { .. })
+        ));
     }
 }

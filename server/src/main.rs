@@ -14,7 +14,11 @@ use prefix_rft_engine::LoadedModel;
 use prefix_rft_server::config::Config;
 
 #[derive(Parser)]
-#[command(name = "prefix-rft", version, about = "OpenAI-compatible LLM server with per-tenant Prefix-RFT adapters")]
+#[command(
+    name = "prefix-rft",
+    version,
+    about = "OpenAI-compatible LLM server with per-tenant Prefix-RFT adapters"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -71,7 +75,9 @@ struct GenerateArgs {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
@@ -87,20 +93,36 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         prefix_rft_engine::quant::set_num_threads(threads);
     }
     if !path.exists() {
-        bail!("{} does not exist (for the default model run scripts/fetch-model)", path.display());
+        bail!(
+            "{} does not exist (for the default model run scripts/fetch-model)",
+            path.display()
+        );
     }
-    let opts = LoadOptions { dequantize: args.dequantize || config.model.dequantize };
+    let opts = LoadOptions {
+        dequantize: args.dequantize || config.model.dequantize,
+    };
     let t0 = Instant::now();
-    let m = LoadedModel::load(&path, opts).with_context(|| format!("loading {}", path.display()))?;
-    eprintln!("loaded {} in {:.2}s", path.display(), t0.elapsed().as_secs_f64());
+    let m =
+        LoadedModel::load(&path, opts).with_context(|| format!("loading {}", path.display()))?;
+    eprintln!(
+        "loaded {} in {:.2}s",
+        path.display(),
+        t0.elapsed().as_secs_f64()
+    );
 
     let text = match (&m.chat_template, args.raw) {
         (Some(t), false) => {
             let mut messages = Vec::new();
             if let Some(s) = args.system {
-                messages.push(ChatMessage { role: "system".into(), content: s });
+                messages.push(ChatMessage {
+                    role: "system".into(),
+                    content: s,
+                });
             }
-            messages.push(ChatMessage { role: "user".into(), content: args.prompt });
+            messages.push(ChatMessage {
+                role: "user".into(),
+                content: args.prompt,
+            });
             t.render(&messages, true)?
         }
         _ => args.prompt,
@@ -114,7 +136,12 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         ..SamplingParams::default()
     };
     sampling.validate()?;
-    let cfg = GenerationConfig { max_tokens: args.max_tokens, sampling, stop: args.stop, ignore_eos: false };
+    let cfg = GenerationConfig {
+        max_tokens: args.max_tokens,
+        sampling,
+        stop: args.stop,
+        ignore_eos: false,
+    };
     let mut stdout = std::io::stdout().lock();
     let t1 = Instant::now();
     let out = generate(&m, &prompt, &cfg, None, &mut |piece| {

@@ -5,8 +5,8 @@
 
 use std::time::Instant;
 
-use prefix_rft_engine::model::{KvCache, Llama, LoadOptions, LogitsWanted, SeqStep};
 use prefix_rft_engine::gguf::GgufFile;
+use prefix_rft_engine::model::{KvCache, Llama, LoadOptions, LogitsWanted, SeqStep};
 
 const PREFILL_LENS: [usize; 2] = [128, 512];
 const DECODE_BATCHES: [usize; 3] = [1, 4, 16];
@@ -29,7 +29,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let path = args.next().ok_or("usage: engine-bench <model.gguf> [threads]")?;
+    let path = args
+        .next()
+        .ok_or("usage: engine-bench <model.gguf> [threads]")?;
     let threads: usize = args.next().map(|t| t.parse()).transpose()?.unwrap_or(2);
     prefix_rft_engine::quant::set_num_threads(threads);
     let file = GgufFile::open(std::path::Path::new(&path))?;
@@ -45,7 +47,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for _ in 0..REPEATS {
             let mut cache = KvCache::new(model.config());
             let t = Instant::now();
-            let mut step = [SeqStep { tokens: &tokens, cache: &mut cache, adapter: None, logits: LogitsWanted::Last }];
+            let mut step = [SeqStep {
+                tokens: &tokens,
+                cache: &mut cache,
+                adapter: None,
+                logits: LogitsWanted::Last,
+            }];
             model.forward(&mut step)?;
             runs.push(n as f64 / t.elapsed().as_secs_f64());
         }
@@ -56,12 +63,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for &b in &DECODE_BATCHES {
         let mut caches: Vec<KvCache> = (0..b).map(|_| KvCache::new(model.config())).collect();
         // A short distinct prompt per sequence, prefilled together.
-        let prompts: Vec<Vec<u32>> = (0..b).map(|s| (0..16).map(|i| token(i + 31 * s)).collect()).collect();
+        let prompts: Vec<Vec<u32>> = (0..b)
+            .map(|s| (0..16).map(|i| token(i + 31 * s)).collect())
+            .collect();
         {
             let mut steps: Vec<SeqStep<'_>> = prompts
                 .iter()
                 .zip(caches.iter_mut())
-                .map(|(p, c)| SeqStep { tokens: p, cache: c, adapter: None, logits: LogitsWanted::Last })
+                .map(|(p, c)| SeqStep {
+                    tokens: p,
+                    cache: c,
+                    adapter: None,
+                    logits: LogitsWanted::Last,
+                })
                 .collect();
             model.forward(&mut steps)?;
         }
@@ -71,17 +85,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut steps: Vec<SeqStep<'_>> = inputs
                 .iter()
                 .zip(caches.iter_mut())
-                .map(|(x, c)| SeqStep { tokens: x, cache: c, adapter: None, logits: LogitsWanted::Last })
+                .map(|(x, c)| SeqStep {
+                    tokens: x,
+                    cache: c,
+                    adapter: None,
+                    logits: LogitsWanted::Last,
+                })
                 .collect();
             let logits = model.forward(&mut steps)?;
             for (s, input) in inputs.iter_mut().enumerate() {
                 // Greedy continuation, as a real decode loop would.
                 let row = logits.last_of(s).ok_or("missing logits")?;
-                let best = row.iter().enumerate().fold((0, f32::MIN), |a, (j, &v)| if v > a.1 { (j, v) } else { a });
+                let best =
+                    row.iter()
+                        .enumerate()
+                        .fold((0, f32::MIN), |a, (j, &v)| if v > a.1 { (j, v) } else { a });
                 input[0] = if best.0 == 0 { token(i) } else { best.0 as u32 };
             }
         }
-        decode.insert(b.to_string(), serde_json::json!((b * DECODE_STEPS) as f64 / t.elapsed().as_secs_f64()));
+        decode.insert(
+            b.to_string(),
+            serde_json::json!((b * DECODE_STEPS) as f64 / t.elapsed().as_secs_f64()),
+        );
     }
 
     let out = serde_json::json!({

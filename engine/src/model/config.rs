@@ -112,17 +112,24 @@ impl ModelConfig {
         if self.vocab_size == 0 || self.hidden_size == 0 || self.num_layers == 0 {
             return bad("vocab_size, hidden_size and num_layers must be positive".into());
         }
-        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0
+        {
             return bad(format!(
                 "{} attention heads cannot be grouped over {} key/value heads",
                 self.num_heads, self.num_kv_heads
             ));
         }
         if self.head_dim == 0 || self.head_dim % 2 != 0 {
-            return bad(format!("head_dim {} must be even and positive", self.head_dim));
+            return bad(format!(
+                "head_dim {} must be even and positive",
+                self.head_dim
+            ));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
-            return bad(format!("rms_norm_eps {} must be positive", self.rms_norm_eps));
+            return bad(format!(
+                "rms_norm_eps {} must be positive",
+                self.rms_norm_eps
+            ));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
             return bad(format!("rope_theta {} must be above 1", self.rope_theta));
@@ -152,7 +159,9 @@ impl ModelConfig {
         let arch_name = file
             .get("general.architecture")
             .and_then(GgufValue::as_str)
-            .ok_or_else(|| ConfigError::Missing { key: "general.architecture".into() })?
+            .ok_or_else(|| ConfigError::Missing {
+                key: "general.architecture".into(),
+            })?
             .to_string();
         let arch = match arch_name.as_str() {
             "llama" | "mistral" => Arch::Llama,
@@ -181,7 +190,9 @@ impl ModelConfig {
                 .get("tokenizer.ggml.tokens")
                 .and_then(GgufValue::as_array)
                 .map(|a| a.len())
-                .ok_or_else(|| ConfigError::Missing { key: key("vocab_size") })?,
+                .ok_or_else(|| ConfigError::Missing {
+                    key: key("vocab_size"),
+                })?,
         };
         let cfg = ModelConfig {
             arch,
@@ -231,7 +242,9 @@ impl ModelConfig {
             Some(s) => match s.rope_type.as_deref().or(s.kind.as_deref()) {
                 Some("default") | None => None,
                 Some(other) => {
-                    return Err(ConfigError::Invalid(format!("rope_scaling type `{other}` is not supported")))
+                    return Err(ConfigError::Invalid(format!(
+                        "rope_scaling type `{other}` is not supported"
+                    )))
                 }
             },
             None => None,
@@ -317,14 +330,18 @@ mod tests {
     #[test]
     fn reads_smollm2_hf_config() {
         let c = ModelConfig::from_hf_json(SMOLLM2_CONFIG).expect("parse");
-        assert_eq!((c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim), (576, 9, 3, 64));
+        assert_eq!(
+            (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim),
+            (576, 9, 3, 64)
+        );
         assert!(c.tie_word_embeddings && !c.attention_bias);
         assert_eq!(c.rope_theta, 100000.0);
     }
 
     #[test]
     fn qwen2_defaults_to_attention_bias() {
-        let text = SMOLLM2_CONFIG.replace("\"model_type\": \"llama\"", "\"model_type\": \"qwen2\"")
+        let text = SMOLLM2_CONFIG
+            .replace("\"model_type\": \"llama\"", "\"model_type\": \"qwen2\"")
             .replace("\"attention_bias\": false,", "");
         let c = ModelConfig::from_hf_json(&text).expect("parse");
         assert_eq!(c.arch, Arch::Qwen2);
@@ -348,14 +365,21 @@ mod tests {
 
     #[test]
     fn rejects_heads_that_do_not_group() {
-        let text = SMOLLM2_CONFIG.replace("\"num_key_value_heads\": 3", "\"num_key_value_heads\": 4");
-        let err = ModelConfig::from_hf_json(&text).expect_err("must fail").to_string();
+        let text =
+            SMOLLM2_CONFIG.replace("\"num_key_value_heads\": 3", "\"num_key_value_heads\": 4");
+        let err = ModelConfig::from_hf_json(&text)
+            .expect_err("must fail")
+            .to_string();
         assert!(err.contains("cannot be grouped"), "{err}");
     }
 
     #[test]
     fn rejects_unknown_architecture() {
-        let text = SMOLLM2_CONFIG.replace("\"model_type\": \"llama\"", "\"model_type\": \"gpt_neox\"");
-        assert!(matches!(ModelConfig::from_hf_json(&text), Err(ConfigError::Architecture(_))));
+        let text =
+            SMOLLM2_CONFIG.replace("\"model_type\": \"llama\"", "\"model_type\": \"gpt_neox\"");
+        assert!(matches!(
+            ModelConfig::from_hf_json(&text),
+            Err(ConfigError::Architecture(_))
+        ));
     }
 }

@@ -23,7 +23,15 @@ pub enum Proj {
 
 impl Proj {
     /// All projections in layer order.
-    pub const ALL: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
+    pub const ALL: [Proj; 7] = [
+        Proj::Q,
+        Proj::K,
+        Proj::V,
+        Proj::O,
+        Proj::Gate,
+        Proj::Up,
+        Proj::Down,
+    ];
 
     /// The PEFT module name (`q_proj`, ...).
     pub fn module_name(self) -> &'static str {

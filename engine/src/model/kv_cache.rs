@@ -36,7 +36,10 @@ impl KvCache {
         for layer in 0..cfg.num_layers {
             if let Some((k, v)) = adapter.prefix_kv(layer) {
                 let n = k.len() / cache.kv_dim.max(1);
-                if k.len() != v.len() || k.len() % cache.kv_dim.max(1) != 0 || prefix_len.is_some_and(|p| p != n) {
+                if k.len() != v.len()
+                    || k.len() % cache.kv_dim.max(1) != 0
+                    || prefix_len.is_some_and(|p| p != n)
+                {
                     // The adapter validator guarantees consistent shapes; an inconsistent hook
                     // is ignored rather than corrupting the cache.
                     return Self::new(cfg);
@@ -80,7 +83,11 @@ impl KvCache {
 
     /// Bytes held.
     pub fn size_in_bytes(&self) -> usize {
-        self.keys.iter().chain(self.values.iter()).map(|b| b.capacity() * 4).sum()
+        self.keys
+            .iter()
+            .chain(self.values.iter())
+            .map(|b| b.capacity() * 4)
+            .sum()
     }
 
     /// Keys and values of `layer`, `len × kv_dim` once the current step's rows are appended.

@@ -111,7 +111,12 @@ impl Rope {
                 sin.push(a.sin() as f32);
             }
         }
-        Rope { inv_freq, cos, sin, len }
+        Rope {
+            inv_freq,
+            cos,
+            sin,
+            len,
+        }
     }
 
     /// Rotates `x` (one head, `head_dim` wide) to `pos`, rotate-half convention.
@@ -154,19 +159,27 @@ impl Llama {
 
     /// Loads a GGUF file.
     pub fn from_gguf(file: &GgufFile, opts: LoadOptions) -> Result<Self, ModelError> {
-        let cfg = ModelConfig::from_gguf(file)
-            .map_err(|source| ModelError::Config { path: file.path().display().to_string(), source })?;
+        let cfg = ModelConfig::from_gguf(file).map_err(|source| ModelError::Config {
+            path: file.path().display().to_string(),
+            source,
+        })?;
         let weights = ModelWeights::from_gguf(file, &cfg, opts)?;
         Ok(Self::new(cfg, weights))
     }
 
     /// Loads a Hugging Face model directory (`config.json` + `*.safetensors`).
     pub fn from_hf_dir(dir: &Path, opts: LoadOptions) -> Result<Self, ModelError> {
-        let files_err = |message: String| ModelError::Files { path: dir.display().to_string(), message };
+        let files_err = |message: String| ModelError::Files {
+            path: dir.display().to_string(),
+            message,
+        };
         let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| files_err(format!("config.json: {e}")))?;
-        let cfg = ModelConfig::from_hf_json(&text)
-            .map_err(|source| ModelError::Config { path: cfg_path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(&cfg_path)
+            .map_err(|e| files_err(format!("config.json: {e}")))?;
+        let cfg = ModelConfig::from_hf_json(&text).map_err(|source| ModelError::Config {
+            path: cfg_path.display().to_string(),
+            source,
+        })?;
         let mut files: Vec<_> = std::fs::read_dir(dir)
             .map_err(|e| files_err(e.to_string()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -205,11 +218,17 @@ impl Llama {
             let start = step.cache.len();
             let needed = start + step.tokens.len();
             if needed > cfg.max_position_embeddings {
-                return Err(ModelError::ContextLength { needed, context: cfg.max_position_embeddings });
+                return Err(ModelError::ContextLength {
+                    needed,
+                    context: cfg.max_position_embeddings,
+                });
             }
             for (i, &tok) in step.tokens.iter().enumerate() {
                 if tok as usize >= cfg.vocab_size {
-                    return Err(ModelError::TokenOutOfRange { token: tok, vocab: cfg.vocab_size });
+                    return Err(ModelError::TokenOutOfRange {
+                        token: tok,
+                        vocab: cfg.vocab_size,
+                    });
                 }
                 row_pos.push(start + i);
             }
@@ -221,7 +240,9 @@ impl Llama {
         let mut r = 0;
         for step in batch.iter() {
             for &tok in step.tokens {
-                self.weights.embed.dequantize_row(tok as usize, &mut x[r * h..(r + 1) * h])?;
+                self.weights
+                    .embed
+                    .dequantize_row(tok as usize, &mut x[r * h..(r + 1) * h])?;
                 r += 1;
             }
         }
@@ -236,7 +257,16 @@ impl Llama {
         for (li, layer) in self.weights.layers.iter().enumerate() {
             rms_norm_rows(&x, &layer.attn_norm, cfg.rms_norm_eps, &mut normed);
             run_fused(&layer.qkv, &normed, t, &mut qkv, &[q_dim, kv_dim, kv_dim])?;
-            add_deltas(batch, &row_ranges, li, &[Proj::Q, Proj::K, Proj::V], &normed, h, &mut qkv, &[q_dim, kv_dim, kv_dim]);
+            add_deltas(
+                batch,
+                &row_ranges,
+                li,
+                &[Proj::Q, Proj::K, Proj::V],
+                &normed,
+                h,
+                &mut qkv,
+                &[q_dim, kv_dim, kv_dim],
+            );
 
             // Rotary on q and k, then append k and v to each sequence's cache.
             let hd = cfg.head_dim;
@@ -252,29 +282,60 @@ impl Llama {
             for (step, rows) in batch.iter_mut().zip(&row_ranges) {
                 for r in rows.clone() {
                     let row = &qkv[r * qkv_dim..(r + 1) * qkv_dim];
-                    step.cache.append(li, &row[q_dim..q_dim + kv_dim], &row[q_dim + kv_dim..]);
+                    step.cache
+                        .append(li, &row[q_dim..q_dim + kv_dim], &row[q_dim + kv_dim..]);
                 }
             }
 
             self.attention(batch, &row_ranges, &row_pos, li, &qkv, &mut attn);
 
             linear(&layer.o, &attn, t, &mut proj)?;
-            add_deltas(batch, &row_ranges, li, &[Proj::O], &attn, q_dim, &mut proj, &[h]);
+            add_deltas(
+                batch,
+                &row_ranges,
+                li,
+                &[Proj::O],
+                &attn,
+                q_dim,
+                &mut proj,
+                &[h],
+            );
             for (a, b) in x.iter_mut().zip(&proj) {
                 *a += b;
             }
 
             rms_norm_rows(&x, &layer.ffn_norm, cfg.rms_norm_eps, &mut normed);
             run_fused(&layer.gate_up, &normed, t, &mut gate_up, &[inter, inter])?;
-            add_deltas(batch, &row_ranges, li, &[Proj::Gate, Proj::Up], &normed, h, &mut gate_up, &[inter, inter]);
-            for (gu, out) in gate_up.chunks_exact(2 * inter).zip(act.chunks_exact_mut(inter)) {
+            add_deltas(
+                batch,
+                &row_ranges,
+                li,
+                &[Proj::Gate, Proj::Up],
+                &normed,
+                h,
+                &mut gate_up,
+                &[inter, inter],
+            );
+            for (gu, out) in gate_up
+                .chunks_exact(2 * inter)
+                .zip(act.chunks_exact_mut(inter))
+            {
                 let (g, u) = gu.split_at(inter);
                 for i in 0..inter {
                     out[i] = silu(g[i]) * u[i];
                 }
             }
             linear(&layer.down, &act, t, &mut proj)?;
-            add_deltas(batch, &row_ranges, li, &[Proj::Down], &act, inter, &mut proj, &[h]);
+            add_deltas(
+                batch,
+                &row_ranges,
+                li,
+                &[Proj::Down],
+                &act,
+                inter,
+                &mut proj,
+                &[h],
+            );
             for (a, b) in x.iter_mut().zip(&proj) {
                 *a += b;
             }
@@ -290,7 +351,9 @@ impl Llama {
             let begin = wanted.len();
             match step.logits {
                 LogitsWanted::None => {}
-                LogitsWanted::Last => wanted.extend(rows.end.checked_sub(1).filter(|_| !rows.is_empty())),
+                LogitsWanted::Last => {
+                    wanted.extend(rows.end.checked_sub(1).filter(|_| !rows.is_empty()))
+                }
                 LogitsWanted::All => wanted.extend(rows.clone()),
             }
             rows_of.push(begin..wanted.len());
@@ -304,9 +367,15 @@ impl Llama {
         let vocab = cfg.vocab_size;
         let mut data = vec![0f32; wanted.len() * vocab];
         if !wanted.is_empty() {
-            self.weights.lm_head.matmul(&sel_normed, wanted.len(), &mut data)?;
+            self.weights
+                .lm_head
+                .matmul(&sel_normed, wanted.len(), &mut data)?;
         }
-        Ok(Logits { data, vocab, rows_of })
+        Ok(Logits {
+            data,
+            vocab,
+            rows_of,
+        })
     }
 
     /// Causal attention of every new row against its sequence's cache, in parallel over
@@ -358,7 +427,9 @@ impl Llama {
                 let inv = 1.0 / sum;
                 // SAFETY: each task writes only its own (row, head) slice of `out`, which is
                 // disjoint from every other task's, and `out` outlives the parallel region.
-                let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(row * q_dim + head * hd), hd) };
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(out_ptr.get().add(row * q_dim + head * hd), hd)
+                };
                 dst.fill(0.0);
                 for (j, &w) in scores.iter().enumerate() {
                     let v = &values[j * kv_dim + kvh * hd..][..hd];
@@ -437,7 +508,13 @@ fn linear(l: &Linear, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), QuantE
 }
 
 /// Runs fused projections into `out` (`m × Σwidths`), whether stored fused or split.
-fn run_fused(f: &Fused, x: &[f32], m: usize, out: &mut [f32], widths: &[usize]) -> Result<(), QuantError> {
+fn run_fused(
+    f: &Fused,
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+    widths: &[usize],
+) -> Result<(), QuantError> {
     match f {
         Fused::One(l) => linear(l, x, m, out),
         Fused::Split(parts) => {
@@ -470,7 +547,9 @@ fn add_deltas(
 ) {
     let stride: usize = widths.iter().sum();
     for (step, rows) in batch.iter().zip(row_ranges) {
-        let Some(adapter) = step.adapter else { continue };
+        let Some(adapter) = step.adapter else {
+            continue;
+        };
         if rows.is_empty() {
             continue;
         }

@@ -17,15 +17,31 @@ pub enum WeightsError {
     #[error("{file}: missing tensor `{name}`")]
     Missing { file: PathBuf, name: String },
     #[error("{file}: tensor `{name}` has shape {actual:?}, expected {expected:?}")]
-    Shape { file: PathBuf, name: String, expected: Vec<usize>, actual: Vec<usize> },
+    Shape {
+        file: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
     #[error("{file}: tensor `{name}` has unsupported type {dtype}")]
-    Type { file: PathBuf, name: String, dtype: String },
+    Type {
+        file: PathBuf,
+        name: String,
+        dtype: String,
+    },
     #[error("{file}: tensor `{name}`: {source}")]
-    Quant { file: PathBuf, name: String, source: QuantError },
+    Quant {
+        file: PathBuf,
+        name: String,
+        source: QuantError,
+    },
     #[error("{file}: {message}")]
     Safetensors { file: PathBuf, message: String },
     #[error("{file}: {source}")]
-    Io { file: PathBuf, source: std::io::Error },
+    Io {
+        file: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// A linear layer `y = x Wᵀ (+ b)`.
@@ -107,7 +123,11 @@ trait TensorSource {
 
 impl ModelWeights {
     /// Loads weights from a parsed GGUF file.
-    pub fn from_gguf(file: &GgufFile, cfg: &ModelConfig, opts: LoadOptions) -> Result<Self, WeightsError> {
+    pub fn from_gguf(
+        file: &GgufFile,
+        cfg: &ModelConfig,
+        opts: LoadOptions,
+    ) -> Result<Self, WeightsError> {
         let src = GgufSource { file };
         let mut w = Self::load(&src, cfg, opts)?;
         if let Some(t) = src.get("rope_freqs") {
@@ -120,7 +140,11 @@ impl ModelWeights {
     }
 
     /// Loads weights from one or more `*.safetensors` files of a Hugging Face directory.
-    pub fn from_safetensors(files: &[PathBuf], cfg: &ModelConfig, opts: LoadOptions) -> Result<Self, WeightsError> {
+    pub fn from_safetensors(
+        files: &[PathBuf],
+        cfg: &ModelConfig,
+        opts: LoadOptions,
+    ) -> Result<Self, WeightsError> {
         let src = SafetensorsSource::open(files)?;
         Self::load(&src, cfg, opts)
     }
@@ -134,15 +158,24 @@ impl ModelWeights {
         let layers: usize = self
             .layers
             .iter()
-            .map(|l| fused(&l.qkv) + fused(&l.gate_up) + l.o.weight.size_in_bytes() + l.down.weight.size_in_bytes())
+            .map(|l| {
+                fused(&l.qkv)
+                    + fused(&l.gate_up)
+                    + l.o.weight.size_in_bytes()
+                    + l.down.weight.size_in_bytes()
+            })
             .sum();
         layers + self.embed.size_in_bytes() + self.lm_head.size_in_bytes()
     }
 
-    fn load(src: &dyn TensorSource, cfg: &ModelConfig, opts: LoadOptions) -> Result<Self, WeightsError> {
+    fn load(
+        src: &dyn TensorSource,
+        cfg: &ModelConfig,
+        opts: LoadOptions,
+    ) -> Result<Self, WeightsError> {
         let h = cfg.hidden_size;
         let embed = matrix(src, "model.embed_tokens", cfg.vocab_size, h, opts, None)?;
-        let lm_head = if cfg.tie_word_embeddings || src.get("lm_head").is_none() {
+        let lm_head = if cfg.tie_word_embeddings || src.get("lm_head.weight").is_none() {
             embed.clone()
         } else {
             matrix(src, "lm_head", cfg.vocab_size, h, opts, None)?
@@ -160,9 +193,23 @@ impl ModelWeights {
             let k = linear(src, &p("self_attn.k_proj"), cfg.kv_dim(), h, opts, k_perm)?;
             let v = linear(src, &p("self_attn.v_proj"), cfg.kv_dim(), h, opts, None)?;
             let o = linear(src, &p("self_attn.o_proj"), h, cfg.q_dim(), opts, None)?;
-            let gate = linear(src, &p("mlp.gate_proj"), cfg.intermediate_size, h, opts, None)?;
+            let gate = linear(
+                src,
+                &p("mlp.gate_proj"),
+                cfg.intermediate_size,
+                h,
+                opts,
+                None,
+            )?;
             let up = linear(src, &p("mlp.up_proj"), cfg.intermediate_size, h, opts, None)?;
-            let down = linear(src, &p("mlp.down_proj"), h, cfg.intermediate_size, opts, None)?;
+            let down = linear(
+                src,
+                &p("mlp.down_proj"),
+                h,
+                cfg.intermediate_size,
+                opts,
+                None,
+            )?;
             layers.push(LayerWeights {
                 attn_norm: vector(src, &p("input_layernorm"), h)?,
                 qkv: fuse(src, &p("self_attn.qkv"), vec![q, k, v])?,
@@ -172,17 +219,32 @@ impl ModelWeights {
                 down,
             });
         }
-        Ok(ModelWeights { embed, layers, norm, lm_head, rope_freq_factors: None })
+        Ok(ModelWeights {
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope_freq_factors: None,
+        })
     }
 }
 
 fn fetch(src: &dyn TensorSource, name: &str) -> Result<RawTensor, WeightsError> {
     src.get(name).unwrap_or_else(|| {
-        Err(WeightsError::Missing { file: src.file().to_path_buf(), name: src.source_name(name) })
+        Err(WeightsError::Missing {
+            file: src.file().to_path_buf(),
+            name: src.source_name(name),
+        })
     })
 }
 
-fn check_shape(src: &dyn TensorSource, name: &str, t: &RawTensor, rows: usize, cols: usize) -> Result<(), WeightsError> {
+fn check_shape(
+    src: &dyn TensorSource,
+    name: &str,
+    t: &RawTensor,
+    rows: usize,
+    cols: usize,
+) -> Result<(), WeightsError> {
     if t.rows != rows || t.cols != cols {
         return Err(WeightsError::Shape {
             file: src.file().to_path_buf(),
@@ -197,10 +259,19 @@ fn check_shape(src: &dyn TensorSource, name: &str, t: &RawTensor, rows: usize, c
 fn quant_err(src: &dyn TensorSource, name: &str) -> impl Fn(QuantError) -> WeightsError {
     let file = src.file().to_path_buf();
     let name = src.source_name(name);
-    move |source| WeightsError::Quant { file: file.clone(), name: name.clone(), source }
+    move |source| WeightsError::Quant {
+        file: file.clone(),
+        name: name.clone(),
+        source,
+    }
 }
 
-fn to_f32(src: &dyn TensorSource, name: &str, t: &RawTensor, out: &mut [f32]) -> Result<(), WeightsError> {
+fn to_f32(
+    src: &dyn TensorSource,
+    name: &str,
+    t: &RawTensor,
+    out: &mut [f32],
+) -> Result<(), WeightsError> {
     crate::quant::dequantize(t.dtype, &t.bytes, out).map_err(quant_err(src, name))
 }
 
@@ -247,7 +318,10 @@ fn matrix(
     let row_bytes = t.dtype.row_bytes(cols).ok_or_else(|| WeightsError::Type {
         file: src.file().to_path_buf(),
         name: src.source_name(&wname),
-        dtype: format!("{} with {cols} columns (not a whole number of blocks)", t.dtype.name()),
+        dtype: format!(
+            "{} with {cols} columns (not a whole number of blocks)",
+            t.dtype.name()
+        ),
     })?;
     let bytes = match unpermute_heads {
         Some(heads) if heads > 0 && rows % (2 * heads) == 0 => {
@@ -283,7 +357,10 @@ fn linear(
             if let Some(heads) = unpermute_heads {
                 let bytes: Vec<u8> = b.iter().flat_map(|x| x.to_le_bytes()).collect();
                 let un = unpermute_rows(&bytes, 4, heads, rows);
-                b = un.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                b = un
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
             }
             Some(b)
         }
@@ -296,7 +373,10 @@ fn linear(
 fn fuse(src: &dyn TensorSource, name: &str, parts: Vec<Linear>) -> Result<Fused, WeightsError> {
     let dtype = parts[0].weight.dtype();
     let cols = parts[0].weight.cols();
-    if !parts.iter().all(|p| p.weight.dtype() == dtype && p.weight.cols() == cols) {
+    if !parts
+        .iter()
+        .all(|p| p.weight.dtype() == dtype && p.weight.cols() == cols)
+    {
         return Ok(Fused::Split(parts));
     }
     let rows: usize = parts.iter().map(|p| p.weight.rows()).sum();
@@ -340,8 +420,12 @@ impl GgufSource<'_> {
             "lm_head" => "output".to_string(),
             "rope_freqs" => "rope_freqs".to_string(),
             _ => {
-                let Some(rest) = stem.strip_prefix("model.layers.") else { return name.to_string() };
-                let Some((idx, part)) = rest.split_once('.') else { return name.to_string() };
+                let Some(rest) = stem.strip_prefix("model.layers.") else {
+                    return name.to_string();
+                };
+                let Some((idx, part)) = rest.split_once('.') else {
+                    return name.to_string();
+                };
                 let part = match part {
                     "self_attn.q_proj" => "attn_q",
                     "self_attn.k_proj" => "attn_k",
@@ -378,8 +462,17 @@ impl GgufSource<'_> {
                 })
             }
         };
-        let bytes = WeightBytes::Mapped { map: self.file.mapping().clone(), offset: info.offset, len: info.len };
-        Ok(RawTensor { dtype, rows, cols, bytes })
+        let bytes = WeightBytes::Mapped {
+            map: self.file.mapping().clone(),
+            offset: info.offset,
+            len: info.len,
+        };
+        Ok(RawTensor {
+            dtype,
+            rows,
+            cols,
+            bytes,
+        })
     }
 }
 
@@ -416,13 +509,18 @@ impl SafetensorsSource {
         let mut maps = Vec::new();
         let mut index = HashMap::new();
         for (fi, path) in files.iter().enumerate() {
-            let io = |source| WeightsError::Io { file: path.clone(), source };
+            let io = |source| WeightsError::Io {
+                file: path.clone(),
+                source,
+            };
             let f = std::fs::File::open(path).map_err(io)?;
             // SAFETY: read-only private mapping of a weights file treated as immutable.
             let map = Arc::new(unsafe { memmap2::Mmap::map(&f) }.map_err(io)?);
-            let st = safetensors::SafeTensors::deserialize(&map).map_err(|e| WeightsError::Safetensors {
-                file: path.clone(),
-                message: e.to_string(),
+            let st = safetensors::SafeTensors::deserialize(&map).map_err(|e| {
+                WeightsError::Safetensors {
+                    file: path.clone(),
+                    message: e.to_string(),
+                }
             })?;
             for (name, view) in st.tensors() {
                 let dtype = match view.dtype() {
@@ -430,11 +528,18 @@ impl SafetensorsSource {
                     safetensors::Dtype::F16 => GgmlDType::F16,
                     safetensors::Dtype::BF16 => GgmlDType::BF16,
                     other => {
-                        return Err(WeightsError::Type { file: path.clone(), name, dtype: format!("{other:?}") })
+                        return Err(WeightsError::Type {
+                            file: path.clone(),
+                            name,
+                            dtype: format!("{other:?}"),
+                        })
                     }
                 };
                 let offset = view.data().as_ptr() as usize - map.as_ptr() as usize;
-                index.insert(name, (fi, dtype, view.shape().to_vec(), offset, view.data().len()));
+                index.insert(
+                    name,
+                    (fi, dtype, view.shape().to_vec(), offset, view.data().len()),
+                );
             }
             maps.push((path.clone(), map));
         }
@@ -462,8 +567,17 @@ impl TensorSource for SafetensorsSource {
                 }))
             }
         };
-        let bytes = WeightBytes::Mapped { map: map.clone(), offset: *offset, len: *len };
-        Some(Ok(RawTensor { dtype: *dtype, rows, cols, bytes }))
+        let bytes = WeightBytes::Mapped {
+            map: map.clone(),
+            offset: *offset,
+            len: *len,
+        };
+        Some(Ok(RawTensor {
+            dtype: *dtype,
+            rows,
+            cols,
+            bytes,
+        }))
     }
 
     fn source_name(&self, name: &str) -> String {
@@ -495,9 +609,18 @@ mod tests {
 
     #[test]
     fn maps_hf_names_to_gguf_names() {
-        assert_eq!(GgufSource::gguf_name("model.layers.3.self_attn.q_proj.weight"), "blk.3.attn_q.weight");
-        assert_eq!(GgufSource::gguf_name("model.layers.0.self_attn.k_proj.bias"), "blk.0.attn_k.bias");
-        assert_eq!(GgufSource::gguf_name("model.embed_tokens.weight"), "token_embd.weight");
+        assert_eq!(
+            GgufSource::gguf_name("model.layers.3.self_attn.q_proj.weight"),
+            "blk.3.attn_q.weight"
+        );
+        assert_eq!(
+            GgufSource::gguf_name("model.layers.0.self_attn.k_proj.bias"),
+            "blk.0.attn_k.bias"
+        );
+        assert_eq!(
+            GgufSource::gguf_name("model.embed_tokens.weight"),
+            "token_embd.weight"
+        );
         assert_eq!(GgufSource::gguf_name("lm_head.weight"), "output.weight");
         assert_eq!(GgufSource::gguf_name("rope_freqs"), "rope_freqs.weight");
     }
