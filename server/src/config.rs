@@ -12,9 +12,15 @@ pub const EMBEDDED_DEFAULT: &str = include_str!("../../config.toml");
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{origin}: {source}")]
-    Parse { origin: String, source: toml::de::Error },
+    Parse {
+        origin: String,
+        source: toml::de::Error,
+    },
     #[error("{origin}: {message}")]
     Invalid { origin: String, message: String },
 }
@@ -29,6 +35,53 @@ pub struct ServerSection {
     pub port: u16,
     /// Adapter store and feedback database root.
     pub data_dir: PathBuf,
+    /// Seconds a shutdown drain waits for running requests.
+    #[serde(default = "default_drain_timeout_secs")]
+    pub drain_timeout_secs: u64,
+}
+
+fn default_drain_timeout_secs() -> u64 {
+    30
+}
+
+/// `[limits]`: what one request may ask for and how much the scheduler holds at once.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Largest request body (413 above).
+    pub max_body_bytes: usize,
+    /// Largest and default `max_tokens`.
+    pub max_tokens: usize,
+    /// Largest prompt in tokens.
+    pub max_prompt_tokens: usize,
+    /// Largest `n`.
+    pub max_n: usize,
+    /// Sequences decoded together.
+    pub max_batch_size: usize,
+    /// Requests waiting for a slot before 429.
+    pub max_queue: usize,
+    /// Tokens per scheduler step (decode + prefill).
+    pub step_token_budget: usize,
+    /// Prompt tokens per prefill chunk.
+    pub prefill_chunk: usize,
+    /// `Retry-After` seconds on 429.
+    pub retry_after_secs: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            max_body_bytes: 4 << 20,
+            max_tokens: 2048,
+            max_prompt_tokens: 8192,
+            max_n: 8,
+            max_batch_size: 32,
+            max_queue: 64,
+            step_token_budget: 256,
+            prefill_chunk: 128,
+            retry_after_secs: 1,
+        }
+    }
 }
 
 /// `[model]`
@@ -78,13 +131,18 @@ pub struct Config {
     pub tenants: Vec<TenantSection>,
     /// `[admin]`
     pub admin: AdminSection,
+    /// `[limits]`
+    #[serde(default)]
+    pub limits: LimitsSection,
 }
 
 impl Config {
     /// Parses and validates TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let cfg: Config =
-            toml::from_str(text).map_err(|source| ConfigError::Parse { origin: origin.to_string(), source })?;
+        let cfg: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            origin: origin.to_string(),
+            source,
+        })?;
         cfg.validate(origin)?;
         Ok(cfg)
     }
@@ -94,15 +152,22 @@ impl Config {
         match path {
             None => Self::parse(EMBEDDED_DEFAULT, "embedded config.toml"),
             Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })?;
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
                 Self::parse(&text, &p.display().to_string())
             }
         }
     }
 
     fn validate(&self, origin: &str) -> Result<(), ConfigError> {
-        let invalid = |message: String| Err(ConfigError::Invalid { origin: origin.to_string(), message });
+        let invalid = |message: String| {
+            Err(ConfigError::Invalid {
+                origin: origin.to_string(),
+                message,
+            })
+        };
         if self.model.id.trim().is_empty() {
             return invalid("model.id must not be empty".into());
         }
@@ -114,7 +179,10 @@ impl Config {
             }
             for k in &t.api_keys {
                 if k.is_empty() || !seen_keys.insert(k.as_str()) {
-                    return invalid(format!("tenant `{}` has an empty or repeated API key", t.id));
+                    return invalid(format!(
+                        "tenant `{}` has an empty or repeated API key",
+                        t.id
+                    ));
                 }
             }
         }
@@ -122,6 +190,23 @@ impl Config {
             if k.is_empty() || !seen_keys.insert(k.as_str()) {
                 return invalid("admin has an empty API key or one shared with a tenant".into());
             }
+        }
+        let l = &self.limits;
+        for (name, v) in [
+            ("max_body_bytes", l.max_body_bytes),
+            ("max_tokens", l.max_tokens),
+            ("max_prompt_tokens", l.max_prompt_tokens),
+            ("max_n", l.max_n),
+            ("max_batch_size", l.max_batch_size),
+            ("step_token_budget", l.step_token_budget),
+            ("prefill_chunk", l.prefill_chunk),
+        ] {
+            if v == 0 {
+                return invalid(format!("limits.{name} must be at least 1"));
+            }
+        }
+        if l.max_n > l.max_batch_size {
+            return invalid("limits.max_n must not exceed limits.max_batch_size".into());
         }
         Ok(())
     }
@@ -140,15 +225,37 @@ mod tests {
     }
 
     #[test]
+    fn embedded_default_documents_limits() {
+        let cfg = Config::load(None).expect("embedded config");
+        assert_eq!(cfg.limits.max_body_bytes, 4 << 20);
+        assert_eq!(cfg.limits.max_n, 8);
+        assert_eq!(cfg.server.drain_timeout_secs, 30);
+    }
+
+    #[test]
+    fn refuses_zero_batch_size() {
+        let text = EMBEDDED_DEFAULT.replace("max_batch_size = 32", "max_batch_size = 0");
+        let err = Config::parse(&text, "t")
+            .expect_err("zero must fail")
+            .to_string();
+        assert!(err.contains("max_batch_size"), "{err}");
+    }
+
+    #[test]
     fn refuses_unknown_keys() {
         let text = EMBEDDED_DEFAULT.replace("dequantize = false", "dequantise = false");
-        let err = Config::parse(&text, "t").expect_err("typo must fail").to_string();
+        let err = Config::parse(&text, "t")
+            .expect_err("typo must fail")
+            .to_string();
         assert!(err.contains("dequantise"), "{err}");
     }
 
     #[test]
     fn refuses_a_key_shared_by_two_tenants() {
         let text = EMBEDDED_DEFAULT.replace("sk-globex-demo", "sk-acme-demo");
-        assert!(matches!(Config::parse(&text, "t"), Err(ConfigError::Invalid { .. })));
+        assert!(matches!(
+            Config::parse(&text, "t"),
+            Err(ConfigError::Invalid { .. })
+        ));
     }
 }
