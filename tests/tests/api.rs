@@ -4,8 +4,8 @@
 
 use async_openai::config::OpenAIConfig;
 use async_openai::types::{
-    ChatCompletionRequestUserMessageArgs, ChatCompletionStreamOptions, CreateChatCompletionRequestArgs,
-    CreateCompletionRequestArgs, Role,
+    ChatCompletionRequestUserMessageArgs, ChatCompletionStreamOptions,
+    CreateChatCompletionRequestArgs, CreateCompletionRequestArgs, Role,
 };
 use async_openai::Client;
 use futures_util::StreamExt;
@@ -13,7 +13,11 @@ use prefix_rft_e2e::{shared, ACME_KEY, ADMIN_KEY, GLOBEX_KEY, MODEL};
 use serde_json::{json, Value};
 
 fn client() -> Client<OpenAIConfig> {
-    Client::with_config(OpenAIConfig::new().with_api_base(shared().v1()).with_api_key(ACME_KEY))
+    Client::with_config(
+        OpenAIConfig::new()
+            .with_api_base(shared().v1())
+            .with_api_key(ACME_KEY),
+    )
 }
 
 struct Reply {
@@ -34,7 +38,11 @@ impl Reply {
         assert_eq!(e["type"], kind, "{}", self.text);
         assert_eq!(e["param"].as_str(), param, "{}", self.text);
         assert_eq!(e["code"].as_str(), code, "{}", self.text);
-        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{}", self.text);
+        assert!(
+            e["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{}",
+            self.text
+        );
     }
 }
 
@@ -50,7 +58,11 @@ async fn post_raw(path: &str, key: Option<&str>, body: impl Into<reqwest::Body>)
     let status = r.status().as_u16();
     let headers = r.headers().clone();
     let text = r.text().await.expect("body");
-    Reply { status, headers, text }
+    Reply {
+        status,
+        headers,
+        text,
+    }
 }
 
 async fn post(path: &str, body: Value) -> Reply {
@@ -65,7 +77,11 @@ async fn get(path: &str, key: Option<&str>) -> Reply {
     let r = req.send().await.expect("request");
     let status = r.status().as_u16();
     let headers = r.headers().clone();
-    Reply { status, headers, text: r.text().await.expect("body") }
+    Reply {
+        status,
+        headers,
+        text: r.text().await.expect("body"),
+    }
 }
 
 fn chat_body(content: &str, max_tokens: u32) -> Value {
@@ -76,7 +92,10 @@ fn chat_body(content: &str, max_tokens: u32) -> Value {
 async fn greedy_chat(content: &str, max_tokens: u32) -> String {
     let r = post("/v1/chat/completions", chat_body(content, max_tokens)).await;
     assert_eq!(r.status, 200, "{}", r.text);
-    r.json()["choices"][0]["message"]["content"].as_str().expect("content").to_string()
+    r.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content")
+        .to_string()
 }
 
 #[tokio::test]
@@ -101,12 +120,26 @@ async fn chat_completion_returns_text_usage_and_base_version() {
     assert!(!text.is_empty());
     let usage = resp.usage.expect("usage");
     assert!(usage.prompt_tokens > 5, "{usage:?}");
-    assert!(usage.completion_tokens >= 1 && usage.completion_tokens <= 8, "{usage:?}");
-    assert_eq!(usage.total_tokens, usage.prompt_tokens + usage.completion_tokens);
+    assert!(
+        usage.completion_tokens >= 1 && usage.completion_tokens <= 8,
+        "{usage:?}"
+    );
+    assert_eq!(
+        usage.total_tokens,
+        usage.prompt_tokens + usage.completion_tokens
+    );
 
-    let raw = post("/v1/chat/completions", chat_body("What is the capital of France?", 8)).await;
+    let raw = post(
+        "/v1/chat/completions",
+        chat_body("What is the capital of France?", 8),
+    )
+    .await;
     assert_eq!(raw.headers["x-adapter-version"], "base");
-    assert_eq!(raw.json()["choices"][0]["message"]["content"], text, "greedy output is deterministic");
+    assert_eq!(
+        raw.json()["choices"][0]["message"]["content"],
+        text,
+        "greedy output is deterministic"
+    );
 }
 
 #[tokio::test]
@@ -115,11 +148,17 @@ async fn chat_stream_sends_role_first_then_the_same_text_and_usage_last() {
     let expected = greedy_chat(prompt, 10).await;
     let req = CreateChatCompletionRequestArgs::default()
         .model(MODEL)
-        .messages([ChatCompletionRequestUserMessageArgs::default().content(prompt).build().expect("message").into()])
+        .messages([ChatCompletionRequestUserMessageArgs::default()
+            .content(prompt)
+            .build()
+            .expect("message")
+            .into()])
         .max_tokens(10u32)
         .temperature(0.0)
         .stream(true)
-        .stream_options(ChatCompletionStreamOptions { include_usage: true })
+        .stream_options(ChatCompletionStreamOptions {
+            include_usage: true,
+        })
         .build()
         .expect("request");
     let mut stream = client().chat().create_stream(req).await.expect("stream");
@@ -129,21 +168,32 @@ async fn chat_stream_sends_role_first_then_the_same_text_and_usage_last() {
     }
     assert!(chunks.len() >= 3, "{chunks:?}");
     assert_eq!(chunks[0].choices[0].delta.role, Some(Role::Assistant));
-    let text: String =
-        chunks.iter().flat_map(|c| c.choices.iter()).filter_map(|c| c.delta.content.clone()).collect();
+    let text: String = chunks
+        .iter()
+        .flat_map(|c| c.choices.iter())
+        .filter_map(|c| c.delta.content.clone())
+        .collect();
     assert_eq!(text, expected);
     let last = chunks.last().expect("last");
     assert!(last.choices.is_empty(), "usage chunk has no choices");
     let usage = last.usage.clone().expect("usage in the last chunk");
     assert!(usage.completion_tokens >= 1 && usage.completion_tokens <= 10);
-    let finishes: Vec<_> = chunks.iter().flat_map(|c| c.choices.iter()).filter_map(|c| c.finish_reason).collect();
+    let finishes: Vec<_> = chunks
+        .iter()
+        .flat_map(|c| c.choices.iter())
+        .filter_map(|c| c.finish_reason)
+        .collect();
     assert_eq!(finishes.len(), 1, "one finish_reason per choice");
 }
 
 #[tokio::test]
 async fn completion_echo_with_max_tokens_zero_scores_the_prompt() {
     let prompt = "The capital of France is Paris.";
-    let r = post("/v1/completions", json!({"model": MODEL, "prompt": prompt, "max_tokens": 0, "echo": true, "logprobs": 1})).await;
+    let r = post(
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": prompt, "max_tokens": 0, "echo": true, "logprobs": 1}),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text);
     let v = r.json();
     assert!(v["id"].as_str().is_some_and(|id| id.starts_with("cmpl-")));
@@ -154,7 +204,13 @@ async fn completion_echo_with_max_tokens_zero_scores_the_prompt() {
     let n_prompt = v["usage"]["prompt_tokens"].as_u64().expect("usage") as usize;
     assert_eq!(tokens.len(), n_prompt);
     assert_eq!(v["usage"]["completion_tokens"], 0);
-    assert_eq!(tokens.iter().map(|t| t.as_str().unwrap_or("")).collect::<String>(), prompt);
+    assert_eq!(
+        tokens
+            .iter()
+            .map(|t| t.as_str().unwrap_or(""))
+            .collect::<String>(),
+        prompt
+    );
     assert!(lp["token_logprobs"][0].is_null());
     assert!(lp["top_logprobs"][0].is_null());
     for i in 1..n_prompt {
@@ -162,7 +218,12 @@ async fn completion_echo_with_max_tokens_zero_scores_the_prompt() {
         assert!(x.is_finite() && x <= 0.0, "{x}");
         assert_eq!(lp["top_logprobs"][i].as_object().expect("top").len(), 1);
     }
-    let offsets: Vec<u64> = lp["text_offset"].as_array().expect("offsets").iter().filter_map(Value::as_u64).collect();
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .expect("offsets")
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
     assert_eq!(offsets[0], 0);
     assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{offsets:?}");
 }
@@ -177,16 +238,29 @@ async fn completion_with_the_rust_client_and_logprobs() {
         .logprobs(2u8)
         .build()
         .expect("request");
-    let resp = client().completions().create(req).await.expect("completion");
+    let resp = client()
+        .completions()
+        .create(req)
+        .await
+        .expect("completion");
     assert_eq!(resp.choices.len(), 1);
     let lp = resp.choices[0].logprobs.clone().expect("logprobs");
-    assert_eq!(lp.tokens.len(), resp.usage.expect("usage").completion_tokens as usize);
+    assert_eq!(
+        lp.tokens.len(),
+        resp.usage.expect("usage").completion_tokens as usize
+    );
     assert_eq!(lp.tokens.concat(), resp.choices[0].text);
     for (chosen, top) in lp.token_logprobs.iter().zip(&lp.top_logprobs) {
         let top = top.as_object().expect("top");
-        let best = top.values().filter_map(Value::as_f64).fold(f64::NEG_INFINITY, f64::max) as f32;
+        let best = top
+            .values()
+            .filter_map(Value::as_f64)
+            .fold(f64::NEG_INFINITY, f64::max) as f32;
         assert_eq!(top.len(), 2);
-        assert!((chosen.expect("logprob") - best).abs() < 1e-5, "greedy picks the most likely token");
+        assert!(
+            (chosen.expect("logprob") - best).abs() < 1e-5,
+            "greedy picks the most likely token"
+        );
     }
 }
 
@@ -198,12 +272,20 @@ async fn chat_logprobs_report_top_alternatives() {
     let r = post("/v1/chat/completions", body).await;
     assert_eq!(r.status, 200, "{}", r.text);
     let v = r.json();
-    let content = v["choices"][0]["logprobs"]["content"].as_array().expect("content");
-    assert_eq!(content.len() as u64, v["usage"]["completion_tokens"].as_u64().expect("usage"));
+    let content = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("content");
+    assert_eq!(
+        content.len() as u64,
+        v["usage"]["completion_tokens"].as_u64().expect("usage")
+    );
     for t in content {
         let top = t["top_logprobs"].as_array().expect("top");
         assert_eq!(top.len(), 3);
-        assert_eq!(t["logprob"], top[0]["logprob"], "greedy token is the top one");
+        assert_eq!(
+            t["logprob"], top[0]["logprob"],
+            "greedy token is the top one"
+        );
         assert!(t["bytes"].is_array());
     }
 }
@@ -230,7 +312,12 @@ async fn stop_string_ends_the_text_before_it() {
     let prompt = "Count from one to ten in words.";
     let full = greedy_chat(prompt, 16).await;
     // Stop at the third word boundary of the greedy answer.
-    let cut = full.char_indices().filter(|&(_, c)| c == ' ').nth(2).map(|(i, _)| i).unwrap_or(full.len() / 2);
+    let cut = full
+        .char_indices()
+        .filter(|&(_, c)| c == ' ')
+        .nth(2)
+        .map(|(i, _)| i)
+        .unwrap_or(full.len() / 2);
     let stop: String = full[cut..].chars().take(3).collect();
     assert!(!stop.is_empty(), "greedy answer too short: {full:?}");
     let expected = &full[..full.find(&stop).expect("stop occurs")];
@@ -254,7 +341,9 @@ async fn seed_reproduces_sampled_output() {
 
 #[tokio::test]
 async fn eight_concurrent_greedy_requests_match_solo_runs() {
-    let prompts: Vec<String> = (0..8).map(|i| format!("Write one sentence about the number {i}.")).collect();
+    let prompts: Vec<String> = (0..8)
+        .map(|i| format!("Write one sentence about the number {i}."))
+        .collect();
     let mut solo = Vec::new();
     for p in &prompts {
         solo.push(greedy_chat(p, 12).await);
@@ -270,8 +359,17 @@ async fn models_list_has_the_base_model() {
     assert_eq!(list.data[0].id, MODEL);
     let raw = get("/v1/models", Some(GLOBEX_KEY)).await;
     assert_eq!(raw.status, 200);
-    let ids: Vec<Value> = raw.json()["data"].as_array().expect("data").iter().map(|m| m["id"].clone()).collect();
-    assert_eq!(ids, vec![json!(MODEL)], "no adapters yet, and none of another tenant");
+    let ids: Vec<Value> = raw.json()["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|m| m["id"].clone())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![json!(MODEL)],
+        "no adapters yet, and none of another tenant"
+    );
 }
 
 #[tokio::test]
@@ -280,7 +378,12 @@ async fn tenant_cannot_select_another_tenants_adapter() {
     for model in ["globex-support", "globex-support@1"] {
         let mut body = chat_body("hi", 1);
         body["model"] = json!(model);
-        post("/v1/chat/completions", body).await.assert_error(404, "invalid_request_error", Some("model"), Some("model_not_found"));
+        post("/v1/chat/completions", body).await.assert_error(
+            404,
+            "invalid_request_error",
+            Some("model"),
+            Some("model_not_found"),
+        );
     }
 }
 
@@ -289,14 +392,23 @@ async fn missing_key_is_401() {
     post_raw("/v1/chat/completions", None, chat_body("hi", 1).to_string())
         .await
         .assert_error(401, "authentication_error", None, Some("invalid_api_key"));
-    get("/v1/models", None).await.assert_error(401, "authentication_error", None, Some("invalid_api_key"));
+    get("/v1/models", None).await.assert_error(
+        401,
+        "authentication_error",
+        None,
+        Some("invalid_api_key"),
+    );
 }
 
 #[tokio::test]
 async fn wrong_key_is_401() {
-    post_raw("/v1/chat/completions", Some("sk-wrong"), chat_body("hi", 1).to_string())
-        .await
-        .assert_error(401, "authentication_error", None, Some("invalid_api_key"));
+    post_raw(
+        "/v1/chat/completions",
+        Some("sk-wrong"),
+        chat_body("hi", 1).to_string(),
+    )
+    .await
+    .assert_error(401, "authentication_error", None, Some("invalid_api_key"));
 }
 
 #[tokio::test]
@@ -315,7 +427,12 @@ async fn admin_key_acts_on_a_tenant_with_x_tenant() {
 async fn unknown_model_is_404_model_not_found() {
     let mut body = chat_body("hi", 1);
     body["model"] = json!("gpt-4");
-    post("/v1/chat/completions", body).await.assert_error(404, "invalid_request_error", Some("model"), Some("model_not_found"));
+    post("/v1/chat/completions", body).await.assert_error(
+        404,
+        "invalid_request_error",
+        Some("model"),
+        Some("model_not_found"),
+    );
 }
 
 #[tokio::test]
@@ -325,10 +442,30 @@ async fn prompt_over_the_context_is_400_before_any_byte() {
         let mut body = chat_body(&long, 4);
         body["stream"] = json!(stream);
         let r = post("/v1/chat/completions", body).await;
-        assert!(r.headers["content-type"].to_str().unwrap_or("").starts_with("application/json"), "stream={stream}");
-        r.assert_error(400, "invalid_request_error", Some("messages"), Some("context_length_exceeded"));
-        let c = post("/v1/completions", json!({"model": MODEL, "prompt": long, "max_tokens": 4, "stream": stream})).await;
-        c.assert_error(400, "invalid_request_error", Some("prompt"), Some("context_length_exceeded"));
+        assert!(
+            r.headers["content-type"]
+                .to_str()
+                .unwrap_or("")
+                .starts_with("application/json"),
+            "stream={stream}"
+        );
+        r.assert_error(
+            400,
+            "invalid_request_error",
+            Some("messages"),
+            Some("context_length_exceeded"),
+        );
+        let c = post(
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": long, "max_tokens": 4, "stream": stream}),
+        )
+        .await;
+        c.assert_error(
+            400,
+            "invalid_request_error",
+            Some("prompt"),
+            Some("context_length_exceeded"),
+        );
     }
 }
 
@@ -341,32 +478,57 @@ async fn malformed_json_is_400() {
 
 #[tokio::test]
 async fn empty_messages_is_400() {
-    post("/v1/chat/completions", json!({"model": MODEL, "messages": []}))
-        .await
-        .assert_error(400, "invalid_request_error", Some("messages"), None);
+    post(
+        "/v1/chat/completions",
+        json!({"model": MODEL, "messages": []}),
+    )
+    .await
+    .assert_error(400, "invalid_request_error", Some("messages"), None);
 }
 
 #[tokio::test]
 async fn wrong_field_types_are_400_naming_the_field() {
     let mut body = chat_body("hi", 1);
     body["temperature"] = json!("warm");
-    post("/v1/chat/completions", body).await.assert_error(400, "invalid_request_error", Some("temperature"), None);
-    post("/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": 5}]}))
-        .await
-        .assert_error(400, "invalid_request_error", Some("messages[0].content"), None);
-    post("/v1/completions", json!({"model": MODEL, "prompt": "x", "max_tokens": "many"}))
-        .await
-        .assert_error(400, "invalid_request_error", Some("max_tokens"), None);
+    post("/v1/chat/completions", body).await.assert_error(
+        400,
+        "invalid_request_error",
+        Some("temperature"),
+        None,
+    );
+    post(
+        "/v1/chat/completions",
+        json!({"model": MODEL, "messages": [{"role": "user", "content": 5}]}),
+    )
+    .await
+    .assert_error(
+        400,
+        "invalid_request_error",
+        Some("messages[0].content"),
+        None,
+    );
+    post(
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": "x", "max_tokens": "many"}),
+    )
+    .await
+    .assert_error(400, "invalid_request_error", Some("max_tokens"), None);
 }
 
 #[tokio::test]
 async fn negative_max_tokens_is_400() {
-    post("/v1/chat/completions", chat_body_with("max_tokens", json!(-1)))
-        .await
-        .assert_error(400, "invalid_request_error", Some("max_tokens"), None);
-    post("/v1/completions", json!({"model": MODEL, "prompt": "x", "max_tokens": -5}))
-        .await
-        .assert_error(400, "invalid_request_error", Some("max_tokens"), None);
+    post(
+        "/v1/chat/completions",
+        chat_body_with("max_tokens", json!(-1)),
+    )
+    .await
+    .assert_error(400, "invalid_request_error", Some("max_tokens"), None);
+    post(
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": "x", "max_tokens": -5}),
+    )
+    .await
+    .assert_error(400, "invalid_request_error", Some("max_tokens"), None);
 }
 
 fn chat_body_with(field: &str, value: Value) -> Value {
@@ -377,14 +539,19 @@ fn chat_body_with(field: &str, value: Value) -> Value {
 
 #[tokio::test]
 async fn n_zero_is_400() {
-    post("/v1/chat/completions", chat_body_with("n", json!(0))).await.assert_error(400, "invalid_request_error", Some("n"), None);
+    post("/v1/chat/completions", chat_body_with("n", json!(0)))
+        .await
+        .assert_error(400, "invalid_request_error", Some("n"), None);
 }
 
 #[tokio::test]
 async fn temperature_out_of_range_is_400() {
-    post("/v1/chat/completions", chat_body_with("temperature", json!(2.5)))
-        .await
-        .assert_error(400, "invalid_request_error", Some("temperature"), None);
+    post(
+        "/v1/chat/completions",
+        chat_body_with("temperature", json!(2.5)),
+    )
+    .await
+    .assert_error(400, "invalid_request_error", Some("temperature"), None);
     post("/v1/chat/completions", chat_body_with("top_p", json!(0)))
         .await
         .assert_error(400, "invalid_request_error", Some("top_p"), None);
@@ -396,7 +563,12 @@ async fn body_over_the_limit_is_413() {
     let body = json!({"model": MODEL, "prompt": big, "max_tokens": 1}).to_string();
     post_raw("/v1/completions", Some(ACME_KEY), body)
         .await
-        .assert_error(413, "invalid_request_error", None, Some("request_too_large"));
+        .assert_error(
+            413,
+            "invalid_request_error",
+            None,
+            Some("request_too_large"),
+        );
 }
 
 #[tokio::test]
@@ -433,7 +605,12 @@ async fn health_ready_and_metrics_need_no_key() {
     {
         Ok(mut child) => {
             use std::io::Write;
-            child.stdin.take().expect("stdin").write_all(m.text.as_bytes()).expect("write");
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(m.text.as_bytes())
+                .expect("write");
             let out = child.wait_with_output().expect("promtool");
             assert!(
                 out.status.success(),
@@ -449,7 +626,15 @@ async fn health_ready_and_metrics_need_no_key() {
 #[tokio::test]
 async fn openapi_describes_every_route() {
     let doc = get("/openapi.json", None).await.json();
-    for path in ["/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/ready", "/metrics", "/openapi.json"] {
+    for path in [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models",
+        "/health",
+        "/ready",
+        "/metrics",
+        "/openapi.json",
+    ] {
         assert!(doc["paths"][path].is_object(), "missing {path}");
     }
 }

@@ -66,7 +66,11 @@ async fn full_queue_is_429_with_retry_after() {
         if r.status() == 200 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "slot never freed: {}", r.status());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slot never freed: {}",
+            r.status()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -75,10 +79,15 @@ async fn full_queue_is_429_with_retry_after() {
 async fn sigterm_drains_running_requests_then_exits_zero() {
     let mut server = Server::start(Some(&one_slot_config()));
     let running = start_stream(&server, 64).await;
-    let status = std::process::Command::new("kill").args(["-TERM", &server.pid().to_string()]).status().expect("kill");
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &server.pid().to_string()])
+        .status()
+        .expect("kill");
     assert!(status.success());
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let ready = reqwest::get(format!("{}/ready", server.base)).await.expect("ready");
+    let ready = reqwest::get(format!("{}/ready", server.base))
+        .await
+        .expect("ready");
     assert_eq!(ready.status(), 503);
     let refused = post_small(&server).await;
     assert_eq!(refused.status(), 503);
