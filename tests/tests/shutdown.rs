@@ -96,3 +96,27 @@ async fn sigterm_drains_running_requests_then_exits_zero() {
     assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
     assert_eq!(server.wait_exit(Duration::from_secs(20)), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_disconnect_frees_the_slot() {
+    let server = Server::start(Some(&one_slot_config()));
+    let running = start_stream(&server, 2000).await;
+    let mut body = running.bytes_stream();
+    let first = body.next().await.expect("a first chunk").expect("chunk");
+    assert!(!first.is_empty());
+    drop(body);
+    // With one slot and no queue, a new request succeeds only once the abandoned one is gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = post_small(&server).await;
+        if r.status() == 200 {
+            break;
+        }
+        assert_eq!(r.status(), 429);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the abandoned stream kept its slot"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -102,6 +102,8 @@ fn serve(
     let mcfg = model.model.config();
     loop {
         if waiting.is_empty() && prefilling.is_empty() && decoding.is_empty() {
+            metrics.running.set(0);
+            metrics.waiting.set(0);
             match inbox.recv_timeout(Duration::from_secs(1)) {
                 Ok(job) => waiting.push_back(job),
                 Err(RecvTimeoutError::Timeout) => continue,
@@ -141,18 +143,11 @@ fn serve(
             continue;
         }
 
-        // Which prefills get a chunk this step: the first always (progress), then more while
-        // the budget lasts.
-        let mut budget = cfg.step_token_budget.saturating_sub(decoding.len());
-        let mut chunks: Vec<(usize, usize)> = Vec::new(); // (prefill index, chunk length)
-        for (i, p) in prefilling.iter().enumerate() {
-            let len = (p.job.req.prompt.len() - p.done).min(cfg.prefill_chunk);
-            if !chunks.is_empty() && len > budget {
-                break;
-            }
-            budget = budget.saturating_sub(len);
-            chunks.push((i, len));
-        }
+        let remaining: Vec<usize> = prefilling
+            .iter()
+            .map(|p| p.job.req.prompt.len() - p.done)
+            .collect();
+        let chunks = plan_prefill(decoding.len(), &remaining, cfg);
 
         let logits = {
             let mut steps: Vec<SeqStep<'_>> = Vec::with_capacity(decoding.len() + chunks.len());
@@ -257,6 +252,23 @@ fn serve(
             start_choices(model, p, last, &mut decoding);
         }
     }
+}
+
+/// Which prefills run a chunk this step, as (index, length): the first waiting prompt always
+/// (progress), then more while the budget left after one token per decoding sequence lasts.
+/// Chunks are at most `prefill_chunk` long, so decoding sequences wait at most one chunk.
+fn plan_prefill(decoding: usize, remaining: &[usize], cfg: SchedulerConfig) -> Vec<(usize, usize)> {
+    let mut budget = cfg.step_token_budget.saturating_sub(decoding);
+    let mut chunks = Vec::new();
+    for (i, &left) in remaining.iter().enumerate() {
+        let len = left.min(cfg.prefill_chunk);
+        if !chunks.is_empty() && len > budget {
+            break;
+        }
+        budget = budget.saturating_sub(len);
+        chunks.push((i, len));
+    }
+    chunks
 }
 
 /// A finished prefill becomes `n` decoding choices sharing its prompt cache.
@@ -402,5 +414,32 @@ impl<'m> Seq<'m> {
             text,
         });
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CFG: SchedulerConfig = SchedulerConfig {
+        max_batch_size: 32,
+        step_token_budget: 256,
+        prefill_chunk: 128,
+    };
+
+    #[test]
+    fn a_long_prompt_is_prefilled_in_chunks() {
+        assert_eq!(plan_prefill(4, &[1000], CFG), [(0, 128)]);
+    }
+
+    #[test]
+    fn short_prompts_share_one_step_within_the_budget() {
+        // 256 - 6 decoding = 250: 100 + 128 fit, the next 128-chunk does not.
+        assert_eq!(plan_prefill(6, &[100, 500, 500], CFG), [(0, 100), (1, 128)]);
+    }
+
+    #[test]
+    fn the_first_prompt_progresses_even_when_decoding_fills_the_budget() {
+        assert_eq!(plan_prefill(300, &[50, 10], CFG), [(0, 50)]);
     }
 }
