@@ -8,12 +8,15 @@ use futures_util::StreamExt;
 use prefix_rft_e2e::{repo_root, Server, ACME_KEY, MODEL};
 use serde_json::json;
 
-/// The repository's config with one batch slot and no queue.
+/// The repository's config with one batch slot, no queue and a 64 KiB body limit.
 fn one_slot_config() -> String {
     let text = std::fs::read_to_string(repo_root().join("config.toml")).expect("config.toml");
     text.replace("max_batch_size = 32", "max_batch_size = 1")
         .replace("max_queue = 64", "max_queue = 0")
         .replace("max_n = 8", "max_n = 1")
+        // Small enough that an oversized body still fits the loopback socket buffers, so the
+        // client reads the 413 instead of a reset while it is still sending.
+        .replace("max_body_bytes = 4194304", "max_body_bytes = 65536")
 }
 
 async fn start_stream(server: &Server, max_tokens: u32) -> reqwest::Response {
@@ -119,4 +122,21 @@ async fn client_disconnect_frees_the_slot() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn body_over_the_limit_is_413() {
+    let server = Server::start(Some(&one_slot_config()));
+    let big = "a".repeat(200_000);
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/completions", server.base))
+        .bearer_auth(ACME_KEY)
+        .json(&json!({"model": MODEL, "prompt": big, "max_tokens": 1}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 413);
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert_eq!(v["error"]["code"], "request_too_large");
 }
