@@ -35,6 +35,53 @@ pub struct ServerSection {
     pub port: u16,
     /// Adapter store and feedback database root.
     pub data_dir: PathBuf,
+    /// Seconds a shutdown drain waits for running requests.
+    #[serde(default = "default_drain_timeout_secs")]
+    pub drain_timeout_secs: u64,
+}
+
+fn default_drain_timeout_secs() -> u64 {
+    30
+}
+
+/// `[limits]`: what one request may ask for and how much the scheduler holds at once.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Largest request body (413 above).
+    pub max_body_bytes: usize,
+    /// Largest and default `max_tokens`.
+    pub max_tokens: usize,
+    /// Largest prompt in tokens.
+    pub max_prompt_tokens: usize,
+    /// Largest `n`.
+    pub max_n: usize,
+    /// Sequences decoded together.
+    pub max_batch_size: usize,
+    /// Requests waiting for a slot before 429.
+    pub max_queue: usize,
+    /// Tokens per scheduler step (decode + prefill).
+    pub step_token_budget: usize,
+    /// Prompt tokens per prefill chunk.
+    pub prefill_chunk: usize,
+    /// `Retry-After` seconds on 429.
+    pub retry_after_secs: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            max_body_bytes: 4 << 20,
+            max_tokens: 2048,
+            max_prompt_tokens: 8192,
+            max_n: 8,
+            max_batch_size: 32,
+            max_queue: 64,
+            step_token_budget: 256,
+            prefill_chunk: 128,
+            retry_after_secs: 1,
+        }
+    }
 }
 
 /// `[model]`
@@ -84,6 +131,9 @@ pub struct Config {
     pub tenants: Vec<TenantSection>,
     /// `[admin]`
     pub admin: AdminSection,
+    /// `[limits]`
+    #[serde(default)]
+    pub limits: LimitsSection,
 }
 
 impl Config {
@@ -141,6 +191,23 @@ impl Config {
                 return invalid("admin has an empty API key or one shared with a tenant".into());
             }
         }
+        let l = &self.limits;
+        for (name, v) in [
+            ("max_body_bytes", l.max_body_bytes),
+            ("max_tokens", l.max_tokens),
+            ("max_prompt_tokens", l.max_prompt_tokens),
+            ("max_n", l.max_n),
+            ("max_batch_size", l.max_batch_size),
+            ("step_token_budget", l.step_token_budget),
+            ("prefill_chunk", l.prefill_chunk),
+        ] {
+            if v == 0 {
+                return invalid(format!("limits.{name} must be at least 1"));
+            }
+        }
+        if l.max_n > l.max_batch_size {
+            return invalid("limits.max_n must not exceed limits.max_batch_size".into());
+        }
         Ok(())
     }
 }
@@ -155,6 +222,23 @@ mod tests {
         assert_eq!(cfg.model.id, "smollm2-135m-instruct");
         assert_eq!(cfg.tenants.len(), 2);
         assert_eq!(cfg.server.port, 8080);
+    }
+
+    #[test]
+    fn embedded_default_documents_limits() {
+        let cfg = Config::load(None).expect("embedded config");
+        assert_eq!(cfg.limits.max_body_bytes, 4 << 20);
+        assert_eq!(cfg.limits.max_n, 8);
+        assert_eq!(cfg.server.drain_timeout_secs, 30);
+    }
+
+    #[test]
+    fn refuses_zero_batch_size() {
+        let text = EMBEDDED_DEFAULT.replace("max_batch_size = 32", "max_batch_size = 0");
+        let err = Config::parse(&text, "t")
+            .expect_err("zero must fail")
+            .to_string();
+        assert!(err.contains("max_batch_size"), "{err}");
     }
 
     #[test]

@@ -1,4 +1,116 @@
-//! The prefix-rft server library: configuration today; the HTTP router, tenants, feedback and
-//! training orchestration live here as they are built. The binary only parses arguments.
+//! The prefix-rft server library: configuration, the OpenAI-compatible HTTP surface, tenants,
+//! the engine backend with its continuous-batching scheduler, metrics and completion records.
+//! The binary only parses arguments; tests get the same [`router`] and [`run`].
 
+pub mod auth;
+pub mod backend;
 pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod openai;
+pub mod openapi;
+pub mod recorder;
+pub mod routes;
+pub mod state;
+pub mod validation;
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use prefix_rft_engine::model::LoadOptions;
+use prefix_rft_engine::LoadedModel;
+
+pub use routes::router;
+pub use state::{AppState, Lifecycle};
+
+use backend::local::LocalBackend;
+
+/// How often a drain checks whether running requests are done.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+/// How long connections may stay open once the drain is over.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Why the model could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Engine(#[from] prefix_rft_engine::EngineError),
+    #[error("starting the scheduler thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+/// Loads the model at `path` (blocking) and installs it as `state`'s backend.
+pub fn load_backend(state: &AppState, path: &Path) -> Result<(), StartError> {
+    let cfg = &state.config;
+    if cfg.model.threads > 0 {
+        prefix_rft_engine::quant::set_num_threads(cfg.model.threads);
+    }
+    let t0 = Instant::now();
+    let model = LoadedModel::load(
+        path,
+        LoadOptions {
+            dequantize: cfg.model.dequantize,
+        },
+    )?;
+    let backend = LocalBackend::start(
+        model,
+        cfg.model.id.clone(),
+        &cfg.limits,
+        state.metrics.scheduler.clone(),
+    )?;
+    tracing::info!(path = %path.display(), secs = t0.elapsed().as_secs_f64(), "model loaded");
+    state.set_backend(Arc::new(backend));
+    Ok(())
+}
+
+/// Serves `state` on `listener` until `shutdown` resolves, then drains: `/ready` and new
+/// requests answer 503 while running requests finish, for at most `drain_timeout_secs`; then
+/// the listener closes and the function returns.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let drain_timeout = Duration::from_secs(state.config.server.drain_timeout_secs);
+    let drain_state = Arc::clone(&state);
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let mut closing = stop_tx.subscribe();
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutdown requested: draining");
+        drain_state.start_draining();
+        let deadline = Instant::now() + drain_timeout;
+        while Instant::now() < deadline {
+            if drain_state.loaded_backend().is_none_or(|b| b.idle()) {
+                break;
+            }
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+        let _ = stop_tx.send(true);
+    });
+    let app = router(state);
+    let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = stop_rx.wait_for(|stop| *stop).await;
+    });
+    // Graceful shutdown waits for open connections; a stuck client must not hold the process.
+    tokio::select! {
+        r = serve => r,
+        _ = async move {
+            let _ = closing.wait_for(|stop| *stop).await;
+            tokio::time::sleep(CLOSE_GRACE).await;
+        } => {
+            tracing::warn!("connections still open after the drain; closing");
+            Ok(())
+        }
+    }
+}

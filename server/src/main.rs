@@ -12,6 +12,7 @@ use prefix_rft_engine::model::LoadOptions;
 use prefix_rft_engine::sampler::SamplingParams;
 use prefix_rft_engine::LoadedModel;
 use prefix_rft_server::config::Config;
+use prefix_rft_server::AppState;
 
 #[derive(Parser)]
 #[command(
@@ -28,6 +29,28 @@ struct Cli {
 enum Command {
     /// Generates text from a prompt with the engine and streams it to the terminal.
     Generate(GenerateArgs),
+    /// Serves the OpenAI-compatible HTTP API.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Configuration file (default: the embedded config.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Bind address (overrides `[server] host`).
+    #[arg(long)]
+    host: Option<String>,
+    /// Bind port (overrides `[server] port`; 0 picks a free one).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Data directory (overrides `[server] data_dir`).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Shut down (with the usual drain) when standard input closes, so a supervising process
+    /// that dies takes the server with it.
+    #[arg(long, hide = true)]
+    exit_with_stdin: bool,
 }
 
 #[derive(clap::Args)]
@@ -82,6 +105,135 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Generate(args) => run_generate(args),
+        Command::Serve(args) => run_serve(args),
+    }
+}
+
+/// The model `[model] path` names by default, which `scripts/fetch-model` provides.
+const DEFAULT_MODEL_PATH: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Finds `scripts/fetch-model` next to the current directory or above the binary
+/// (`target/<profile>/prefix-rft` lives two levels under the repository root).
+fn find_fetch_script() -> Option<PathBuf> {
+    let mut roots = vec![std::env::current_dir().ok()?];
+    if let Ok(exe) = std::env::current_exe() {
+        roots.extend(exe.ancestors().skip(1).map(PathBuf::from));
+    }
+    roots
+        .into_iter()
+        .map(|r| r.join("scripts/fetch-model"))
+        .find(|p| p.is_file())
+}
+
+/// Fetches the default model when it is configured and missing.
+fn ensure_model(path: &std::path::Path) -> anyhow::Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    if path != std::path::Path::new(DEFAULT_MODEL_PATH) {
+        bail!("model {} does not exist", path.display());
+    }
+    let Some(script) = find_fetch_script() else {
+        bail!(
+            "model {} is missing and scripts/fetch-model was not found; run it from the repository",
+            path.display()
+        );
+    };
+    eprintln!(
+        "{} is missing; fetching it with {}",
+        path.display(),
+        script.display()
+    );
+    let dir = path.parent().map(PathBuf::from).unwrap_or_default();
+    let dir = std::env::current_dir()?.join(dir);
+    let status = std::process::Command::new(&script)
+        .env("PREFIX_RFT_MODELS_DIR", &dir)
+        .status()?;
+    if !status.success() || !path.exists() {
+        bail!("scripts/fetch-model failed ({status}); see its output above");
+    }
+    Ok(())
+}
+
+fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = Config::load(args.config.as_deref())?;
+    if let Some(h) = args.host {
+        config.server.host = h;
+    }
+    if let Some(p) = args.port {
+        config.server.port = p;
+    }
+    if let Some(d) = args.data_dir {
+        config.server.data_dir = d;
+    }
+    let model_path = config.model.path.clone();
+    ensure_model(&model_path)?;
+    std::fs::create_dir_all(&config.server.data_dir)
+        .with_context(|| format!("creating data dir {}", config.server.data_dir.display()))?;
+    let addr = format!("{}:{}", config.server.host, config.server.port);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        let local = listener.local_addr()?;
+        println!("listening on http://{local}");
+        let _ = std::io::stdout().flush();
+        let state = AppState::new(config)?;
+        let load_state = std::sync::Arc::clone(&state);
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = prefix_rft_server::load_backend(&load_state, &model_path) {
+                tracing::error!(error = %e, "loading the model failed");
+                eprintln!("error: loading {}: {e}", model_path.display());
+                load_state.set_failed();
+            }
+        });
+        let exit_with_stdin = args.exit_with_stdin;
+        prefix_rft_server::run(listener, state, shutdown_signal(exit_with_stdin)).await?;
+        eprintln!("shut down");
+        anyhow::Ok(())
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT (or, when asked, when stdin closes).
+async fn shutdown_signal(exit_with_stdin: bool) {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    let stdin_closed = async {
+        if !exit_with_stdin {
+            return std::future::pending::<()>().await;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            let mut sink = [0u8; 256];
+            let mut stdin = std::io::stdin();
+            while let Ok(n) = std::io::Read::read(&mut stdin, &mut sink) {
+                if n == 0 {
+                    break;
+                }
+            }
+            let _ = tx.send(());
+        });
+        let _ = rx.await;
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+        _ = stdin_closed => {},
     }
 }
 

@@ -1,0 +1,139 @@
+//! The OpenAPI 3.1 document served at `/openapi.json`, written by hand: the OpenAI routes
+//! follow openai/openai-openapi, so their schemas here list the fields we honour rather than
+//! re-deriving them from Rust types.
+
+use serde_json::{json, Value};
+
+fn error_responses(codes: &[&str]) -> serde_json::Map<String, Value> {
+    codes
+        .iter()
+        .map(|c| {
+            (c.to_string(), json!({"description": describe(c), "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}))
+        })
+        .collect()
+}
+
+fn describe(code: &str) -> &'static str {
+    match code {
+        "400" => "Invalid request (param names the field); context_length_exceeded",
+        "401" => "Missing or unknown API key",
+        "403" => "Key may not act on this tenant",
+        "404" => "Unknown model (code model_not_found)",
+        "413" => "Body over the size limit",
+        "429" => "Queue full; see Retry-After",
+        "503" => "Loading or draining",
+        _ => "Error",
+    }
+}
+
+fn inference(summary: &str, request: &str, response: &str, chunk: &str) -> Value {
+    let mut responses = error_responses(&["400", "401", "403", "404", "413", "429", "503"]);
+    responses.insert(
+        "200".into(),
+        json!({
+            "description": "The completion, or a text/event-stream of chunks ending with `data: [DONE]` when `stream` is true",
+            "headers": {"x-adapter-version": {"schema": {"type": "string"}, "description": "`base` or `<adapter>@<N>`"}},
+            "content": {
+                "application/json": {"schema": {"$ref": format!("#/components/schemas/{response}")}},
+                "text/event-stream": {"schema": {"$ref": format!("#/components/schemas/{chunk}")}}
+            }
+        }),
+    );
+    json!({"post": {
+        "summary": summary,
+        "security": [{"bearer": []}],
+        "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{request}")}}}},
+        "responses": responses
+    }})
+}
+
+/// The document.
+pub fn document() -> Value {
+    let common = json!({
+        "model": {"type": "string", "description": "Base model id, `<adapter>` or `<adapter>@<N>`"},
+        "max_tokens": {"type": "integer", "minimum": 0},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "top_k": {"type": "integer"},
+        "min_p": {"type": "number"},
+        "repetition_penalty": {"type": "number"},
+        "seed": {"type": "integer"},
+        "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+        "n": {"type": "integer", "minimum": 1},
+        "stream": {"type": "boolean"},
+        "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+        "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+        "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+        "user": {"type": "string"}
+    });
+    let mut chat_props = common.as_object().cloned().unwrap_or_default();
+    chat_props.insert("messages".into(), json!({"type": "array", "minItems": 1, "items": {"type": "object", "required": ["role"], "properties": {"role": {"type": "string"}, "content": {"oneOf": [{"type": "string"}, {"type": "array"}, {"type": "null"}]}}}}));
+    chat_props.insert(
+        "max_completion_tokens".into(),
+        json!({"type": "integer", "minimum": 1}),
+    );
+    chat_props.insert("logprobs".into(), json!({"type": "boolean"}));
+    chat_props.insert(
+        "top_logprobs".into(),
+        json!({"type": "integer", "minimum": 0, "maximum": 20}),
+    );
+    let mut cmpl_props = common.as_object().cloned().unwrap_or_default();
+    cmpl_props.insert("prompt".into(), json!({"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 1}, {"type": "array", "items": {"type": "integer"}}]}));
+    cmpl_props.insert("echo".into(), json!({"type": "boolean"}));
+    cmpl_props.insert(
+        "logprobs".into(),
+        json!({"type": "integer", "minimum": 0, "maximum": 20}),
+    );
+    let usage = json!({"type": "object", "properties": {"prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"}}});
+    let mut models_responses = error_responses(&["401"]);
+    models_responses.insert("200".into(), json!({"description": "The base model, then the tenant's adapters", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ModelList"}}}}));
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "prefix-rft", "version": env!("CARGO_PKG_VERSION"), "description": "OpenAI-compatible serving with per-tenant Prefix-RFT adapters"},
+        "paths": {
+            "/v1/chat/completions": inference("Chat completion", "ChatCompletionRequest", "ChatCompletion", "ChatCompletionChunk"),
+            "/v1/completions": inference("Text completion; `echo` with `logprobs` and `max_tokens: 0` scores a text", "CompletionRequest", "Completion", "Completion"),
+            "/v1/models": {"get": {"summary": "Models this key can use", "security": [{"bearer": []}], "responses": models_responses}},
+            "/health": {"get": {"summary": "Liveness", "responses": {"200": {"description": "The process lives"}}}},
+            "/ready": {"get": {"summary": "Readiness", "responses": {"200": {"description": "Model loaded"}, "503": {"description": "Loading or draining"}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "Text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1"}}}}
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["message", "type"], "properties": {"message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}},
+                "ChatCompletionRequest": {"type": "object", "required": ["model", "messages"], "properties": chat_props},
+                "CompletionRequest": {"type": "object", "required": ["model", "prompt"], "properties": cmpl_props},
+                "Usage": usage,
+                "ChatCompletion": {"type": "object", "properties": {"id": {"type": "string"}, "object": {"const": "chat.completion"}, "created": {"type": "integer"}, "model": {"type": "string"}, "system_fingerprint": {"type": "string"}, "choices": {"type": "array"}, "usage": {"$ref": "#/components/schemas/Usage"}}},
+                "ChatCompletionChunk": {"type": "object", "properties": {"id": {"type": "string"}, "object": {"const": "chat.completion.chunk"}, "choices": {"type": "array"}, "usage": {"oneOf": [{"$ref": "#/components/schemas/Usage"}, {"type": "null"}]}}},
+                "Completion": {"type": "object", "properties": {"id": {"type": "string"}, "object": {"const": "text_completion"}, "created": {"type": "integer"}, "model": {"type": "string"}, "system_fingerprint": {"type": "string"}, "choices": {"type": "array"}, "usage": {"$ref": "#/components/schemas/Usage"}}},
+                "ModelList": {"type": "object", "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {"type": "object", "properties": {"id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"}, "owned_by": {"type": "string"}, "parent": {"type": "string"}, "version": {"type": "integer"}}}}}}
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn document_describes_every_route() {
+        let doc = super::document();
+        for path in [
+            "/v1/chat/completions",
+            "/v1/completions",
+            "/v1/models",
+            "/health",
+            "/ready",
+            "/metrics",
+            "/openapi.json",
+        ] {
+            assert!(doc["paths"][path].is_object(), "missing {path}");
+        }
+        assert_eq!(
+            doc["paths"]["/v1/completions"]["post"]["responses"]["429"]["description"],
+            "Queue full; see Retry-After"
+        );
+    }
+}

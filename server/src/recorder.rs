@@ -1,0 +1,140 @@
+//! Completion records: every finished completion is handed to a [`CompletionRecorder`], which
+//! the feedback issue backs with SQLite. Feedback refers to a record by its `id`.
+
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+/// One choice of a recorded completion.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RecordedChoice {
+    /// Choice index.
+    pub index: usize,
+    /// Output text (without echo).
+    pub text: String,
+    /// Output token ids.
+    pub token_ids: Vec<u32>,
+    /// `stop` or `length`.
+    pub finish_reason: String,
+}
+
+/// Everything feedback and training need to know about one completion.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CompletionRecord {
+    /// `chatcmpl-…` / `cmpl-…`.
+    pub id: String,
+    /// Tenant (or `admin`).
+    pub tenant: String,
+    /// `model` as requested.
+    pub model: String,
+    /// `base` or `<adapter>@<N>`.
+    pub adapter_version: String,
+    /// `chat.completions` or `completions`.
+    pub endpoint: &'static str,
+    /// The messages (chat) or the prompt (completions), as sent.
+    pub request: serde_json::Value,
+    /// Sampling parameters and limits as applied.
+    pub params: serde_json::Value,
+    /// Prompt token ids.
+    pub prompt_tokens: Vec<u32>,
+    /// Output per choice.
+    pub choices: Vec<RecordedChoice>,
+    /// End-user id, if sent.
+    pub user: Option<String>,
+    /// Unix seconds the request arrived.
+    pub created: u64,
+    /// Seconds to the first token.
+    pub ttft_secs: f64,
+    /// Seconds for the whole request.
+    pub duration_secs: f64,
+}
+
+/// Where completion records go.
+pub trait CompletionRecorder: Send + Sync + 'static {
+    /// Stores one record. Must not block for long: it runs on the request's task.
+    fn record(&self, record: CompletionRecord);
+    /// A record by id, visible only to its tenant.
+    fn get(&self, tenant: &str, id: &str) -> Option<CompletionRecord>;
+}
+
+/// Records kept in memory, newest last, up to a bound (oldest dropped first).
+#[derive(Debug)]
+pub struct InMemoryRecorder {
+    records: Mutex<std::collections::VecDeque<CompletionRecord>>,
+    capacity: usize,
+}
+
+impl InMemoryRecorder {
+    /// Keeps at most `capacity` records.
+    pub fn new(capacity: usize) -> Self {
+        InMemoryRecorder {
+            records: Mutex::new(Default::default()),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// All records held, oldest first.
+    pub fn all(&self) -> Vec<CompletionRecord> {
+        self.records
+            .lock()
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+impl CompletionRecorder for InMemoryRecorder {
+    fn record(&self, record: CompletionRecord) {
+        if let Ok(mut r) = self.records.lock() {
+            if r.len() == self.capacity {
+                r.pop_front();
+            }
+            r.push_back(record);
+        }
+    }
+
+    fn get(&self, tenant: &str, id: &str) -> Option<CompletionRecord> {
+        let r = self.records.lock().ok()?;
+        r.iter().find(|c| c.id == id && c.tenant == tenant).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, tenant: &str) -> CompletionRecord {
+        CompletionRecord {
+            id: id.into(),
+            tenant: tenant.into(),
+            model: "m".into(),
+            adapter_version: "base".into(),
+            endpoint: "completions",
+            request: serde_json::json!("hi"),
+            params: serde_json::json!({}),
+            prompt_tokens: vec![1],
+            choices: vec![],
+            user: None,
+            created: 0,
+            ttft_secs: 0.0,
+            duration_secs: 0.0,
+        }
+    }
+
+    #[test]
+    fn a_tenant_sees_only_its_own_records() {
+        let r = InMemoryRecorder::new(4);
+        r.record(record("cmpl-1", "acme"));
+        assert!(r.get("acme", "cmpl-1").is_some());
+        assert!(r.get("globex", "cmpl-1").is_none());
+    }
+
+    #[test]
+    fn oldest_record_is_dropped_at_capacity() {
+        let r = InMemoryRecorder::new(2);
+        for i in 0..3 {
+            r.record(record(&format!("cmpl-{i}"), "acme"));
+        }
+        let ids: Vec<String> = r.all().into_iter().map(|c| c.id).collect();
+        assert_eq!(ids, ["cmpl-1", "cmpl-2"]);
+    }
+}

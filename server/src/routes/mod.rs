@@ -1,0 +1,82 @@
+//! The axum router: which path goes to which handler, behind which middleware. Handlers live
+//! in one file per concern; this file holds only wiring and the request counter.
+
+pub mod inference;
+pub mod models;
+pub mod ops;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::auth;
+use crate::state::AppState;
+use inference::{AdapterLabel, LoggedByHandler};
+
+/// The whole HTTP surface for `state`.
+pub fn router(state: Arc<AppState>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/chat/completions", post(inference::chat))
+        .route("/v1/completions", post(inference::completions))
+        .route("/v1/models", get(models::list))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state.keys),
+            auth::require_key,
+        ));
+    Router::new()
+        .route("/health", get(ops::health))
+        .route("/ready", get(ops::ready))
+        .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(ops::openapi))
+        .merge(v1)
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&state), observe))
+        .layer(DefaultBodyLimit::max(state.config.limits.max_body_bytes))
+        .with_state(state)
+}
+
+/// Counts every routed request and logs those a handler did not log itself.
+async fn observe(
+    State(state): State<Arc<AppState>>,
+    path: Option<MatchedPath>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let route = path
+        .as_ref()
+        .map(MatchedPath::as_str)
+        .unwrap_or("unmatched")
+        .to_string();
+    let method = req.method().clone();
+    let response = next.run(req).await;
+    let status = response.status();
+    let adapter = response
+        .extensions()
+        .get::<AdapterLabel>()
+        .map(|a| a.0.as_str())
+        .unwrap_or("");
+    state
+        .metrics
+        .requests
+        .with_label_values(&[route.as_str(), status.as_str(), adapter])
+        .inc();
+    if response.extensions().get::<LoggedByHandler>().is_none()
+        && route != "/metrics"
+        && route != "/health"
+    {
+        tracing::info!(
+            target: "prefix_rft::request",
+            %method,
+            route,
+            status = status.as_u16(),
+            duration_ms = started.elapsed().as_millis() as u64,
+            "request"
+        );
+    }
+    response
+}

@@ -1,0 +1,44 @@
+//! Operations routes, no key needed: liveness, readiness, Prometheus metrics, the OpenAPI
+//! document.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use crate::state::{AppState, Lifecycle};
+
+/// `GET /health`: 200 while the process lives.
+pub async fn health() -> Response {
+    Json(serde_json::json!({"status": "ok"})).into_response()
+}
+
+/// `GET /ready`: 200 once the model is loaded; 503 while loading, draining or failed.
+pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    let (status, word) = match state.lifecycle() {
+        Lifecycle::Ready => (StatusCode::OK, "ready"),
+        Lifecycle::Loading => (StatusCode::SERVICE_UNAVAILABLE, "loading"),
+        Lifecycle::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
+        Lifecycle::Failed => (StatusCode::SERVICE_UNAVAILABLE, "failed"),
+    };
+    (status, Json(serde_json::json!({"status": word}))).into_response()
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+/// `GET /openapi.json`.
+pub async fn openapi() -> Response {
+    Json(crate::openapi::document()).into_response()
+}

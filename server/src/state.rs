@@ -1,0 +1,145 @@
+//! What every handler shares: configuration, keys, the backend once loaded, the lifecycle,
+//! metrics and the completion recorder.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use crate::auth::{KeyTable, Principal};
+use crate::backend::Backend;
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::recorder::{CompletionRecorder, InMemoryRecorder};
+
+/// Records kept by the in-memory recorder.
+const IN_MEMORY_RECORDS: usize = 10_000;
+
+/// Where the server is in its life; `/ready` is 200 only in `Ready`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Lifecycle {
+    /// The model is being loaded.
+    Loading = 0,
+    /// Serving.
+    Ready = 1,
+    /// Shutting down: new requests get 503, running ones finish.
+    Draining = 2,
+    /// Loading failed.
+    Failed = 3,
+}
+
+/// What a `model` field resolved to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedModel {
+    /// The id as the client sent it (echoed in responses).
+    pub requested: String,
+    /// `base` or `<adapter>@<N>`: the `x-adapter-version` header and `system_fingerprint`.
+    pub version_label: String,
+}
+
+/// Shared server state.
+pub struct AppState {
+    /// The configuration.
+    pub config: Arc<Config>,
+    /// API keys.
+    pub keys: Arc<KeyTable>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Where completions are recorded.
+    pub recorder: Arc<dyn CompletionRecorder>,
+    backend: OnceLock<Arc<dyn Backend>>,
+    lifecycle: AtomicU8,
+}
+
+impl AppState {
+    /// State for `config`, loading, with an in-memory recorder.
+    pub fn new(config: Config) -> Result<Arc<Self>, prometheus::Error> {
+        Self::with_recorder(config, Arc::new(InMemoryRecorder::new(IN_MEMORY_RECORDS)))
+    }
+
+    /// State with a chosen recorder.
+    pub fn with_recorder(
+        config: Config,
+        recorder: Arc<dyn CompletionRecorder>,
+    ) -> Result<Arc<Self>, prometheus::Error> {
+        Ok(Arc::new(AppState {
+            keys: Arc::new(KeyTable::from_config(&config)),
+            config: Arc::new(config),
+            metrics: Metrics::new()?,
+            recorder,
+            backend: OnceLock::new(),
+            lifecycle: AtomicU8::new(Lifecycle::Loading as u8),
+        }))
+    }
+
+    /// Installs the loaded backend and becomes ready (unless already draining).
+    pub fn set_backend(&self, backend: Arc<dyn Backend>) {
+        let _ = self.backend.set(backend);
+        let _ = self.lifecycle.compare_exchange(
+            Lifecycle::Loading as u8,
+            Lifecycle::Ready as u8,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+    }
+
+    /// Marks loading as failed.
+    pub fn set_failed(&self) {
+        self.lifecycle
+            .store(Lifecycle::Failed as u8, Ordering::SeqCst);
+    }
+
+    /// Starts draining.
+    pub fn start_draining(&self) {
+        self.lifecycle
+            .store(Lifecycle::Draining as u8, Ordering::SeqCst);
+    }
+
+    /// The current lifecycle.
+    pub fn lifecycle(&self) -> Lifecycle {
+        match self.lifecycle.load(Ordering::SeqCst) {
+            0 => Lifecycle::Loading,
+            1 => Lifecycle::Ready,
+            2 => Lifecycle::Draining,
+            _ => Lifecycle::Failed,
+        }
+    }
+
+    /// The backend, if loaded (also while draining).
+    pub fn loaded_backend(&self) -> Option<&Arc<dyn Backend>> {
+        self.backend.get()
+    }
+
+    /// The backend for a new request: 503 while loading or draining.
+    pub fn backend(&self) -> Result<Arc<dyn Backend>, ApiError> {
+        match self.lifecycle() {
+            Lifecycle::Ready => self
+                .backend
+                .get()
+                .cloned()
+                .ok_or_else(|| ApiError::Unavailable("the model is loading".into())),
+            Lifecycle::Loading => Err(ApiError::Unavailable(
+                "the model is loading; retry shortly".into(),
+            )),
+            Lifecycle::Draining => Err(ApiError::Unavailable("the server is shutting down".into())),
+            Lifecycle::Failed => Err(ApiError::Unavailable("the model failed to load".into())),
+        }
+    }
+
+    /// Resolves a request's `model` for `principal`. Today only the base model exists; adapter
+    /// names (`<adapter>` and `<adapter>@<N>`) resolve through the tenant's registry once the
+    /// adapters issue lands, and until then are unknown (404 `model_not_found`).
+    pub fn resolve_model(
+        &self,
+        _principal: &Principal,
+        model: &str,
+    ) -> Result<ResolvedModel, ApiError> {
+        if model == self.config.model.id {
+            return Ok(ResolvedModel {
+                requested: model.to_string(),
+                version_label: "base".into(),
+            });
+        }
+        Err(ApiError::ModelNotFound(model.to_string()))
+    }
+}
