@@ -91,6 +91,7 @@ fn incremental_decode_equals_one_full_forward() {
 }
 
 #[test]
+#[allow(clippy::needless_range_loop)] // `s` indexes steps across several parallel vectors
 fn batched_decode_equals_one_by_one() {
     let spec = TinySpec::default();
     for dtype in [GgmlDType::F32, GgmlDType::Q8_0, GgmlDType::Q4_1] {

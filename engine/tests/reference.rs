@@ -128,11 +128,17 @@ fn greedy_generation_matches_llama_cpp() {
             );
         }
     }
-    eprintln!("greedy: {same}/{} identical to llama.cpp over 48 tokens; common prefixes {prefixes:?}", cases.len());
+    eprintln!(
+        "greedy: {same}/{} identical to llama.cpp over 48 tokens; common prefixes {prefixes:?}",
+        cases.len()
+    );
     // Issue 2 asks for 8 of 10 identical over 48 tokens, out of reach without bit-exact ggml
     // arithmetic (see above). What we pin: most generations share a long prefix with llama.cpp.
     prefixes.sort_unstable();
     let median = prefixes[prefixes.len() / 2];
-    assert!(median >= 20, "median common prefix with llama.cpp is only {median} tokens");
+    assert!(
+        median >= 20,
+        "median common prefix with llama.cpp is only {median} tokens"
+    );
     assert!(same >= 1, "no greedy generation matches llama.cpp");
 }

@@ -324,7 +324,7 @@ fn matrix(
         ),
     })?;
     let bytes = match unpermute_heads {
-        Some(heads) if heads > 0 && rows % (2 * heads) == 0 => {
+        Some(heads) if heads > 0 && rows.is_multiple_of(2 * heads) => {
             WeightBytes::Owned(Arc::from(unpermute_rows(&t.bytes, row_bytes, heads, rows)))
         }
         _ => t.bytes,
