@@ -13,6 +13,7 @@ use std::path::Path;
 use super::config::{ConfigError, ModelConfig};
 use super::hooks::{AdapterHook, Proj, ProjRows};
 use super::kv_cache::KvCache;
+use super::simd;
 use super::weights::{Fused, Linear, LoadOptions, ModelWeights, WeightsError};
 use crate::gguf::{GgufError, GgufFile};
 use crate::quant::{self, QuantError};
@@ -401,6 +402,7 @@ impl Llama {
         }
         let caches: Vec<(&[f32], &[f32])> = batch.iter().map(|s| s.cache.layer(layer)).collect();
         let out_ptr = SyncPtr(out.as_mut_ptr());
+        let k = simd::kernels();
         let task = |task: usize| {
             let (row, head) = (task / nh, task % nh);
             let (keys, values) = caches[row_seq[row]];
@@ -412,19 +414,11 @@ impl Llama {
             SCORES.with(|cell| {
                 let mut scores = cell.borrow_mut();
                 scores.clear();
-                let mut max = f32::NEG_INFINITY;
-                for j in 0..seen {
-                    let k = &keys[j * kv_dim + kvh * hd..][..hd];
-                    let s = dot(q, k) * scale;
-                    max = max.max(s);
-                    scores.push(s);
-                }
-                let mut sum = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let inv = 1.0 / sum;
+                scores.extend(
+                    (0..seen).map(|j| (k.dot)(q, &keys[j * kv_dim + kvh * hd..][..hd]) * scale),
+                );
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let inv = 1.0 / (k.exp_sum)(&mut scores, max);
                 // SAFETY: each task writes only its own (row, head) slice of `out`, which is
                 // disjoint from every other task's, and `out` outlives the parallel region.
                 let dst = unsafe {
@@ -432,11 +426,7 @@ impl Llama {
                 };
                 dst.fill(0.0);
                 for (j, &w) in scores.iter().enumerate() {
-                    let v = &values[j * kv_dim + kvh * hd..][..hd];
-                    let w = w * inv;
-                    for (d, &vv) in dst.iter_mut().zip(v) {
-                        *d += w * vv;
-                    }
+                    (k.axpy)(dst, w * inv, &values[j * kv_dim + kvh * hd..][..hd]);
                 }
             });
         };
@@ -459,23 +449,6 @@ impl SyncPtr {
     fn get(self) -> *mut f32 {
         self.0
     }
-}
-
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent accumulators let the compiler vectorise without reassociating.
-    let mut acc = [0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
-        for l in 0..8 {
-            acc[l] += a[c * 8 + l] * b[c * 8 + l];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
-        s += a[i] * b[i];
-    }
-    s
 }
 
 #[inline]

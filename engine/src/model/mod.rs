@@ -4,6 +4,7 @@ pub mod config;
 pub mod hooks;
 pub mod kv_cache;
 pub mod llama;
+pub(crate) mod simd;
 pub mod weights;
 
 pub use config::{Arch, ConfigError, ModelConfig};
