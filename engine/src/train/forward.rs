@@ -15,8 +15,8 @@ use super::adapter::TrainAdapter;
 use super::error::TrainError;
 use super::ops::{self, RopeTables};
 use super::qmatmul::QMatMulOp;
-use crate::model::{Llama, ModelConfig, ModelWeights, Proj};
 use crate::model::weights::{Fused, Linear};
+use crate::model::{Llama, ModelConfig, ModelWeights, Proj};
 use crate::quant::QMatrix;
 
 /// Token id written into padding positions (any valid id would do: padding is never seen by
@@ -76,7 +76,12 @@ impl BaseLinear {
             for l in linears {
                 all.extend(l.weight.to_f32());
             }
-            vec![BaseWeight::Dense(tensor(all, (rows, cols), opts.dtype, device)?)]
+            vec![BaseWeight::Dense(tensor(
+                all,
+                (rows, cols),
+                opts.dtype,
+                device,
+            )?)]
         };
         let bias = if linears.iter().any(|l| l.bias.is_some()) {
             let mut b = Vec::new();
@@ -231,6 +236,29 @@ impl TrainModel {
         self.dtype
     }
 
+    /// Every frozen base tensor held on the device (dense weights, biases, norms), so tests and
+    /// optimisers can check that none of them is trained.
+    pub fn frozen_tensors(&self) -> Vec<Tensor> {
+        let mut out = vec![self.norm.clone()];
+        let linear = |l: &BaseLinear, out: &mut Vec<Tensor>| {
+            for p in &l.parts {
+                if let BaseWeight::Dense(w) = p {
+                    out.push(w.clone());
+                }
+            }
+            out.extend(l.bias.clone());
+        };
+        linear(&self.lm_head, &mut out);
+        for l in &self.layers {
+            out.push(l.attn_norm.clone());
+            out.push(l.ffn_norm.clone());
+            for p in [&l.qkv, &l.o, &l.gate_up, &l.down] {
+                linear(p, &mut out);
+            }
+        }
+        out
+    }
+
     /// Logits `[batch, len, vocab]` for a batch of sequences (right-padded to the longest;
     /// rows past a sequence's end are padding and meaningless).
     pub fn forward(
@@ -287,7 +315,11 @@ impl TrainModel {
             });
         }
         let vocab = self.cfg.vocab_size;
-        if let Some(&token) = batch.iter().flat_map(|s| s.iter()).find(|&&x| x as usize >= vocab) {
+        if let Some(&token) = batch
+            .iter()
+            .flat_map(|s| s.iter())
+            .find(|&&x| x as usize >= vocab)
+        {
             return Err(TrainError::TokenOutOfRange { token, vocab });
         }
         Ok((batch.len(), t))

@@ -35,7 +35,9 @@ impl LoraConfig {
 
     pub(crate) fn validate(&self) -> Result<(), TrainError> {
         if self.rank == 0 {
-            return Err(TrainError::AdapterConfig("LoRA rank must be positive".into()));
+            return Err(TrainError::AdapterConfig(
+                "LoRA rank must be positive".into(),
+            ));
         }
         if !self.alpha.is_finite() {
             return Err(TrainError::AdapterConfig(format!(
@@ -94,6 +96,8 @@ impl LoraLayer {
     /// `scale · (x Aᵀ) Bᵀ` for `x` `[rows, in_features]`.
     pub fn delta(&self, x: &Tensor) -> Result<Tensor, TrainError> {
         let low = x.matmul(&self.a.as_tensor().t()?)?;
-        Ok(low.matmul(&self.b.as_tensor().t()?)?.affine(self.scale, 0.0)?)
+        Ok(low
+            .matmul(&self.b.as_tensor().t()?)?
+            .affine(self.scale, 0.0)?)
     }
 }

@@ -10,7 +10,12 @@ use candle_core::{DType, Device, Result, Tensor, D};
 
 /// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) · weight`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let inv = x.sqr()?.mean_keepdim(D::Minus1)?.affine(1.0, eps)?.sqrt()?.recip()?;
+    let inv = x
+        .sqr()?
+        .mean_keepdim(D::Minus1)?
+        .affine(1.0, eps)?
+        .sqrt()?
+        .recip()?;
     x.broadcast_mul(&inv)?.broadcast_mul(weight)
 }
 

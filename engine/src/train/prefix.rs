@@ -63,9 +63,7 @@ impl PrefixLayer {
                     // Box-Muller: two uniforms give one standard normal.
                     let u1: f64 = rng.gen_range(f64::MIN_POSITIVE..1.0);
                     let u2: f64 = rng.gen();
-                    cfg.init_std
-                        * (-2.0 * u1.ln()).sqrt()
-                        * (2.0 * std::f64::consts::PI * u2).cos()
+                    cfg.init_std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
                 })
                 .collect();
             let t = Tensor::from_vec(v, (n, kv_dim), device)?.to_dtype(dtype)?;
