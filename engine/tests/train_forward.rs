@@ -449,3 +449,84 @@ fn serving_snapshot_of_a_fresh_lora_is_the_base_model() {
         "PEFT init (B = 0) must leave the model unchanged"
     );
 }
+
+#[test]
+fn prompt_cache_gives_the_same_logprobs_and_gradients_as_full_sequences() {
+    let (_d, model) = tiny_model(&TinySpec::default(), GgmlDType::F32);
+    let opts = TrainOptions {
+        dtype: DType::F64,
+        ..TrainOptions::default()
+    };
+    let train = TrainModel::from_llama(&model, &Device::Cpu, opts).expect("train model");
+    let adapter = TrainAdapter::new(
+        model.config(),
+        Some(&lora_all(2)),
+        Some(&prefix(2)),
+        DType::F64,
+        &Device::Cpu,
+    )
+    .expect("adapter");
+    randomise_lora_b(&adapter, 0.1, 16);
+    let prompt: &[u32] = &[1, 5, 9, 33];
+    let chosen: &[u32] = &[2, 70, 11];
+    let rejected: &[u32] = &[60];
+
+    // Reference: each pair member run in full, its completion positions summed.
+    let full_c = [prompt, chosen].concat();
+    let full_r = [prompt, rejected].concat();
+    let lp = train
+        .token_logprobs(&[&full_c, &full_r], Some(&adapter))
+        .expect("full");
+    // Completion token k of a pair member is scored at position (prompt length - 1 + k).
+    let p = prompt.len() - 1;
+    let margin = |c: &Tensor, r: &Tensor| -> Tensor {
+        (c.sum_all().and_then(|c| c - r.sum_all()?)).expect("margin")
+    };
+    let row = |t: &Tensor, i: usize, start: usize, len: usize| -> Tensor {
+        t.get(i).and_then(|r| r.narrow(0, start, len)).expect("row")
+    };
+    let full_loss = margin(
+        &row(&lp, 0, p, chosen.len()),
+        &row(&lp, 1, p, rejected.len()),
+    );
+    let full = scalar(&full_loss);
+    let full_grads = full_loss.backward().expect("backward");
+
+    let cache = train.prompt_cache(prompt, Some(&adapter)).expect("cache");
+    assert_eq!(cache.len(), 2 + prompt.len());
+    let cont = train
+        .continuation_logprobs(&cache, &[chosen, rejected], Some(&adapter))
+        .expect("continuations");
+    assert_eq!(cont.dims2().expect("dims"), (2, chosen.len()));
+    let rows = cont.to_vec2::<f64>().expect("vec");
+    assert_eq!(
+        rows[1][1..],
+        [0.0, 0.0],
+        "past the end of the shorter continuation"
+    );
+    let cached = rows[0].iter().sum::<f64>() - rows[1].iter().sum::<f64>();
+    assert!((cached - full).abs() < 1e-10, "margin {cached} vs {full}");
+
+    let cached_loss = margin(
+        &row(&cont, 0, 0, chosen.len()),
+        &row(&cont, 1, 0, rejected.len()),
+    );
+    let cached_grads = cached_loss.backward().expect("backward");
+    for (name, var) in adapter.named_vars() {
+        let g = |store: &candle_core::backprop::GradStore| {
+            store
+                .get(var.as_tensor())
+                .expect("gradient")
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f64>())
+                .expect("vec")
+        };
+        let (a, b) = (g(&full_grads), g(&cached_grads));
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs() / x.abs().max(1e-8))
+            .fold(0.0, f64::max);
+        assert!(worst < 1e-8, "{name}: gradients differ by {worst:e}");
+    }
+}

@@ -26,6 +26,9 @@ pub enum TrainError {
     /// Nothing to score: every sequence is shorter than two tokens.
     #[error("scoring needs a sequence of at least two tokens")]
     NothingToScore,
+    /// A prompt cache is used with an adapter other than the one it was built with.
+    #[error("prompt cache holds {cache} virtual tokens but the adapter has {adapter}")]
+    PromptMismatch { cache: usize, adapter: usize },
     /// A combination of options the training path does not implement.
     #[error("unsupported: {0}")]
     Unsupported(String),

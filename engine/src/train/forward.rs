@@ -266,9 +266,9 @@ impl TrainModel {
         batch: &[&[u32]],
         adapter: Option<&TrainAdapter>,
     ) -> Result<Tensor, TrainError> {
-        let prefix = adapter.map_or(0, TrainAdapter::prefix_len);
-        let (b, t) = self.check_batch(batch, prefix)?;
-        let hidden = self.hidden_states(batch, b, t, adapter)?;
+        let past = self.prefix_past(adapter)?;
+        let (b, t) = self.check_batch(batch, past.len)?;
+        let (hidden, _) = self.hidden_states(batch, (b, t), adapter, &past)?;
         let logits = self.lm_head.forward(&hidden)?;
         Ok(logits.reshape((b, t, self.cfg.vocab_size))?)
     }
@@ -286,31 +286,114 @@ impl TrainModel {
             return Err(TrainError::NothingToScore);
         }
         let logits = self.forward(batch, adapter)?;
-        let b = batch.len();
-        let mut targets = vec![PAD_TOKEN; b * (t - 1)];
-        let mut mask = vec![0f32; b * (t - 1)];
-        for (i, seq) in batch.iter().enumerate() {
-            for j in 0..seq.len().saturating_sub(1) {
-                targets[i * (t - 1) + j] = seq[j + 1];
-                mask[i * (t - 1) + j] = 1.0;
+        let scored: Vec<&[u32]> = batch.iter().map(|s| s.get(1..).unwrap_or(&[])).collect();
+        self.gather_targets(&logits.narrow(1, 0, t - 1)?, &scored)
+    }
+
+    /// Runs `prompt` once and keeps its keys/values (with the adapter's prefix in front) for
+    /// [`TrainModel::continuation_logprobs`]: the chosen and rejected answers of a preference
+    /// pair then share one prompt forward instead of recomputing it. The cache stays part of
+    /// the autograd graph, so gradients from every continuation flow back through the prompt.
+    pub fn prompt_cache(
+        &self,
+        prompt: &[u32],
+        adapter: Option<&TrainAdapter>,
+    ) -> Result<PromptCache, TrainError> {
+        let past = self.prefix_past(adapter)?;
+        let (b, t) = self.check_batch(&[prompt], past.len)?;
+        let (hidden, kv) = self.hidden_states(&[prompt], (b, t), adapter, &past)?;
+        let last = self.lm_head.forward(&hidden.narrow(0, t - 1, 1)?)?;
+        Ok(PromptCache {
+            past: Past {
+                len: past.len + t,
+                kv,
+            },
+            prefix_len: past.len,
+            last_logits: last.reshape((1, 1, self.cfg.vocab_size))?,
+        })
+    }
+
+    /// `[batch, len]`: entry `(i, j)` is `log π(cont_i[j] | prompt, cont_i[..j])` (0 past the
+    /// end of `cont_i`), the same numbers [`TrainModel::token_logprobs`] gives for the
+    /// completion positions of `prompt ++ cont_i`. `adapter` must be the one the cache was
+    /// built with.
+    pub fn continuation_logprobs(
+        &self,
+        cache: &PromptCache,
+        continuations: &[&[u32]],
+        adapter: Option<&TrainAdapter>,
+    ) -> Result<Tensor, TrainError> {
+        let prefix = adapter.map_or(0, TrainAdapter::prefix_len);
+        if prefix != cache.prefix_len {
+            return Err(TrainError::PromptMismatch {
+                cache: cache.prefix_len,
+                adapter: prefix,
+            });
+        }
+        let (b, t) = self.check_batch(continuations, cache.past.len)?;
+        let vocab = self.cfg.vocab_size;
+        let first = cache.last_logits.broadcast_as((b, 1, vocab))?;
+        let scoring = if t > 1 {
+            let (hidden, _) =
+                self.hidden_states(continuations, (b, t - 1), adapter, &cache.past)?;
+            let logits = self.lm_head.forward(&hidden)?.reshape((b, t - 1, vocab))?;
+            Tensor::cat(&[&first.contiguous()?, &logits], 1)?
+        } else {
+            first.contiguous()?
+        };
+        self.gather_targets(&scoring, continuations)
+    }
+
+    /// `log_softmax(logits)[i, j, targets_i[j]]`, 0 past the end of `targets_i`.
+    fn gather_targets(&self, logits: &Tensor, targets: &[&[u32]]) -> Result<Tensor, TrainError> {
+        let (b, t, _) = logits.dims3()?;
+        let mut ids = vec![PAD_TOKEN; b * t];
+        let mut mask = vec![0f32; b * t];
+        for (i, seq) in targets.iter().enumerate() {
+            for (j, &tok) in seq.iter().take(t).enumerate() {
+                ids[i * t + j] = tok;
+                mask[i * t + j] = 1.0;
             }
         }
-        let targets = Tensor::from_vec(targets, (b, t - 1), &self.device)?;
-        let mask = tensor(mask, (b, t - 1), self.dtype, &self.device)?;
-        let inputs = logits.narrow(1, 0, t - 1)?.contiguous()?;
-        Ok((ops::gather_logprobs(&inputs, &targets)? * mask)?)
+        let ids = Tensor::from_vec(ids, (b, t), &self.device)?;
+        let mask = tensor(mask, (b, t), self.dtype, &self.device)?;
+        Ok((ops::gather_logprobs(&logits.contiguous()?, &ids)? * mask)?)
+    }
+
+    /// The adapter's virtual keys/values as the past every sequence starts from.
+    fn prefix_past(&self, adapter: Option<&TrainAdapter>) -> Result<Past, TrainError> {
+        let Some(a) = adapter.filter(|a| a.prefix_len() > 0) else {
+            return Ok(Past::default());
+        };
+        let (kvh, hd) = (self.cfg.num_kv_heads, self.cfg.head_dim);
+        let n = a.prefix_len();
+        // `[n, kv_dim]` → `[1, kv_heads, n, head_dim]`, unrotated (as the serving cache).
+        let heads = |x: &Tensor| -> Result<Tensor, TrainError> {
+            Ok(x.reshape((n, kvh, hd))?
+                .transpose(0, 1)?
+                .unsqueeze(0)?
+                .contiguous()?)
+        };
+        let mut kv = Vec::with_capacity(self.layers.len());
+        for li in 0..self.layers.len() {
+            let p = a.prefix(li).ok_or_else(|| {
+                TrainError::AdapterConfig(format!("prefix has no entry for layer {li}"))
+            })?;
+            kv.push((heads(p.k.as_tensor())?, heads(p.v.as_tensor())?));
+        }
+        Ok(Past { len: n, kv })
     }
 
     /// Validates a batch; returns (batch size, padded length).
-    fn check_batch(&self, batch: &[&[u32]], prefix: usize) -> Result<(usize, usize), TrainError> {
+    fn check_batch(&self, batch: &[&[u32]], past: usize) -> Result<(usize, usize), TrainError> {
         let t = batch.iter().map(|s| s.len()).max().unwrap_or(0);
         if t == 0 {
             return Err(TrainError::EmptyBatch);
         }
         let context = self.cfg.max_position_embeddings;
-        if prefix + t > context {
+        if past + t > context {
             return Err(TrainError::ContextLength {
-                needed: prefix + t,
+                needed: past + t,
                 context,
             });
         }
@@ -325,33 +408,41 @@ impl TrainModel {
         Ok((batch.len(), t))
     }
 
-    /// Final-norm hidden states `[batch · len, hidden]`.
+    /// Final-norm hidden states `[batch · len, hidden]` of the first `len` tokens of each
+    /// sequence after `past`, and each layer's keys/values `[batch, kv_heads, past + len,
+    /// head_dim]`.
     fn hidden_states(
         &self,
         batch: &[&[u32]],
-        b: usize,
-        t: usize,
+        (b, t): (usize, usize),
         adapter: Option<&TrainAdapter>,
-    ) -> Result<Tensor, TrainError> {
+        past: &Past,
+    ) -> Result<(Tensor, Vec<(Tensor, Tensor)>), TrainError> {
         let cfg = &self.cfg;
         let h = cfg.hidden_size;
         // Padding rows stay zero: RMSNorm of zero is zero, so they cannot produce NaNs.
         let mut x0 = vec![0f32; b * t * h];
         for (i, seq) in batch.iter().enumerate() {
-            for (j, &tok) in seq.iter().enumerate() {
+            for (j, &tok) in seq.iter().take(t).enumerate() {
                 let r = i * t + j;
                 self.embed
                     .dequantize_row(tok as usize, &mut x0[r * h..(r + 1) * h])?;
             }
         }
         let mut x = tensor(x0, (b * t, h), self.dtype, &self.device)?;
-        let prefix = adapter.map_or(0, TrainAdapter::prefix_len);
-        let rope = RopeTables::new(&self.inv_freq, prefix, t, self.dtype, &self.device)?;
-        let mask = ops::causal_mask(t, prefix, self.dtype, &self.device)?;
+        let ctx = AttnContext {
+            b,
+            t,
+            rope: RopeTables::new(&self.inv_freq, past.len, t, self.dtype, &self.device)?,
+            mask: ops::causal_mask(t, past.len, self.dtype, &self.device)?,
+        };
         let eps = cfg.rms_norm_eps as f64;
+        let mut kv = Vec::with_capacity(self.layers.len());
         for (li, layer) in self.layers.iter().enumerate() {
             let normed = ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let attn = self.attention(li, layer, &normed, (b, t), adapter, &rope, &mask)?;
+            let (attn, layer_kv) =
+                self.attention(li, layer, &normed, &ctx, adapter, past.kv.get(li))?;
+            kv.push(layer_kv);
             let mut o = layer.o.forward(&attn)?;
             add_lora(&mut o, adapter, li, Proj::O, &attn)?;
             x = (x + o)?;
@@ -368,22 +459,23 @@ impl TrainModel {
             add_lora(&mut down, adapter, li, Proj::Down, &act)?;
             x = (x + down)?;
         }
-        Ok(ops::rms_norm(&x, &self.norm, eps)?)
+        Ok((ops::rms_norm(&x, &self.norm, eps)?, kv))
     }
 
-    /// Causal self-attention of one layer: `normed` `[b·t, hidden]` → `[b·t, q_dim]`.
-    #[allow(clippy::too_many_arguments)]
+    /// Causal self-attention of one layer: `normed` `[b·t, hidden]` → `[b·t, q_dim]`, after
+    /// `past` keys/values (`[1 or b, kv_heads, n, head_dim]`); also returns this layer's full
+    /// keys/values (past first).
     fn attention(
         &self,
         li: usize,
         layer: &TrainLayer,
         normed: &Tensor,
-        (b, t): (usize, usize),
+        ctx: &AttnContext,
         adapter: Option<&TrainAdapter>,
-        rope: &RopeTables,
-        mask: &Tensor,
-    ) -> Result<Tensor, TrainError> {
+        past: Option<&(Tensor, Tensor)>,
+    ) -> Result<(Tensor, (Tensor, Tensor)), TrainError> {
         let cfg = &self.cfg;
+        let (b, t) = (ctx.b, ctx.t);
         let (hd, nh, kvh) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
         let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
         let qkv = layer.qkv.forward(normed)?;
@@ -396,33 +488,70 @@ impl TrainModel {
         let heads = |x: Tensor, n: usize| -> Result<Tensor, TrainError> {
             Ok(x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = ops::rope(&heads(q, nh)?, rope)?;
-        let mut k = ops::rope(&heads(k, kvh)?, rope)?;
+        let q = ops::rope(&heads(q, nh)?, &ctx.rope)?;
+        let mut k = ops::rope(&heads(k, kvh)?, &ctx.rope)?;
         let mut v = heads(v, kvh)?;
-        if let Some(p) = adapter.and_then(|a| a.prefix(li)) {
-            // Virtual keys/values go first, unrotated, shared by every sequence of the batch.
-            let virt = |x: &Tensor| -> Result<Tensor, TrainError> {
-                let n = x.dim(0)?;
-                Ok(x.reshape((n, kvh, hd))?
-                    .transpose(0, 1)?
-                    .unsqueeze(0)?
-                    .broadcast_as((b, kvh, n, hd))?
-                    .contiguous()?)
+        if let Some((pk, pv)) = past {
+            // A past shared by the whole batch (prefix, prompt) is stored once and broadcast.
+            let widen = |x: &Tensor| -> Result<Tensor, TrainError> {
+                let (_, _, n, _) = x.dims4()?;
+                Ok(x.broadcast_as((b, kvh, n, hd))?.contiguous()?)
             };
-            k = Tensor::cat(&[&virt(p.k.as_tensor())?, &k], 2)?;
-            v = Tensor::cat(&[&virt(p.v.as_tensor())?, &v], 2)?;
+            k = Tensor::cat(&[&widen(pk)?, &k], 2)?;
+            v = Tensor::cat(&[&widen(pv)?, &v], 2)?;
         }
         let group = nh / kvh;
-        let k = ops::repeat_kv(&k, group)?;
-        let v = ops::repeat_kv(&v, group)?;
+        let kr = ops::repeat_kv(&k, group)?;
+        let vr = ops::repeat_kv(&v, group)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let scores = q
-            .matmul(&k.transpose(2, 3)?.contiguous()?)?
+            .matmul(&kr.transpose(2, 3)?.contiguous()?)?
             .affine(scale, 0.0)?
-            .broadcast_add(mask)?;
+            .broadcast_add(&ctx.mask)?;
         let probs = ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * t, q_dim))?;
-        Ok(out)
+        let out = probs
+            .matmul(&vr)?
+            .transpose(1, 2)?
+            .reshape((b * t, q_dim))?;
+        Ok((out, (k, v)))
+    }
+}
+
+/// What every layer's attention of one forward shares.
+struct AttnContext {
+    b: usize,
+    t: usize,
+    rope: RopeTables,
+    mask: Tensor,
+}
+
+/// Keys/values every sequence of a forward attends to before its own tokens: per layer
+/// `[1, kv_heads, len, head_dim]` (empty when `len` is 0).
+#[derive(Debug, Clone, Default)]
+struct Past {
+    len: usize,
+    kv: Vec<(Tensor, Tensor)>,
+}
+
+/// A prompt run once by [`TrainModel::prompt_cache`], to score several continuations.
+#[derive(Debug, Clone)]
+pub struct PromptCache {
+    past: Past,
+    prefix_len: usize,
+    /// `[1, 1, vocab]` logits after the last prompt token (they score a continuation's first
+    /// token).
+    last_logits: Tensor,
+}
+
+impl PromptCache {
+    /// Positions held: the adapter's virtual tokens plus the prompt.
+    pub fn len(&self) -> usize {
+        self.past.len
+    }
+
+    /// True when nothing is held (never, for a cache built from a non-empty prompt).
+    pub fn is_empty(&self) -> bool {
+        self.past.len == 0
     }
 }
 

@@ -13,7 +13,7 @@ mod qmatmul;
 
 pub use adapter::{AdapterSnapshot, TrainAdapter};
 pub use error::TrainError;
-pub use forward::{TrainModel, TrainOptions};
+pub use forward::{PromptCache, TrainModel, TrainOptions};
 pub use lora::{LoraConfig, LoraLayer};
 pub use prefix::{PrefixConfig, PrefixLayer};
 pub use qmatmul::QMatMulOp;
