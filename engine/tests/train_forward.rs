@@ -530,3 +530,94 @@ fn prompt_cache_gives_the_same_logprobs_and_gradients_as_full_sequences() {
         assert!(worst < 1e-8, "{name}: gradients differ by {worst:e}");
     }
 }
+
+/// SmolLM2-135M (Q4_1): the real shapes (9 query heads over 3 key/value heads, head_dim 64,
+/// tied head, rope base 1e5) that tiny models do not cover.
+fn real_model(dequantize: bool) -> Llama {
+    let file = GgufFile::open(&prefix_rft_engine::testing::default_model_path()).expect("open");
+    Llama::from_gguf(&file, LoadOptions { dequantize }).expect("load")
+}
+
+fn real_adapter(model: &Llama) -> TrainAdapter {
+    let lora = LoraConfig {
+        targets: vec![Proj::Q, Proj::V, Proj::Down],
+        ..lora_all(4)
+    };
+    let adapter = TrainAdapter::new(
+        model.config(),
+        Some(&lora),
+        Some(&prefix(2)),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .expect("adapter");
+    randomise_lora_b(&adapter, 0.01, 17);
+    adapter
+}
+
+/// Arbitrary in-vocabulary tokens.
+const REAL_TOKENS: &[u32] = &[504, 3575, 282, 4649, 314];
+
+#[test]
+fn real_model_dense_train_forward_matches_serving_with_lora_and_prefix() {
+    let model = real_model(true);
+    let train =
+        TrainModel::from_llama(&model, &Device::Cpu, TrainOptions::default()).expect("train model");
+    let adapter = real_adapter(&model);
+    let hook = adapter.to_hook().expect("snapshot");
+    let got: Vec<f32> = train
+        .forward(&[REAL_TOKENS], Some(&adapter))
+        .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
+        .expect("forward");
+    let want = serving_logits(&model, REAL_TOKENS, Some(&hook));
+    let diff = max_abs_diff(&got, &want);
+    eprintln!("SmolLM2 dequantized: max |train − serving| {diff:e}");
+    assert!(diff < 1e-3, "max |Δ| {diff}");
+}
+
+/// With quantized weights both paths quantize activations to Q8_1 before every matmul, so an
+/// ulp of difference in attention can flip a rounding and grow through 30 layers (the serving
+/// forward itself differs that much between a full and an incremental run). A one-token
+/// sequence has no attention mixing and pins the arithmetic exactly.
+#[test]
+fn real_model_quantized_base_matches_serving_and_gives_lora_gradients() {
+    let model = real_model(false);
+    let opts = TrainOptions {
+        quantized_base: true,
+        ..TrainOptions::default()
+    };
+    let train = TrainModel::from_llama(&model, &Device::Cpu, opts).expect("train model");
+    let adapter = real_adapter(&model);
+    let lora_only = TrainAdapter::new(
+        model.config(),
+        Some(&lora_all(4)),
+        None,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .expect("adapter");
+    randomise_lora_b(&lora_only, 0.01, 18);
+    let hook = lora_only.to_hook().expect("snapshot");
+    let one = &REAL_TOKENS[..1];
+    let got: Vec<f32> = train
+        .forward(&[one], Some(&lora_only))
+        .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
+        .expect("forward");
+    let want = serving_logits(&model, one, Some(&hook));
+    let diff = max_abs_diff(&got, &want);
+    eprintln!("SmolLM2 Q4_1, quantized base, one token: max |train − serving| {diff:e}");
+    assert!(diff < 1e-4, "max |Δ| {diff}");
+
+    let loss = train
+        .token_logprobs(&[REAL_TOKENS], Some(&adapter))
+        .expect("logprobs");
+    let grads = loss.sum_all().and_then(|l| l.backward()).expect("backward");
+    for (name, var) in adapter.named_vars() {
+        let g = grads.get(var.as_tensor()).expect("gradient");
+        let norm = scalar(&g.sqr().and_then(|x| x.sum_all()).expect("norm"));
+        assert!(
+            norm.is_finite() && norm > 0.0,
+            "{name}: gradient norm {norm}"
+        );
+    }
+}
