@@ -11,6 +11,7 @@ pub mod quant;
 pub mod sampler;
 pub mod stop;
 pub mod tokenizer;
+pub mod train;
 
 #[doc(hidden)]
 pub mod testing;

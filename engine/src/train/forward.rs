@@ -1,0 +1,570 @@
+//! [`TrainModel`]: the Llama-family forward on candle autograd.
+//!
+//! It computes what `crate::model::Llama::forward` computes (same RMSNorm, rotate-half rotary
+//! with the same frequencies, grouped-query attention, SiLU MLP, Qwen2 biases, prefix virtual
+//! tokens without rotary and real positions starting after them), but with candle ops that
+//! carry gradients to the adapter's `Var`s. Base weights are frozen tensors (or quantized
+//! [`QMatMulOp`]s) and never receive gradient. A batch is right-padded: with a causal mask a
+//! real token never sees the padding after it, so no padding mask is needed.
+
+use std::sync::Arc;
+
+use candle_core::{CustomOp1, DType, Device, Tensor};
+
+use super::adapter::TrainAdapter;
+use super::error::TrainError;
+use super::ops::{self, RopeTables};
+use super::qmatmul::QMatMulOp;
+use crate::model::weights::{Fused, Linear};
+use crate::model::{Llama, ModelConfig, ModelWeights, Proj};
+use crate::quant::QMatrix;
+
+/// Token id written into padding positions (any valid id would do: padding is never seen by
+/// a real token and its outputs are masked).
+const PAD_TOKEN: u32 = 0;
+
+/// How the training forward holds the base model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrainOptions {
+    /// Compute dtype: F32 for training, F64 for gradient checks.
+    pub dtype: DType,
+    /// Keep base projections quantized and run them with [`QMatMulOp`] (CPU and F32 only)
+    /// instead of holding an f32 copy of every matrix.
+    pub quantized_base: bool,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions {
+            dtype: DType::F32,
+            quantized_base: false,
+        }
+    }
+}
+
+/// One frozen base matrix: a dense `[out, in]` tensor or a quantized custom op.
+#[derive(Clone)]
+enum BaseWeight {
+    Dense(Tensor),
+    Quantized(Arc<Box<dyn CustomOp1 + Send + Sync>>),
+}
+
+/// A frozen projection whose output is the concatenation of its parts' outputs (the fused
+/// q/k/v and gate/up projections), plus an optional bias.
+#[derive(Clone)]
+struct BaseLinear {
+    parts: Vec<BaseWeight>,
+    bias: Option<Tensor>,
+}
+
+impl BaseLinear {
+    fn new(linears: &[&Linear], opts: TrainOptions, device: &Device) -> Result<Self, TrainError> {
+        let parts = if opts.quantized_base {
+            linears
+                .iter()
+                .map(|l| {
+                    let op: Box<dyn CustomOp1 + Send + Sync> =
+                        Box::new(QMatMulOp::new(l.weight.clone()));
+                    BaseWeight::Quantized(Arc::new(op))
+                })
+                .collect()
+        } else {
+            // One dense matrix for the fused parts: one matmul instead of several.
+            let cols = linears.first().map_or(0, |l| l.weight.cols());
+            let rows: usize = linears.iter().map(|l| l.weight.rows()).sum();
+            let mut all = Vec::with_capacity(rows * cols);
+            for l in linears {
+                all.extend(l.weight.to_f32());
+            }
+            vec![BaseWeight::Dense(tensor(
+                all,
+                (rows, cols),
+                opts.dtype,
+                device,
+            )?)]
+        };
+        let bias = if linears.iter().any(|l| l.bias.is_some()) {
+            let mut b = Vec::new();
+            for l in linears {
+                match &l.bias {
+                    Some(v) => b.extend_from_slice(v),
+                    None => b.extend(std::iter::repeat_n(0.0, l.weight.rows())),
+                }
+            }
+            let n = b.len();
+            Some(tensor(b, n, opts.dtype, device)?)
+        } else {
+            None
+        };
+        Ok(BaseLinear { parts, bias })
+    }
+
+    fn from_fused(f: &Fused, opts: TrainOptions, device: &Device) -> Result<Self, TrainError> {
+        match f {
+            Fused::One(l) => Self::new(&[l], opts, device),
+            Fused::Split(parts) => Self::new(&parts.iter().collect::<Vec<_>>(), opts, device),
+        }
+    }
+
+    /// `x` `[rows, in]` → `[rows, out]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor, TrainError> {
+        let mut outs = Vec::with_capacity(self.parts.len());
+        for p in &self.parts {
+            outs.push(match p {
+                BaseWeight::Dense(w) => x.matmul(&w.t()?)?,
+                BaseWeight::Quantized(op) => x.contiguous()?.apply_op1_arc(op.clone())?,
+            });
+        }
+        let y = match outs.len() {
+            1 => outs.remove(0),
+            _ => Tensor::cat(&outs, 1)?,
+        };
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+fn tensor(
+    v: Vec<f32>,
+    shape: impl Into<candle_core::Shape>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor, TrainError> {
+    Ok(Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?)
+}
+
+struct TrainLayer {
+    attn_norm: Tensor,
+    qkv: BaseLinear,
+    o: BaseLinear,
+    ffn_norm: Tensor,
+    gate_up: BaseLinear,
+    down: BaseLinear,
+}
+
+/// The frozen base model on a candle device, ready for differentiable forwards.
+pub struct TrainModel {
+    cfg: ModelConfig,
+    device: Device,
+    dtype: DType,
+    /// Embedding rows are looked up on the host: the embedding is frozen, so its lookup needs
+    /// no graph and no device copy of the whole table.
+    embed: QMatrix,
+    layers: Vec<TrainLayer>,
+    norm: Tensor,
+    lm_head: BaseLinear,
+    inv_freq: Vec<f32>,
+}
+
+impl TrainModel {
+    /// Builds the training forward of a loaded serving model.
+    pub fn from_llama(
+        model: &Llama,
+        device: &Device,
+        opts: TrainOptions,
+    ) -> Result<Self, TrainError> {
+        Self::new(model.config(), model.weights(), device, opts)
+    }
+
+    /// Builds the training forward from a configuration and base weights.
+    pub fn new(
+        cfg: &ModelConfig,
+        weights: &ModelWeights,
+        device: &Device,
+        opts: TrainOptions,
+    ) -> Result<Self, TrainError> {
+        if !matches!(opts.dtype, DType::F32 | DType::F64) {
+            return Err(TrainError::Unsupported(format!(
+                "training dtype {:?} (use F32 or F64)",
+                opts.dtype
+            )));
+        }
+        if opts.quantized_base && (opts.dtype != DType::F32 || !device.is_cpu()) {
+            return Err(TrainError::Unsupported(
+                "a quantized base runs on the CPU in F32 only".into(),
+            ));
+        }
+        let vec = |v: &[f32]| tensor(v.to_vec(), v.len(), opts.dtype, device);
+        let mut layers = Vec::with_capacity(weights.layers.len());
+        for l in &weights.layers {
+            layers.push(TrainLayer {
+                attn_norm: vec(&l.attn_norm)?,
+                qkv: BaseLinear::from_fused(&l.qkv, opts, device)?,
+                o: BaseLinear::new(&[&l.o], opts, device)?,
+                ffn_norm: vec(&l.ffn_norm)?,
+                gate_up: BaseLinear::from_fused(&l.gate_up, opts, device)?,
+                down: BaseLinear::new(&[&l.down], opts, device)?,
+            });
+        }
+        let head = Linear {
+            weight: weights.lm_head.clone(),
+            bias: None,
+        };
+        // The same frequencies as the serving rotary table, including GGUF's divisors.
+        let mut inv_freq = cfg.inv_freqs();
+        if let Some(f) = &weights.rope_freq_factors {
+            for (x, d) in inv_freq.iter_mut().zip(f) {
+                *x /= d;
+            }
+        }
+        Ok(TrainModel {
+            cfg: cfg.clone(),
+            device: device.clone(),
+            dtype: opts.dtype,
+            embed: weights.embed.clone(),
+            layers,
+            norm: vec(&weights.norm)?,
+            lm_head: BaseLinear::new(&[&head], opts, device)?,
+            inv_freq,
+        })
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The device the forward runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The compute dtype (adapters must use the same).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Every frozen base tensor held on the device (dense weights, biases, norms), so tests and
+    /// optimisers can check that none of them is trained.
+    pub fn frozen_tensors(&self) -> Vec<Tensor> {
+        let mut out = vec![self.norm.clone()];
+        let linear = |l: &BaseLinear, out: &mut Vec<Tensor>| {
+            for p in &l.parts {
+                if let BaseWeight::Dense(w) = p {
+                    out.push(w.clone());
+                }
+            }
+            out.extend(l.bias.clone());
+        };
+        linear(&self.lm_head, &mut out);
+        for l in &self.layers {
+            out.push(l.attn_norm.clone());
+            out.push(l.ffn_norm.clone());
+            for p in [&l.qkv, &l.o, &l.gate_up, &l.down] {
+                linear(p, &mut out);
+            }
+        }
+        out
+    }
+
+    /// Logits `[batch, len, vocab]` for a batch of sequences (right-padded to the longest;
+    /// rows past a sequence's end are padding and meaningless).
+    pub fn forward(
+        &self,
+        batch: &[&[u32]],
+        adapter: Option<&TrainAdapter>,
+    ) -> Result<Tensor, TrainError> {
+        let past = self.prefix_past(adapter)?;
+        let (b, t) = self.check_batch(batch, past.len)?;
+        let (hidden, _) = self.hidden_states(batch, (b, t), adapter, &past)?;
+        let logits = self.lm_head.forward(&hidden)?;
+        Ok(logits.reshape((b, t, self.cfg.vocab_size))?)
+    }
+
+    /// `[batch, len - 1]`: entry `(i, j)` is `log π(tokens_i[j+1] | tokens_i[..=j])`, and 0
+    /// where `j + 1` is past the end of sequence `i`. Summing a sequence's completion entries
+    /// gives the sequence log-probability the DPO and SFT losses need.
+    pub fn token_logprobs(
+        &self,
+        batch: &[&[u32]],
+        adapter: Option<&TrainAdapter>,
+    ) -> Result<Tensor, TrainError> {
+        let t = batch.iter().map(|s| s.len()).max().unwrap_or(0);
+        if t < 2 {
+            return Err(TrainError::NothingToScore);
+        }
+        let logits = self.forward(batch, adapter)?;
+        let scored: Vec<&[u32]> = batch.iter().map(|s| s.get(1..).unwrap_or(&[])).collect();
+        self.gather_targets(&logits.narrow(1, 0, t - 1)?, &scored)
+    }
+
+    /// Runs `prompt` once and keeps its keys/values (with the adapter's prefix in front) for
+    /// [`TrainModel::continuation_logprobs`]: the chosen and rejected answers of a preference
+    /// pair then share one prompt forward instead of recomputing it. The cache stays part of
+    /// the autograd graph, so gradients from every continuation flow back through the prompt.
+    pub fn prompt_cache(
+        &self,
+        prompt: &[u32],
+        adapter: Option<&TrainAdapter>,
+    ) -> Result<PromptCache, TrainError> {
+        let past = self.prefix_past(adapter)?;
+        let (b, t) = self.check_batch(&[prompt], past.len)?;
+        let (hidden, kv) = self.hidden_states(&[prompt], (b, t), adapter, &past)?;
+        let last = self.lm_head.forward(&hidden.narrow(0, t - 1, 1)?)?;
+        Ok(PromptCache {
+            past: Past {
+                len: past.len + t,
+                kv,
+            },
+            prefix_len: past.len,
+            last_logits: last.reshape((1, 1, self.cfg.vocab_size))?,
+        })
+    }
+
+    /// `[batch, len]`: entry `(i, j)` is `log π(cont_i[j] | prompt, cont_i[..j])` (0 past the
+    /// end of `cont_i`), the same numbers [`TrainModel::token_logprobs`] gives for the
+    /// completion positions of `prompt ++ cont_i`. `adapter` must be the one the cache was
+    /// built with.
+    pub fn continuation_logprobs(
+        &self,
+        cache: &PromptCache,
+        continuations: &[&[u32]],
+        adapter: Option<&TrainAdapter>,
+    ) -> Result<Tensor, TrainError> {
+        let prefix = adapter.map_or(0, TrainAdapter::prefix_len);
+        if prefix != cache.prefix_len {
+            return Err(TrainError::PromptMismatch {
+                cache: cache.prefix_len,
+                adapter: prefix,
+            });
+        }
+        let (b, t) = self.check_batch(continuations, cache.past.len)?;
+        let vocab = self.cfg.vocab_size;
+        let first = cache.last_logits.broadcast_as((b, 1, vocab))?;
+        let scoring = if t > 1 {
+            let (hidden, _) =
+                self.hidden_states(continuations, (b, t - 1), adapter, &cache.past)?;
+            let logits = self.lm_head.forward(&hidden)?.reshape((b, t - 1, vocab))?;
+            Tensor::cat(&[&first.contiguous()?, &logits], 1)?
+        } else {
+            first.contiguous()?
+        };
+        self.gather_targets(&scoring, continuations)
+    }
+
+    /// `log_softmax(logits)[i, j, targets_i[j]]`, 0 past the end of `targets_i`.
+    fn gather_targets(&self, logits: &Tensor, targets: &[&[u32]]) -> Result<Tensor, TrainError> {
+        let (b, t, _) = logits.dims3()?;
+        let mut ids = vec![PAD_TOKEN; b * t];
+        let mut mask = vec![0f32; b * t];
+        for (i, seq) in targets.iter().enumerate() {
+            for (j, &tok) in seq.iter().take(t).enumerate() {
+                ids[i * t + j] = tok;
+                mask[i * t + j] = 1.0;
+            }
+        }
+        let ids = Tensor::from_vec(ids, (b, t), &self.device)?;
+        let mask = tensor(mask, (b, t), self.dtype, &self.device)?;
+        Ok((ops::gather_logprobs(&logits.contiguous()?, &ids)? * mask)?)
+    }
+
+    /// The adapter's virtual keys/values as the past every sequence starts from.
+    fn prefix_past(&self, adapter: Option<&TrainAdapter>) -> Result<Past, TrainError> {
+        let Some(a) = adapter.filter(|a| a.prefix_len() > 0) else {
+            return Ok(Past::default());
+        };
+        let (kvh, hd) = (self.cfg.num_kv_heads, self.cfg.head_dim);
+        let n = a.prefix_len();
+        // `[n, kv_dim]` → `[1, kv_heads, n, head_dim]`, unrotated (as the serving cache).
+        let heads = |x: &Tensor| -> Result<Tensor, TrainError> {
+            Ok(x.reshape((n, kvh, hd))?
+                .transpose(0, 1)?
+                .unsqueeze(0)?
+                .contiguous()?)
+        };
+        let mut kv = Vec::with_capacity(self.layers.len());
+        for li in 0..self.layers.len() {
+            let p = a.prefix(li).ok_or_else(|| {
+                TrainError::AdapterConfig(format!("prefix has no entry for layer {li}"))
+            })?;
+            kv.push((heads(p.k.as_tensor())?, heads(p.v.as_tensor())?));
+        }
+        Ok(Past { len: n, kv })
+    }
+
+    /// Validates a batch; returns (batch size, padded length).
+    fn check_batch(&self, batch: &[&[u32]], past: usize) -> Result<(usize, usize), TrainError> {
+        let t = batch.iter().map(|s| s.len()).max().unwrap_or(0);
+        if t == 0 {
+            return Err(TrainError::EmptyBatch);
+        }
+        let context = self.cfg.max_position_embeddings;
+        if past + t > context {
+            return Err(TrainError::ContextLength {
+                needed: past + t,
+                context,
+            });
+        }
+        let vocab = self.cfg.vocab_size;
+        if let Some(&token) = batch
+            .iter()
+            .flat_map(|s| s.iter())
+            .find(|&&x| x as usize >= vocab)
+        {
+            return Err(TrainError::TokenOutOfRange { token, vocab });
+        }
+        Ok((batch.len(), t))
+    }
+
+    /// Final-norm hidden states `[batch · len, hidden]` of the first `len` tokens of each
+    /// sequence after `past`, and each layer's keys/values `[batch, kv_heads, past + len,
+    /// head_dim]`.
+    fn hidden_states(
+        &self,
+        batch: &[&[u32]],
+        (b, t): (usize, usize),
+        adapter: Option<&TrainAdapter>,
+        past: &Past,
+    ) -> Result<(Tensor, Vec<(Tensor, Tensor)>), TrainError> {
+        let cfg = &self.cfg;
+        let h = cfg.hidden_size;
+        // Padding rows stay zero: RMSNorm of zero is zero, so they cannot produce NaNs.
+        let mut x0 = vec![0f32; b * t * h];
+        for (i, seq) in batch.iter().enumerate() {
+            for (j, &tok) in seq.iter().take(t).enumerate() {
+                let r = i * t + j;
+                self.embed
+                    .dequantize_row(tok as usize, &mut x0[r * h..(r + 1) * h])?;
+            }
+        }
+        let mut x = tensor(x0, (b * t, h), self.dtype, &self.device)?;
+        let ctx = AttnContext {
+            b,
+            t,
+            rope: RopeTables::new(&self.inv_freq, past.len, t, self.dtype, &self.device)?,
+            mask: ops::causal_mask(t, past.len, self.dtype, &self.device)?,
+        };
+        let eps = cfg.rms_norm_eps as f64;
+        let mut kv = Vec::with_capacity(self.layers.len());
+        for (li, layer) in self.layers.iter().enumerate() {
+            let normed = ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let (attn, layer_kv) =
+                self.attention(li, layer, &normed, &ctx, adapter, past.kv.get(li))?;
+            kv.push(layer_kv);
+            let mut o = layer.o.forward(&attn)?;
+            add_lora(&mut o, adapter, li, Proj::O, &attn)?;
+            x = (x + o)?;
+
+            let normed = ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+            let inter = cfg.intermediate_size;
+            let gu = layer.gate_up.forward(&normed)?;
+            let mut gate = gu.narrow(1, 0, inter)?;
+            let mut up = gu.narrow(1, inter, inter)?;
+            add_lora(&mut gate, adapter, li, Proj::Gate, &normed)?;
+            add_lora(&mut up, adapter, li, Proj::Up, &normed)?;
+            let act = (ops::silu(&gate)? * up)?;
+            let mut down = layer.down.forward(&act)?;
+            add_lora(&mut down, adapter, li, Proj::Down, &act)?;
+            x = (x + down)?;
+        }
+        Ok((ops::rms_norm(&x, &self.norm, eps)?, kv))
+    }
+
+    /// Causal self-attention of one layer: `normed` `[b·t, hidden]` → `[b·t, q_dim]`, after
+    /// `past` keys/values (`[1 or b, kv_heads, n, head_dim]`); also returns this layer's full
+    /// keys/values (past first).
+    fn attention(
+        &self,
+        li: usize,
+        layer: &TrainLayer,
+        normed: &Tensor,
+        ctx: &AttnContext,
+        adapter: Option<&TrainAdapter>,
+        past: Option<&(Tensor, Tensor)>,
+    ) -> Result<(Tensor, (Tensor, Tensor)), TrainError> {
+        let cfg = &self.cfg;
+        let (b, t) = (ctx.b, ctx.t);
+        let (hd, nh, kvh) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
+        let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
+        let qkv = layer.qkv.forward(normed)?;
+        let mut q = qkv.narrow(1, 0, q_dim)?;
+        let mut k = qkv.narrow(1, q_dim, kv_dim)?;
+        let mut v = qkv.narrow(1, q_dim + kv_dim, kv_dim)?;
+        add_lora(&mut q, adapter, li, Proj::Q, normed)?;
+        add_lora(&mut k, adapter, li, Proj::K, normed)?;
+        add_lora(&mut v, adapter, li, Proj::V, normed)?;
+        let heads = |x: Tensor, n: usize| -> Result<Tensor, TrainError> {
+            Ok(x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = ops::rope(&heads(q, nh)?, &ctx.rope)?;
+        let mut k = ops::rope(&heads(k, kvh)?, &ctx.rope)?;
+        let mut v = heads(v, kvh)?;
+        if let Some((pk, pv)) = past {
+            // A past shared by the whole batch (prefix, prompt) is stored once and broadcast.
+            let widen = |x: &Tensor| -> Result<Tensor, TrainError> {
+                let (_, _, n, _) = x.dims4()?;
+                Ok(x.broadcast_as((b, kvh, n, hd))?.contiguous()?)
+            };
+            k = Tensor::cat(&[&widen(pk)?, &k], 2)?;
+            v = Tensor::cat(&[&widen(pv)?, &v], 2)?;
+        }
+        let group = nh / kvh;
+        let kr = ops::repeat_kv(&k, group)?;
+        let vr = ops::repeat_kv(&v, group)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = q
+            .matmul(&kr.transpose(2, 3)?.contiguous()?)?
+            .affine(scale, 0.0)?
+            .broadcast_add(&ctx.mask)?;
+        let probs = ops::softmax_last_dim(&scores)?;
+        let out = probs
+            .matmul(&vr)?
+            .transpose(1, 2)?
+            .reshape((b * t, q_dim))?;
+        Ok((out, (k, v)))
+    }
+}
+
+/// What every layer's attention of one forward shares.
+struct AttnContext {
+    b: usize,
+    t: usize,
+    rope: RopeTables,
+    mask: Tensor,
+}
+
+/// Keys/values every sequence of a forward attends to before its own tokens: per layer
+/// `[1, kv_heads, len, head_dim]` (empty when `len` is 0).
+#[derive(Debug, Clone, Default)]
+struct Past {
+    len: usize,
+    kv: Vec<(Tensor, Tensor)>,
+}
+
+/// A prompt run once by [`TrainModel::prompt_cache`], to score several continuations.
+#[derive(Debug, Clone)]
+pub struct PromptCache {
+    past: Past,
+    prefix_len: usize,
+    /// `[1, 1, vocab]` logits after the last prompt token (they score a continuation's first
+    /// token).
+    last_logits: Tensor,
+}
+
+impl PromptCache {
+    /// Positions held: the adapter's virtual tokens plus the prompt.
+    pub fn len(&self) -> usize {
+        self.past.len
+    }
+
+    /// True when nothing is held (never, for a cache built from a non-empty prompt).
+    pub fn is_empty(&self) -> bool {
+        self.past.len == 0
+    }
+}
+
+/// Adds the adapter's LoRA delta for (`layer`, `proj`) computed from `input`, if it has one.
+fn add_lora(
+    out: &mut Tensor,
+    adapter: Option<&TrainAdapter>,
+    layer: usize,
+    proj: Proj,
+    input: &Tensor,
+) -> Result<(), TrainError> {
+    if let Some(l) = adapter.and_then(|a| a.lora(layer, proj)) {
+        *out = (&*out + l.delta(input)?)?;
+    }
+    Ok(())
+}
