@@ -27,7 +27,14 @@ struct Sample {
     ok: bool,
 }
 
-async fn one(client: &reqwest::Client, url: &str, key: &str, model: &str, i: usize, max_tokens: u64) -> Sample {
+async fn one(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    model: &str,
+    i: usize,
+    max_tokens: u64,
+) -> Sample {
     let body = json!({
         "model": model,
         "messages": [{"role": "user", "content": PROMPTS[i % PROMPTS.len()]}],
@@ -37,8 +44,18 @@ async fn one(client: &reqwest::Client, url: &str, key: &str, model: &str, i: usi
         "stream_options": {"include_usage": true},
     });
     let start = Instant::now();
-    let failed = Sample { ttft: Duration::ZERO, tokens: 0, ok: false };
-    let Ok(resp) = client.post(format!("{url}/v1/chat/completions")).bearer_auth(key).json(&body).send().await else {
+    let failed = Sample {
+        ttft: Duration::ZERO,
+        tokens: 0,
+        ok: false,
+    };
+    let Ok(resp) = client
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+    else {
         return failed;
     };
     if !resp.status().is_success() {
@@ -51,11 +68,15 @@ async fn one(client: &reqwest::Client, url: &str, key: &str, model: &str, i: usi
         buf.push_str(&String::from_utf8_lossy(&bytes));
         while let Some(pos) = buf.find("\n\n") {
             let event: String = buf.drain(..pos + 2).collect();
-            let Some(data) = event.trim().strip_prefix("data: ") else { continue };
+            let Some(data) = event.trim().strip_prefix("data: ") else {
+                continue;
+            };
             if data == "[DONE]" {
                 continue;
             }
-            let Ok(v) = serde_json::from_str::<Value>(data) else { continue };
+            let Ok(v) = serde_json::from_str::<Value>(data) else {
+                continue;
+            };
             if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
                 usage = Some(n);
             }
@@ -66,7 +87,11 @@ async fn one(client: &reqwest::Client, url: &str, key: &str, model: &str, i: usi
             }
         }
     }
-    Sample { ttft: ttft.unwrap_or_else(|| start.elapsed()), tokens: usage.unwrap_or(chunks), ok: true }
+    Sample {
+        ttft: ttft.unwrap_or_else(|| start.elapsed()),
+        tokens: usage.unwrap_or(chunks),
+        ok: true,
+    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -93,7 +118,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let start = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..concurrency {
-        let (client, url, key, model, next) = (client.clone(), url.clone(), key.clone(), model.clone(), next.clone());
+        let (client, url, key, model, next) = (
+            client.clone(),
+            url.clone(),
+            key.clone(),
+            model.clone(),
+            next.clone(),
+        );
         workers.push(tokio::spawn(async move {
             let mut samples = Vec::new();
             loop {
