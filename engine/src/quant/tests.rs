@@ -421,6 +421,62 @@ fn simd_four_row_vec_dots_equal_scalar_oracle() {
     }
 }
 
+/// Random blocks of `t` whose f16 scales are 1 and minimums/sums 0, so that every kernel's
+/// result is the raw integer dot (exact in f32 below 2^24). Int8 quants avoid -128, which the
+/// sign trick cannot negate and which ggml's Q8 quantizers never produce.
+fn unit_scale_blocks(t: GgmlDType, n: usize, rng: &mut StdRng) -> Vec<u8> {
+    let mut b: Vec<u8> = (0..t.row_bytes(n).unwrap())
+        .map(|_| rng.gen_range(-127i8..=127) as u8)
+        .collect();
+    let one = half::f16::from_f32(1.0).to_bits().to_le_bytes();
+    for blk in b.chunks_exact_mut(t.type_size()) {
+        blk[0..2].copy_from_slice(&one);
+        if matches!(t, GgmlDType::Q4_1 | GgmlDType::Q8_1) {
+            blk[2..4].copy_from_slice(&[0, 0]);
+        }
+    }
+    b
+}
+
+#[test]
+fn simd_integer_parts_are_exact() {
+    let mut rng = StdRng::seed_from_u64(13);
+    let n = 1536;
+    let int8 = [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0];
+    for (t, simd) in simd_dots().into_iter().filter(|(t, _)| int8.contains(t)) {
+        let vdt = t.vec_dot_type().unwrap();
+        for _ in 0..8 {
+            let (w, a) = (
+                unit_scale_blocks(t, n, &mut rng),
+                unit_scale_blocks(vdt, n, &mut rng),
+            );
+            assert_eq!(simd(n, &w, &a), scalar_dot(t)(n, &w, &a), "{}", t.name());
+        }
+    }
+    for (name, t, k44) in simd_dots4x4() {
+        let vdt = t.vec_dot_type().unwrap();
+        let w: Vec<Vec<u8>> = (0..4).map(|_| unit_scale_blocks(t, n, &mut rng)).collect();
+        let a: Vec<Vec<u8>> = (0..4)
+            .map(|_| unit_scale_blocks(vdt, n, &mut rng))
+            .collect();
+        let got = k44(
+            n,
+            [0, 1, 2, 3].map(|r| &w[r][..]),
+            [0, 1, 2, 3].map(|c| &a[c][..]),
+        );
+        for r in 0..4 {
+            for c in 0..4 {
+                assert_eq!(
+                    got[r][c],
+                    scalar_dot(t)(n, &w[r], &a[c]),
+                    "{name} {}",
+                    t.name()
+                );
+            }
+        }
+    }
+}
+
 /// Random bytes for `n` elements of `t` with finite, moderate f16 scales.
 fn random_blocks(t: GgmlDType, n: usize, rng: &mut StdRng) -> Vec<u8> {
     let mut b: Vec<u8> = (0..t.row_bytes(n).unwrap()).map(|_| rng.gen()).collect();
