@@ -27,7 +27,7 @@ pub(crate) type VecDot4x4Fn = fn(usize, [&[u8]; 4], [&[u8]; 4]) -> [[f32; 4]; 4]
 
 /// The kernel set chosen for this CPU.
 pub(crate) struct Kernels {
-    /// Name of the instruction set in use ("avx2", "scalar").
+    /// Name of the best instruction set in use ("avx512vnni", "avxvnni", "avx2", "scalar").
     pub name: &'static str,
     dots: [VecDotFn; 15],
     dots4: [Option<VecDot4Fn>; 15],
