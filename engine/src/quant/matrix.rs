@@ -232,10 +232,10 @@ impl QMatrix {
     fn matmul_prepared(&self, act: &[u8], arb: usize, m: usize, out: &mut [f32]) {
         let (rows, cols, rb) = (self.rows, self.cols, self.row_bytes);
         let dot = kernels().dot(self.dtype);
-        let dot4 = if m >= 4 {
-            kernels().dot4(self.dtype)
+        let (dot4, dot4x4) = if m >= 4 {
+            (kernels().dot4(self.dtype), kernels().dot4x4(self.dtype))
         } else {
-            None
+            (None, None)
         };
         let w: &[u8] = &self.bytes;
         let threads = num_threads();
@@ -258,16 +258,39 @@ impl QMatrix {
             let r1 = (r0 + chunk).min(rows);
             // Activation rows outer (four at a time where a 4-row kernel exists), weight tile
             // inner: the tile stays in L1 while the activations stream past it once.
+            let wrow = |r: usize| &w[r * rb..(r + 1) * rb];
+            let put = |i: usize, r: usize, v: f32| {
+                // SAFETY: callers pass i < m and r < rows, so the index is inside `out`
+                // (m * rows long); each (i, r) is written by exactly one task (rows are split
+                // disjointly between tasks).
+                debug_assert!(i < m && r < rows);
+                unsafe { *optr.0.add(i * rows + r) = v };
+            };
             let mut i = 0;
-            if let Some(dot4) = dot4 {
+            if dot4x4.is_some() || dot4.is_some() {
                 while i + 4 <= m {
                     let a = [0, 1, 2, 3].map(|k| &act[(i + k) * arb..(i + k + 1) * arb]);
-                    for r in r0..r1 {
-                        let v = dot4(cols, &w[r * rb..(r + 1) * rb], a);
+                    let mut r = r0;
+                    if let Some(k44) = dot4x4 {
+                        // 4x4 register blocks: each weight block is unpacked once per four
+                        // activation rows, each activation block loaded once per four weights.
+                        while r + 4 <= r1 {
+                            let v = k44(cols, [0, 1, 2, 3].map(|k| wrow(r + k)), a);
+                            for (dr, vr) in v.into_iter().enumerate() {
+                                for (k, vk) in vr.into_iter().enumerate() {
+                                    put(i + k, r + dr, vk);
+                                }
+                            }
+                            r += 4;
+                        }
+                    }
+                    for r in r..r1 {
+                        let v = match dot4 {
+                            Some(dot4) => dot4(cols, wrow(r), a),
+                            None => a.map(|ak| dot(cols, wrow(r), ak)),
+                        };
                         for (k, vk) in v.into_iter().enumerate() {
-                            // SAFETY: i + k < m and r < rows, so the index is inside `out`
-                            // (m * rows long); each (row, r) is written by exactly one task.
-                            unsafe { *optr.0.add((i + k) * rows + r) = vk };
+                            put(i + k, r, vk);
                         }
                     }
                     i += 4;
@@ -276,10 +299,7 @@ impl QMatrix {
             for i in i..m {
                 let a = &act[i * arb..(i + 1) * arb];
                 for r in r0..r1 {
-                    let v = dot(cols, &w[r * rb..(r + 1) * rb], a);
-                    // SAFETY: i < m and r < rows, so the index is inside `out` (m * rows long);
-                    // each (i, r) is written by exactly one task (rows are split disjointly).
-                    unsafe { *optr.0.add(i * rows + r) = v };
+                    put(i, r, dot(cols, wrow(r), a));
                 }
             }
         };

@@ -3,7 +3,8 @@
 //! * [`GgmlDType`]: the ggml block formats (sizes, ids, names) — `dtype.rs`.
 //! * [`dequantize`] / [`quantize`]: reference converters — `dequant.rs`, `quantize.rs`.
 //! * [`QMatrix`]: a weight matrix in ggml blocks with a ggml-exact matmul — `matrix.rs`.
-//! * `kernels/`: per-format vec-dot kernels (scalar oracle, AVX2 chosen at runtime).
+//! * `kernels/`: per-format vec-dot kernels (scalar oracle; AVX2, then AVX512-VNNI or AVX-VNNI
+//!   for the int8 formats, chosen at runtime) and 4x4 micro-kernels for batched rows.
 //! * [`parallel_for`] and the global compute pool — `pool.rs`.
 
 mod dequant;

@@ -1,7 +1,7 @@
 //! Tests of the quant module: candle as the dequantization reference, round-trip bounds,
 //! matmul against dequantized math, SIMD against the scalar oracle, validation and the pool.
 
-use super::kernels::{scalar_dot, simd_dots, simd_dots4};
+use super::kernels::{scalar_dot, simd_dots, simd_dots4, simd_dots4x4};
 use super::*;
 use candle_core::quantized::{GgmlDType as CDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -283,6 +283,69 @@ fn matmul_of_every_type_matches_dequantized_reference() {
 }
 
 #[test]
+fn matmul_of_int8_kernel_formats_matches_reference_for_every_tile_remainder() {
+    // The 4x4 micro-kernels cover whole 4-row by 4-activation tiles; odd row counts and m not a
+    // multiple of four exercise every remainder path (4-row kernel, one-row kernel).
+    for t in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        for rows in [1, 5, 19, 35] {
+            for m in [1, 3, 4, 5, 16, 17] {
+                check_matmul(t, rows, 96, m);
+            }
+        }
+    }
+    set_num_threads(2);
+    check_matmul(GgmlDType::Q4_1, 3072, 576, 16);
+    check_matmul(GgmlDType::Q8_0, 1003, 576, 5);
+}
+
+#[test]
+fn simd_4x4_micro_kernels_equal_scalar_oracle() {
+    let mut rng = StdRng::seed_from_u64(9);
+    let kernels = simd_dots4x4();
+    if cfg!(target_arch = "x86_64") && std::arch::is_x86_feature_detected!("avx512vnni") {
+        assert!(!kernels.is_empty(), "no 4x4 kernel on a VNNI CPU");
+    }
+    for (name, t, k44) in kernels {
+        let scalar = scalar_dot(t);
+        let vdt = t.vec_dot_type().unwrap();
+        for n in [32, 64, 96, 576, 1536] {
+            for trial in 0..3u64 {
+                let w: Vec<Vec<u8>> = (0..4u64)
+                    .map(|r| {
+                        if trial == 1 {
+                            random_blocks(t, n, &mut rng)
+                        } else {
+                            weight(t, 1, n, 7 * r + n as u64 + trial)
+                                .row_bytes_slice(0)
+                                .to_vec()
+                        }
+                    })
+                    .collect();
+                let acts: Vec<Vec<u8>> = (0..4)
+                    .map(|k| quantize(vdt, &data(n, 60 + k + 10 * trial)).unwrap())
+                    .collect();
+                let got = k44(
+                    n,
+                    [0, 1, 2, 3].map(|r| &w[r][..]),
+                    [0, 1, 2, 3].map(|k| &acts[k][..]),
+                );
+                for r in 0..4 {
+                    for c in 0..4 {
+                        let s = scalar(n, &w[r], &acts[c]);
+                        assert!(
+                            (s - got[r][c]).abs() <= 1e-5 * s.abs().max(1.0) * (n as f32).sqrt(),
+                            "{name} {} n={n} trial={trial} [{r}][{c}]: scalar {s} simd {}",
+                            t.name(),
+                            got[r][c]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn matmul_of_model_shapes_matches_dequantized_reference() {
     set_num_threads(2);
     check_matmul(GgmlDType::Q4_1, 576, 576, 1);
@@ -352,6 +415,62 @@ fn simd_four_row_vec_dots_equal_scalar_oracle() {
                     "{} n={n} row {k}: scalar {s} simd {}",
                     t.name(),
                     got[k]
+                );
+            }
+        }
+    }
+}
+
+/// Random blocks of `t` whose f16 scales are 1 and minimums/sums 0, so that every kernel's
+/// result is the raw integer dot (exact in f32 below 2^24). Int8 quants avoid -128, which the
+/// sign trick cannot negate and which ggml's Q8 quantizers never produce.
+fn unit_scale_blocks(t: GgmlDType, n: usize, rng: &mut StdRng) -> Vec<u8> {
+    let mut b: Vec<u8> = (0..t.row_bytes(n).unwrap())
+        .map(|_| rng.gen_range(-127i8..=127) as u8)
+        .collect();
+    let one = half::f16::from_f32(1.0).to_bits().to_le_bytes();
+    for blk in b.chunks_exact_mut(t.type_size()) {
+        blk[0..2].copy_from_slice(&one);
+        if matches!(t, GgmlDType::Q4_1 | GgmlDType::Q8_1) {
+            blk[2..4].copy_from_slice(&[0, 0]);
+        }
+    }
+    b
+}
+
+#[test]
+fn simd_integer_parts_are_exact() {
+    let mut rng = StdRng::seed_from_u64(13);
+    let n = 1536;
+    let int8 = [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0];
+    for (t, simd) in simd_dots().into_iter().filter(|(t, _)| int8.contains(t)) {
+        let vdt = t.vec_dot_type().unwrap();
+        for _ in 0..8 {
+            let (w, a) = (
+                unit_scale_blocks(t, n, &mut rng),
+                unit_scale_blocks(vdt, n, &mut rng),
+            );
+            assert_eq!(simd(n, &w, &a), scalar_dot(t)(n, &w, &a), "{}", t.name());
+        }
+    }
+    for (name, t, k44) in simd_dots4x4() {
+        let vdt = t.vec_dot_type().unwrap();
+        let w: Vec<Vec<u8>> = (0..4).map(|_| unit_scale_blocks(t, n, &mut rng)).collect();
+        let a: Vec<Vec<u8>> = (0..4)
+            .map(|_| unit_scale_blocks(vdt, n, &mut rng))
+            .collect();
+        let got = k44(
+            n,
+            [0, 1, 2, 3].map(|r| &w[r][..]),
+            [0, 1, 2, 3].map(|c| &a[c][..]),
+        );
+        for r in 0..4 {
+            for c in 0..4 {
+                assert_eq!(
+                    got[r][c],
+                    scalar_dot(t)(n, &w[r], &a[c]),
+                    "{name} {}",
+                    t.name()
                 );
             }
         }
@@ -502,13 +621,14 @@ fn bench_gemv_throughput() {
         (GgmlDType::Q4_1, 576, 576),
         (GgmlDType::Q4_1, 1536, 576),
         (GgmlDType::Q4_1, 576, 1536),
+        (GgmlDType::Q4_1, 3072, 576),
         (GgmlDType::Q8_0, 49152, 576),
     ];
     for threads in [1, 2] {
         set_num_threads(threads);
         for &(t, rows, cols) in &shapes {
             let w = weight(t, rows, cols, 1);
-            for m in [1usize, 16] {
+            for m in [1usize, 4, 16, 64] {
                 let x = data(m * cols, 2);
                 let mut out = vec![0f32; m * rows];
                 let iters = ((2e8 / (w.size_in_bytes() * m) as f64) as usize).clamp(5, 20000);

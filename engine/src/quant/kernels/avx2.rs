@@ -96,7 +96,7 @@ wrapper!(q6k_dot, q6k_impl, GgmlDType::Q6K, GgmlDType::Q8K);
 /// f16 at `p` (unaligned) as f32.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn h2f(p: *const u8) -> f32 {
+pub(super) unsafe fn h2f(p: *const u8) -> f32 {
     // SAFETY: the caller guarantees two readable bytes at `p`.
     let bits = unsafe { std::ptr::read_unaligned(p as *const u16) };
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
@@ -113,7 +113,7 @@ unsafe fn ld_f32(p: *const u8) -> f32 {
 /// Horizontal sum of 8 floats.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn hsum(v: __m256) -> f32 {
+pub(super) fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -123,7 +123,7 @@ fn hsum(v: __m256) -> f32 {
 /// 32 bytes at `p` (unaligned).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn ld256(p: *const u8) -> __m256i {
+pub(super) unsafe fn ld256(p: *const u8) -> __m256i {
     // SAFETY: the caller guarantees 32 readable bytes at `p`.
     unsafe { _mm256_loadu_si256(p as *const __m256i) }
 }
@@ -132,7 +132,7 @@ unsafe fn ld256(p: *const u8) -> __m256i {
 /// high nibbles elements 16..32.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn nibbles(p: *const u8) -> __m256i {
+pub(super) unsafe fn nibbles(p: *const u8) -> __m256i {
     // SAFETY: the caller guarantees 16 readable bytes at `p`.
     let t = unsafe { _mm_loadu_si128(p as *const __m128i) };
     let m = _mm_set1_epi8(0xF);
@@ -262,7 +262,7 @@ unsafe fn q4_0_impl(n: usize, w: *const u8, a: *const u8) -> f32 {
 /// The two f16 at `p` (a block's `d` and `m`/`s`) as f32 lanes 0 and 1.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn h2f_pair(p: *const u8) -> __m128 {
+pub(super) unsafe fn h2f_pair(p: *const u8) -> __m128 {
     // SAFETY: the caller guarantees four readable bytes at `p`.
     let bits = unsafe { std::ptr::read_unaligned(p as *const u32) };
     _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))

@@ -10,6 +10,8 @@ use std::sync::OnceLock;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 pub(crate) mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod vnni;
 
 /// `dot(n_elements, weight_row_bytes, activation_row_bytes)`.
 pub(crate) type VecDotFn = fn(usize, &[u8], &[u8]) -> f32;
@@ -18,12 +20,18 @@ pub(crate) type VecDotFn = fn(usize, &[u8], &[u8]) -> f32;
 /// activation rows, unpacking the weights once (prefill).
 pub(crate) type VecDot4Fn = fn(usize, &[u8], [&[u8]; 4]) -> [f32; 4];
 
+/// `dot4x4(n_elements, four_weight_rows, four_activation_rows)`: `out[r][c] = dot(w[r], a[c])`,
+/// a register-blocked micro-kernel that unpacks each weight block once for four activation rows
+/// and loads each activation block once for four weight rows (m >= 4).
+pub(crate) type VecDot4x4Fn = fn(usize, [&[u8]; 4], [&[u8]; 4]) -> [[f32; 4]; 4];
+
 /// The kernel set chosen for this CPU.
 pub(crate) struct Kernels {
-    /// Name of the instruction set in use ("avx2", "scalar").
+    /// Name of the best instruction set in use ("avx512vnni", "avxvnni", "avx2", "scalar").
     pub name: &'static str,
     dots: [VecDotFn; 15],
     dots4: [Option<VecDot4Fn>; 15],
+    dots4x4: [Option<VecDot4x4Fn>; 15],
 }
 
 impl Kernels {
@@ -37,6 +45,12 @@ impl Kernels {
     #[inline(always)]
     pub fn dot4(&self, dtype: GgmlDType) -> Option<VecDot4Fn> {
         self.dots4[index(dtype)]
+    }
+
+    /// The 4x4 micro-kernel for weights of `dtype`, where one exists.
+    #[inline(always)]
+    pub fn dot4x4(&self, dtype: GgmlDType) -> Option<VecDot4x4Fn> {
+        self.dots4x4[index(dtype)]
     }
 }
 
@@ -73,6 +87,7 @@ fn scalar_kernels() -> Kernels {
         name: "scalar",
         dots: GgmlDType::ALL.map(scalar_dot),
         dots4: [None; 15],
+        dots4x4: [None; 15],
     }
 }
 
@@ -93,6 +108,19 @@ pub(crate) fn kernels() -> &'static Kernels {
                 for (t, f) in avx2::dots4().unwrap_or_default() {
                     k.dots4[index(t)] = Some(f);
                 }
+                // VNNI replaces the int8 kernels it has; PREFIX_RFT_QUANT_NO_VNNI keeps AVX2
+                // (for A/B benchmarks).
+                if std::env::var_os("PREFIX_RFT_QUANT_NO_VNNI").is_none() {
+                    if let Some(set) = vnni::sets().into_iter().next() {
+                        k.name = set.name;
+                        for (t, f) in set.dots {
+                            k.dots[index(t)] = f;
+                        }
+                        for (t, f) in set.dots4x4 {
+                            k.dots4x4[index(t)] = Some(f);
+                        }
+                    }
+                }
             }
         }
         k
@@ -112,12 +140,33 @@ pub(crate) fn simd_dots4() -> Vec<(GgmlDType, VecDot4Fn)> {
     }
 }
 
-/// The SIMD kernels available on this CPU (for tests comparing them to the scalar oracle).
+/// Every 4x4 micro-kernel available on this CPU, with its set's name (for tests).
+#[cfg(test)]
+pub(crate) fn simd_dots4x4() -> Vec<(&'static str, GgmlDType, VecDot4x4Fn)> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        vnni::sets()
+            .into_iter()
+            .flat_map(|s| s.dots4x4.into_iter().map(move |(t, f)| (s.name, t, f)))
+            .collect()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Vec::new()
+    }
+}
+
+/// The SIMD kernels available on this CPU, every instruction set (for tests comparing them to
+/// the scalar oracle).
 #[cfg(test)]
 pub(crate) fn simd_dots() -> Vec<(GgmlDType, VecDotFn)> {
     #[cfg(target_arch = "x86_64")]
     {
-        avx2::dots().unwrap_or_default()
+        let mut v = avx2::dots().unwrap_or_default();
+        for s in vnni::sets() {
+            v.extend(s.dots);
+        }
+        v
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

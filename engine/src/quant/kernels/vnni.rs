@@ -1,0 +1,418 @@
+//! x86_64 VNNI kernels for the int8 block formats, selected at runtime over AVX2.
+//!
+//! `vpdpbusd` sums four adjacent u8·i8 products straight into i32 lanes: one instruction where
+//! AVX2 needs `vpmaddubsw` + `vpmaddwd`, and no i16 saturation. The same bodies are compiled
+//! twice (see [`vnni_set!`]): with AVX512-VNNI + AVX512VL (EVEX encoding, 32 ymm registers, which
+//! the 4x4 micro-kernels need for their 16 accumulators) and with AVX-VNNI (VEX encoding, 16
+//! registers; there the 4x4 kernels would spill, so that set only replaces the one-row kernels).
+//!
+//! Signed×signed tricks, all exact in i32:
+//! * Q4_x: the nibbles 0..15 are the unsigned operand directly; Q4_0's zero point is applied as
+//!   `q·y − 8·Σy` (a second `vpdpbusd` against a splat of 8).
+//! * Q8_0 one row: `|w|·sign(y, w)` as in ggml (Q8_0 activations never hold −128).
+//! * Q8_0 4x4: `(w + 128)·y − 128·Σy`, with `−128·Σy` computed once per activation block and
+//!   used as the accumulator input, so each weight×activation pair costs a single `vpdpbusd`.
+
+use super::avx2::{h2f, h2f_pair, hsum, ld256, nibbles};
+use super::{VecDot4x4Fn, VecDotFn};
+use crate::quant::GgmlDType;
+use std::arch::x86_64::*;
+
+/// One VNNI kernel set: its name, one-row kernels and 4x4 micro-kernels.
+pub(super) struct Set {
+    /// Instruction-set name reported by `Kernels::name`.
+    pub name: &'static str,
+    /// One weight row · one activation row.
+    pub dots: Vec<(GgmlDType, VecDotFn)>,
+    /// Four weight rows · four activation rows.
+    pub dots4x4: Vec<(GgmlDType, VecDot4x4Fn)>,
+}
+
+/// Every VNNI set this CPU supports, best first (tests check them all; dispatch takes the first).
+pub(super) fn sets() -> Vec<Set> {
+    let base = is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c");
+    let mut v = Vec::new();
+    if base && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+        v.push(evex::set());
+    }
+    if base && is_x86_feature_detected!("avxvnni") {
+        v.push(vex::set());
+    }
+    v
+}
+
+/// Defines module `$m` holding the kernels compiled for `$feat` with `$dp` as the u8·i8
+/// dot-accumulate; `$x4x4` says whether the set hands out the register-hungry 4x4 kernels.
+macro_rules! vnni_set {
+    ($m:ident, $name:literal, $feat:literal, $dp:ident, $x4x4:literal) => {
+        mod $m {
+            use super::*;
+
+            /// The kernel set; only called by `sets()` after detecting `$feat`.
+            pub(super) fn set() -> Set {
+                Set {
+                    name: $name,
+                    dots: vec![
+                        (GgmlDType::Q4_0, q4_0_dot as VecDotFn),
+                        (GgmlDType::Q4_1, q4_1_dot),
+                        (GgmlDType::Q8_0, q8_0_dot),
+                    ],
+                    dots4x4: if $x4x4 {
+                        vec![
+                            (GgmlDType::Q4_1, q4_1_dot4x4 as VecDot4x4Fn),
+                            (GgmlDType::Q8_0, q8_0_dot4x4),
+                        ]
+                    } else {
+                        Vec::new()
+                    },
+                }
+            }
+
+            /// Safe wrapper: checks `w`/`a` hold `n` elements of their formats.
+            macro_rules! wrapper {
+                ($name_:ident, $imp:ident, $wt:expr, $at:expr) => {
+                    fn $name_(n: usize, w: &[u8], a: &[u8]) -> f32 {
+                        let (wt, at): (GgmlDType, GgmlDType) = ($wt, $at);
+                        assert!(
+                            wt.row_bytes(n).is_some_and(|b| w.len() >= b)
+                                && at.row_bytes(n).is_some_and(|b| a.len() >= b),
+                            "vec-dot operand too short"
+                        );
+                        // SAFETY: handed out by `sets()` only after detecting the features of
+                        // this set; the assert guarantees every block read is in bounds.
+                        unsafe { $imp(n, w.as_ptr(), a.as_ptr()) }
+                    }
+                };
+            }
+
+            /// Safe 4x4 wrapper: checks all eight operands.
+            macro_rules! wrapper4x4 {
+                ($name_:ident, $imp:ident, $wt:expr, $at:expr) => {
+                    fn $name_(n: usize, w: [&[u8]; 4], a: [&[u8]; 4]) -> [[f32; 4]; 4] {
+                        let (wt, at): (GgmlDType, GgmlDType) = ($wt, $at);
+                        assert!(
+                            wt.row_bytes(n)
+                                .is_some_and(|b| w.iter().all(|w| w.len() >= b))
+                                && at
+                                    .row_bytes(n)
+                                    .is_some_and(|b| a.iter().all(|a| a.len() >= b)),
+                            "vec-dot operand too short"
+                        );
+                        // SAFETY: as for the one-row wrapper.
+                        unsafe { $imp(n, w.map(<[u8]>::as_ptr), a.map(<[u8]>::as_ptr)) }
+                    }
+                };
+            }
+
+            wrapper!(q4_0_dot, q4_0_impl, GgmlDType::Q4_0, GgmlDType::Q8_0);
+            wrapper!(q4_1_dot, q4_1_impl, GgmlDType::Q4_1, GgmlDType::Q8_1);
+            wrapper!(q8_0_dot, q8_0_impl, GgmlDType::Q8_0, GgmlDType::Q8_0);
+            wrapper4x4!(q4_1_dot4x4, q4_1_4x4_impl, GgmlDType::Q4_1, GgmlDType::Q8_1);
+            wrapper4x4!(q8_0_dot4x4, q8_0_4x4_impl, GgmlDType::Q8_0, GgmlDType::Q8_0);
+
+            /// Sums of four adjacent u8·i8 products added to the i32 lanes of `acc`.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            fn dp(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+                $dp(acc, u, s)
+            }
+
+            /// Four unaligned bytes at `p` as an i32 (the two f16 of a Q4_1 block header).
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn rd32(p: *const u8) -> i32 {
+                // SAFETY: the caller guarantees four readable bytes at `p`.
+                unsafe { std::ptr::read_unaligned(p as *const i32) }
+            }
+
+            /// Two unaligned bytes at `p` (an f16) as an i64.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn rd16(p: *const u8) -> i64 {
+                // SAFETY: the caller guarantees two readable bytes at `p`.
+                unsafe { std::ptr::read_unaligned(p as *const u16) as i64 }
+            }
+
+            /// One Q4_0·Q8_0 block added to `acc`.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn q4_0_block(wb: *const u8, ab: *const u8, acc: &mut __m256) {
+                // SAFETY: the caller guarantees 18 bytes at `wb` and 34 at `ab`.
+                unsafe {
+                    let y = ld256(ab.add(2));
+                    let z = _mm256_setzero_si256();
+                    // (q − 8)·y = q·y − 8·Σy.
+                    let p = _mm256_sub_epi32(
+                        dp(z, nibbles(wb.add(2)), y),
+                        dp(z, _mm256_set1_epi8(8), y),
+                    );
+                    let d = _mm256_set1_ps(h2f(wb) * h2f(ab));
+                    *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), *acc);
+                }
+            }
+
+            #[target_feature(enable = $feat)]
+            unsafe fn q4_0_impl(n: usize, w: *const u8, a: *const u8) -> f32 {
+                let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let nb = n / 32;
+                let mut i = 0;
+                // SAFETY (whole body): nb blocks of 18 (w) and 34 (a) bytes are readable.
+                unsafe {
+                    // Two accumulators hide the FMA latency.
+                    while i + 2 <= nb {
+                        q4_0_block(w.add(18 * i), a.add(34 * i), &mut acc0);
+                        q4_0_block(w.add(18 * i + 18), a.add(34 * i + 34), &mut acc1);
+                        i += 2;
+                    }
+                    if i < nb {
+                        q4_0_block(w.add(18 * i), a.add(34 * i), &mut acc0);
+                    }
+                }
+                hsum(_mm256_add_ps(acc0, acc1))
+            }
+
+            /// One Q4_1·Q8_1 block: `d_w·d_a·Σq·y` into `acc`, `m_w·s_a` into lane 1 of `mins`.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn q4_1_block(
+                wb: *const u8,
+                ab: *const u8,
+                acc: &mut __m256,
+                mins: &mut __m128,
+            ) {
+                // SAFETY: the caller guarantees 20 bytes at `wb` and 36 at `ab`.
+                unsafe {
+                    let prod = _mm_mul_ps(h2f_pair(wb), h2f_pair(ab));
+                    *mins = _mm_add_ps(*mins, prod);
+                    let p = dp(_mm256_setzero_si256(), nibbles(wb.add(4)), ld256(ab.add(4)));
+                    *acc =
+                        _mm256_fmadd_ps(_mm256_broadcastss_ps(prod), _mm256_cvtepi32_ps(p), *acc);
+                }
+            }
+
+            #[target_feature(enable = $feat)]
+            unsafe fn q4_1_impl(n: usize, w: *const u8, a: *const u8) -> f32 {
+                let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let mut mins = _mm_setzero_ps();
+                let nb = n / 32;
+                let mut i = 0;
+                // SAFETY (whole body): nb blocks of 20 (w) and 36 (a) bytes are readable.
+                unsafe {
+                    while i + 2 <= nb {
+                        q4_1_block(w.add(20 * i), a.add(36 * i), &mut acc0, &mut mins);
+                        q4_1_block(w.add(20 * i + 20), a.add(36 * i + 36), &mut acc1, &mut mins);
+                        i += 2;
+                    }
+                    if i < nb {
+                        q4_1_block(w.add(20 * i), a.add(36 * i), &mut acc0, &mut mins);
+                    }
+                }
+                hsum(_mm256_add_ps(acc0, acc1)) + _mm_cvtss_f32(_mm_movehdup_ps(mins))
+            }
+
+            /// One Q8_0·Q8_0 block added to `acc`.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn q8_0_block(wb: *const u8, ab: *const u8, acc: &mut __m256) {
+                // SAFETY: the caller guarantees 34 bytes at `wb` and at `ab`.
+                unsafe {
+                    let q = ld256(wb.add(2));
+                    // |w|·sign(y, w): exact unless y holds −128, which Q8_0 quantizing never
+                    // produces (values are rounded into −127..=127).
+                    let p = dp(
+                        _mm256_setzero_si256(),
+                        _mm256_abs_epi8(q),
+                        _mm256_sign_epi8(ld256(ab.add(2)), q),
+                    );
+                    let d = _mm256_set1_ps(h2f(wb) * h2f(ab));
+                    *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), *acc);
+                }
+            }
+
+            #[target_feature(enable = $feat)]
+            unsafe fn q8_0_impl(n: usize, w: *const u8, a: *const u8) -> f32 {
+                let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let nb = n / 32;
+                let mut i = 0;
+                // SAFETY (whole body): nb blocks of 34 bytes are readable at w and a.
+                unsafe {
+                    while i + 2 <= nb {
+                        q8_0_block(w.add(34 * i), a.add(34 * i), &mut acc0);
+                        q8_0_block(w.add(34 * i + 34), a.add(34 * i + 34), &mut acc1);
+                        i += 2;
+                    }
+                    if i < nb {
+                        q8_0_block(w.add(34 * i), a.add(34 * i), &mut acc0);
+                    }
+                }
+                hsum(_mm256_add_ps(acc0, acc1))
+            }
+
+            /// `[Σp0, Σp1, Σp2, Σp3]` over the four i32 lanes of each 128-bit half of `p[r]`.
+            /// Reducing the four weight rows' integer dots into one vector before the float
+            /// part costs six shuffles and three adds but leaves one convert and one FMA per
+            /// four pairs instead of four of each (those share ports with `vpdpbusd`).
+            #[inline]
+            #[target_feature(enable = $feat)]
+            fn transpose_sum4(p: [__m256i; 4]) -> __m256i {
+                // Per half: [a0+a2, b0+b2, a1+a3, b1+b3].
+                let s01 = _mm256_add_epi32(
+                    _mm256_unpacklo_epi32(p[0], p[1]),
+                    _mm256_unpackhi_epi32(p[0], p[1]),
+                );
+                let s23 = _mm256_add_epi32(
+                    _mm256_unpacklo_epi32(p[2], p[3]),
+                    _mm256_unpackhi_epi32(p[2], p[3]),
+                );
+                _mm256_add_epi32(
+                    _mm256_unpacklo_epi64(s01, s23),
+                    _mm256_unpackhi_epi64(s01, s23),
+                )
+            }
+
+            /// `out[r][c]`: lane r of the two halves of `acc[c]` summed, plus lane r of
+            /// `extra[c]`.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            fn finish4x4(acc: [__m256; 4], extra: [__m128; 4]) -> [[f32; 4]; 4] {
+                let mut out = [[0f32; 4]; 4];
+                for c in 0..4 {
+                    let v = _mm_add_ps(
+                        _mm_add_ps(
+                            _mm256_castps256_ps128(acc[c]),
+                            _mm256_extractf128_ps(acc[c], 1),
+                        ),
+                        extra[c],
+                    );
+                    let mut l = [0f32; 4];
+                    // SAFETY: `l` is four f32, exactly one unaligned 128-bit store.
+                    unsafe { _mm_storeu_ps(l.as_mut_ptr(), v) };
+                    for r in 0..4 {
+                        out[r][c] = l[r];
+                    }
+                }
+                out
+            }
+
+            /// Four Q4_1 weight rows × four Q8_1 activation rows; `out[r][c]` is
+            /// `dot(w[r], a[c])`. Each weight block is unpacked once and each activation block
+            /// loaded once per step, then reused across the 16 pairs (prefill / batched decode).
+            #[target_feature(enable = $feat)]
+            unsafe fn q4_1_4x4_impl(
+                n: usize,
+                w: [*const u8; 4],
+                a: [*const u8; 4],
+            ) -> [[f32; 4]; 4] {
+                // acc[c] lane r (both halves): Σ d_r·d_a·q·y; mins[c] lane r: Σ m_r·s_a.
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut mins = [_mm_setzero_ps(); 4];
+                let even = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+                let odd = _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7);
+                let z = _mm256_setzero_si256();
+                // SAFETY (whole body): n/32 blocks of 20 bytes at each w[r] and 36 at each a[c].
+                unsafe {
+                    for i in 0..n / 32 {
+                        let wb = w.map(|p| p.add(20 * i));
+                        // [d0 m0 d1 m1 d2 m2 d3 m3] from the four block headers, then
+                        // [d0..d3 | d0..d3] and [m0..m3].
+                        let dm = _mm256_cvtph_ps(_mm_set_epi32(
+                            rd32(wb[3]),
+                            rd32(wb[2]),
+                            rd32(wb[1]),
+                            rd32(wb[0]),
+                        ));
+                        let d = _mm256_permutevar8x32_ps(dm, even);
+                        let m = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, odd));
+                        let q = [
+                            nibbles(wb[0].add(4)),
+                            nibbles(wb[1].add(4)),
+                            nibbles(wb[2].add(4)),
+                            nibbles(wb[3].add(4)),
+                        ];
+                        for c in 0..4 {
+                            let ab = a[c].add(36 * i);
+                            let ds = h2f_pair(ab);
+                            let y = ld256(ab.add(4));
+                            let p = transpose_sum4([
+                                dp(z, q[0], y),
+                                dp(z, q[1], y),
+                                dp(z, q[2], y),
+                                dp(z, q[3], y),
+                            ]);
+                            let scale = _mm256_mul_ps(d, _mm256_broadcastss_ps(ds));
+                            acc[c] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc[c]);
+                            let sa = _mm_movehdup_ps(ds);
+                            mins[c] = _mm_fmadd_ps(m, _mm_shuffle_ps(sa, sa, 0), mins[c]);
+                        }
+                    }
+                }
+                finish4x4(acc, mins)
+            }
+
+            /// Four Q8_0 weight rows × four Q8_0 activation rows; `out[r][c]` is
+            /// `dot(w[r], a[c])`. Uses `(w + 128)·y − 128·Σy`: the unsigned weights are made
+            /// once per block and `−128·Σy` once per activation block (as the accumulator
+            /// input), so each pair costs one `vpdpbusd` and no sign fix-up.
+            #[target_feature(enable = $feat)]
+            unsafe fn q8_0_4x4_impl(
+                n: usize,
+                w: [*const u8; 4],
+                a: [*const u8; 4],
+            ) -> [[f32; 4]; 4] {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let bias = _mm256_set1_epi8(-128);
+                let z = _mm256_setzero_si256();
+                // SAFETY (whole body): n/32 blocks of 34 bytes at each w[r] and a[c].
+                unsafe {
+                    for i in 0..n / 32 {
+                        let wb = w.map(|p| p.add(34 * i));
+                        let dw = _mm_cvtph_ps(_mm_set_epi64x(
+                            0,
+                            rd16(wb[0]) | rd16(wb[1]) << 16 | rd16(wb[2]) << 32 | rd16(wb[3]) << 48,
+                        ));
+                        let d = _mm256_set_m128(dw, dw);
+                        // w xor 0x80 is w + 128 as u8.
+                        let u = [
+                            _mm256_xor_si256(ld256(wb[0].add(2)), bias),
+                            _mm256_xor_si256(ld256(wb[1].add(2)), bias),
+                            _mm256_xor_si256(ld256(wb[2].add(2)), bias),
+                            _mm256_xor_si256(ld256(wb[3].add(2)), bias),
+                        ];
+                        for c in 0..4 {
+                            let ab = a[c].add(34 * i);
+                            let y = ld256(ab.add(2));
+                            // 0x80 as the unsigned operand: lanes of 128·Σy, negated.
+                            let corr = _mm256_sub_epi32(z, dp(z, bias, y));
+                            let p = transpose_sum4([
+                                dp(corr, u[0], y),
+                                dp(corr, u[1], y),
+                                dp(corr, u[2], y),
+                                dp(corr, u[3], y),
+                            ]);
+                            let scale = _mm256_mul_ps(d, _mm256_set1_ps(h2f(ab)));
+                            acc[c] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc[c]);
+                        }
+                    }
+                }
+                finish4x4(acc, [_mm_setzero_ps(); 4])
+            }
+        }
+    };
+}
+
+vnni_set!(
+    evex,
+    "avx512vnni",
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    _mm256_dpbusd_epi32,
+    true
+);
+vnni_set!(
+    vex,
+    "avxvnni",
+    "avx2,fma,f16c,avxvnni",
+    _mm256_dpbusd_avx_epi32,
+    false
+);
