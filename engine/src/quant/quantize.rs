@@ -160,13 +160,22 @@ fn min_max(x: &[f32]) -> (f32, f32) {
 
 /// Symmetric int8 quantization of 32 values; returns (scale, sum of q).
 #[inline(always)]
+/// Round half to even for |v| < 2^22 without a libm call: adding and subtracting 1.5·2^23
+/// leaves the value rounded by the FPU's default mode (nearest, ties to even). `round_ties_even`
+/// compiles to a `rintf` call in portable builds, which perf showed at 5 % of decode.
+#[inline(always)]
+fn round_even_small(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (v + MAGIC) - MAGIC
+}
+
 fn q8_block(x: &[f32], q: &mut [u8]) -> (f32, i32) {
     let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     let mut sum = 0i32;
     for (o, &v) in q.iter_mut().zip(x) {
-        let r = (v * id).round_ties_even() as i8;
+        let r = round_even_small(v * id) as i8;
         sum += r as i32;
         *o = r as u8;
     }
@@ -307,6 +316,25 @@ fn pack_q6k(l: &mut [u8; QK_K], o: &mut [u8]) {
             o[64 * n + i + 32] = (q2 & 0xF) | ((q4 & 0xF) << 4);
             o[128 + 32 * n + i] =
                 (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6);
+        }
+    }
+}
+
+#[cfg(test)]
+mod round_tests {
+    use super::round_even_small;
+
+    #[test]
+    fn magic_rounding_equals_round_ties_even_in_the_q8_range() {
+        let mut v = -130.0f32;
+        while v <= 130.0 {
+            assert_eq!(round_even_small(v), v.round_ties_even(), "{v}");
+            v += 0.03125 / 4.0;
+        }
+        for v in [
+            0.5f32, 1.5, 2.5, -0.5, -1.5, 126.5, -127.5, 0.49999997, -0.0,
+        ] {
+            assert_eq!(round_even_small(v), v.round_ties_even(), "{v}");
         }
     }
 }
