@@ -158,8 +158,6 @@ fn min_max(x: &[f32]) -> (f32, f32) {
         .fold((f32::MAX, -f32::MAX), |(lo, hi), &v| (lo.min(v), hi.max(v)))
 }
 
-/// Symmetric int8 quantization of 32 values; returns (scale, sum of q).
-#[inline(always)]
 /// Round half to even for |v| < 2^22 without a libm call: adding and subtracting 1.5·2^23
 /// leaves the value rounded by the FPU's default mode (nearest, ties to even). `round_ties_even`
 /// compiles to a `rintf` call in portable builds, which perf showed at 5 % of decode.
@@ -169,6 +167,8 @@ fn round_even_small(v: f32) -> f32 {
     (v + MAGIC) - MAGIC
 }
 
+/// Symmetric int8 quantization of 32 values; returns (scale, sum of q).
+#[inline(always)]
 fn q8_block(x: &[f32], q: &mut [u8]) -> (f32, i32) {
     let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
     let d = amax / 127.0;
