@@ -204,6 +204,17 @@ pub fn write_tiny_gguf(
     weights: &[(String, Vec<usize>, Vec<f32>)],
     matrix_dtype: GgmlDType,
 ) {
+    tiny_gguf_writer(spec, weights, matrix_dtype)
+        .write(path)
+        .expect("write tiny gguf");
+}
+
+/// The writer behind `write_tiny_gguf`, for tests that add metadata before writing.
+pub fn tiny_gguf_writer(
+    spec: &TinySpec,
+    weights: &[(String, Vec<usize>, Vec<f32>)],
+    matrix_dtype: GgmlDType,
+) -> GgufWriter {
     let mut w = GgufWriter::new();
     let u = |v: usize| GgufValue::U32(v as u32);
     w.metadata("general.architecture", GgufValue::String("llama".into()))
@@ -249,7 +260,7 @@ pub fn write_tiny_gguf(
         let bytes = crate::quant::quantize(dtype, &values).expect("quantize tiny weight");
         w.tensor(&gguf_name(name), &dims, dtype.ggml_id(), bytes);
     }
-    w.write(path).expect("write tiny gguf");
+    w
 }
 
 /// Writes `weights` as a Hugging Face directory: `config.json` and `model.safetensors` (F32).

@@ -194,3 +194,36 @@ fn refuses_truncated_model_file_naming_it() {
         .to_string();
     assert!(err.contains("tiny.gguf"), "{err}");
 }
+
+#[test]
+fn refuses_a_tokenizer_larger_than_the_model_vocabulary() {
+    use prefix_rft_engine::gguf::GgufValue;
+    use prefix_rft_engine::testing::tiny_gguf_writer;
+    let spec = TinySpec::default();
+    let mut w = tiny_gguf_writer(&spec, &tiny_weights(&spec, 7), GgmlDType::F32);
+    // A byte-level vocabulary of 200 tokens for a model with 96 embedding rows.
+    let mut tokens: Vec<GgufValue> = (0..199)
+        .map(|i| GgufValue::String(format!("t{i}")))
+        .collect();
+    tokens.push(GgufValue::String("t1t2".into()));
+    w.metadata("tokenizer.ggml.model", GgufValue::String("gpt2".into()))
+        .metadata("tokenizer.ggml.pre", GgufValue::String("default".into()))
+        .metadata("tokenizer.ggml.tokens", GgufValue::Array(tokens))
+        .metadata(
+            "tokenizer.ggml.merges",
+            GgufValue::Array(vec![GgufValue::String("t1 t2".into())]),
+        )
+        .metadata("tokenizer.ggml.bos_token_id", GgufValue::U32(1))
+        .metadata("tokenizer.ggml.eos_token_id", GgufValue::U32(2));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mismatch.gguf");
+    w.write(&path).expect("write");
+    let err = match prefix_rft_engine::LoadedModel::load(&path, LoadOptions::default()) {
+        Ok(_) => panic!("a tokenizer larger than the vocabulary must be refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("mismatch.gguf") && err.contains("200") && err.contains("96"),
+        "{err}"
+    );
+}
