@@ -27,6 +27,12 @@ thread_local! {
 }
 
 /// Runs `f` on a scratch buffer of `len` bytes (the thread's cached one when free).
+/// Whether the faster but batch-dependent multi-row kernels are enabled (see `matmul_prepared`).
+fn fast_batch() -> bool {
+    static FAST: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FAST.get_or_init(|| std::env::var_os("PREFIX_RFT_QUANT_FAST_BATCH").is_some())
+}
+
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
     SCRATCH.with(|cell| match cell.try_borrow_mut() {
         Ok(mut buf) => {
@@ -232,7 +238,12 @@ impl QMatrix {
     fn matmul_prepared(&self, act: &[u8], arb: usize, m: usize, out: &mut [f32]) {
         let (rows, cols, rb) = (self.rows, self.cols, self.row_bytes);
         let dot = kernels().dot(self.dtype);
-        let (dot4, dot4x4) = if m >= 4 {
+        // The multi-row kernels reduce in a different order than the one-row kernel, so a row's
+        // result would depend on its batch, and the quantized model turns a one-ulp difference
+        // into a different token: the server promises the same output alone or batched. They
+        // stay opt-in (`PREFIX_RFT_QUANT_FAST_BATCH=1`, faster prefill) until they reduce in
+        // the one-row kernel's order.
+        let (dot4, dot4x4) = if m >= 4 && fast_batch() {
             (kernels().dot4(self.dtype), kernels().dot4x4(self.dtype))
         } else {
             (None, None)

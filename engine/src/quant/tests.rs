@@ -660,3 +660,39 @@ fn bench_gemv_throughput() {
         );
     }
 }
+
+/// A row's result must not depend on which other rows share the call: the server batches
+/// sequences together and promises the same greedy output alone or batched, and the quantized
+/// model amplifies a one-ulp difference into a different token.
+#[test]
+fn matmul_rows_are_bit_identical_alone_and_batched() {
+    for t in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q6K,
+        GgmlDType::F32,
+    ] {
+        let (rows, cols) = (37, 512);
+        let w = weight(t, rows, cols, 11);
+        for m in [2, 4, 5, 8, 9, 16, 17] {
+            let x = data(m * cols, 5 + m as u64);
+            let mut batched = vec![0f32; m * rows];
+            w.matmul(&x, m, &mut batched).expect("batched");
+            for i in 0..m {
+                let mut alone = vec![0f32; rows];
+                w.matmul(&x[i * cols..(i + 1) * cols], 1, &mut alone)
+                    .expect("alone");
+                let same = alone
+                    .iter()
+                    .zip(&batched[i * rows..(i + 1) * rows])
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{t:?}: row {i} of a batch of {m} differs from the same row alone"
+                );
+            }
+        }
+    }
+}
