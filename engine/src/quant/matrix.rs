@@ -238,12 +238,14 @@ impl QMatrix {
     fn matmul_prepared(&self, act: &[u8], arb: usize, m: usize, out: &mut [f32]) {
         let (rows, cols, rb) = (self.rows, self.cols, self.row_bytes);
         let dot = kernels().dot(self.dtype);
-        // The multi-row kernels reduce in a different order than the one-row kernel, so a row's
-        // result would depend on its batch, and the quantized model turns a one-ulp difference
-        // into a different token: the server promises the same output alone or batched. They
-        // stay opt-in (`PREFIX_RFT_QUANT_FAST_BATCH=1`, faster prefill) until they reduce in
-        // the one-row kernel's order.
-        let (dot4, dot4x4) = if m >= 4 && fast_batch() {
+        // Batch invariance: the server promises the same output alone or batched, and the
+        // quantized model turns a one-ulp difference into a different token. So a pair's dot
+        // product must not depend on the kernel that computed it: where 4x4 and 4x1 kernels
+        // exist (same per-pair arithmetic) they compute every pair; elsewhere the one-row
+        // kernel does. The AVX2 1x4 kernel reduces differently and stays opt-in
+        // (`PREFIX_RFT_QUANT_FAST_BATCH=1`).
+        let blocked = kernels().blocked(self.dtype);
+        let (dot4, dot4x4) = if blocked.is_none() && m >= 4 && fast_batch() {
             (kernels().dot4(self.dtype), kernels().dot4x4(self.dtype))
         } else {
             (None, None)
@@ -277,6 +279,35 @@ impl QMatrix {
                 debug_assert!(i < m && r < rows);
                 unsafe { *optr.0.add(i * rows + r) = v };
             };
+            if let Some((k44, k41)) = blocked {
+                // Weight rows four at a time; a short last group repeats its last row (same
+                // arithmetic per lane, results discarded).
+                let mut r = r0;
+                while r < r1 {
+                    let rr = [0, 1, 2, 3].map(|k| (r + k).min(r1 - 1));
+                    let ws = rr.map(wrow);
+                    let live = (r1 - r).min(4);
+                    let mut i = 0;
+                    while i + 4 <= m {
+                        let a = [0, 1, 2, 3].map(|k| &act[(i + k) * arb..(i + k + 1) * arb]);
+                        let v = k44(cols, ws, a);
+                        for (dr, vr) in v.into_iter().enumerate().take(live) {
+                            for (k, vk) in vr.into_iter().enumerate() {
+                                put(i + k, r + dr, vk);
+                            }
+                        }
+                        i += 4;
+                    }
+                    for i in i..m {
+                        let v = k41(cols, ws, &act[i * arb..(i + 1) * arb]);
+                        for (dr, vk) in v.into_iter().enumerate().take(live) {
+                            put(i, r + dr, vk);
+                        }
+                    }
+                    r += 4;
+                }
+                return;
+            }
             let mut i = 0;
             if dot4x4.is_some() || dot4.is_some() {
                 while i + 4 <= m {

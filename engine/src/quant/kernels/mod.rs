@@ -25,6 +25,9 @@ pub(crate) type VecDot4Fn = fn(usize, &[u8], [&[u8]; 4]) -> [f32; 4];
 /// and loads each activation block once for four weight rows (m >= 4).
 pub(crate) type VecDot4x4Fn = fn(usize, [&[u8]; 4], [&[u8]; 4]) -> [[f32; 4]; 4];
 
+/// Four weight rows · one activation row, with the 4x4 kernel's per-pair arithmetic.
+pub(crate) type VecDot4x1Fn = fn(usize, [&[u8]; 4], &[u8]) -> [f32; 4];
+
 /// The kernel set chosen for this CPU.
 pub(crate) struct Kernels {
     /// Name of the best instruction set in use ("avx512vnni", "avxvnni", "avx2", "scalar").
@@ -32,6 +35,7 @@ pub(crate) struct Kernels {
     dots: [VecDotFn; 15],
     dots4: [Option<VecDot4Fn>; 15],
     dots4x4: [Option<VecDot4x4Fn>; 15],
+    dots4x1: [Option<VecDot4x1Fn>; 15],
 }
 
 impl Kernels {
@@ -51,6 +55,13 @@ impl Kernels {
     #[inline(always)]
     pub fn dot4x4(&self, dtype: GgmlDType) -> Option<VecDot4x4Fn> {
         self.dots4x4[index(dtype)]
+    }
+
+    /// The 4x4 and 4x1 kernels of `dtype` when both exist: with them every (weight row,
+    /// activation row) pair gets the same arithmetic whatever the batch.
+    #[inline(always)]
+    pub fn blocked(&self, dtype: GgmlDType) -> Option<(VecDot4x4Fn, VecDot4x1Fn)> {
+        Some((self.dots4x4[index(dtype)]?, self.dots4x1[index(dtype)]?))
     }
 }
 
@@ -88,6 +99,7 @@ fn scalar_kernels() -> Kernels {
         dots: GgmlDType::ALL.map(scalar_dot),
         dots4: [None; 15],
         dots4x4: [None; 15],
+        dots4x1: [None; 15],
     }
 }
 
@@ -118,6 +130,9 @@ pub(crate) fn kernels() -> &'static Kernels {
                         }
                         for (t, f) in set.dots4x4 {
                             k.dots4x4[index(t)] = Some(f);
+                        }
+                        for (t, f) in set.dots4x1 {
+                            k.dots4x1[index(t)] = Some(f);
                         }
                     }
                 }

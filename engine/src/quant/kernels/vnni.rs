@@ -14,7 +14,7 @@
 //!   used as the accumulator input, so each weight×activation pair costs a single `vpdpbusd`.
 
 use super::avx2::{h2f, h2f_pair, hsum, ld256, nibbles};
-use super::{VecDot4x4Fn, VecDotFn};
+use super::{VecDot4x1Fn, VecDot4x4Fn, VecDotFn};
 use crate::quant::GgmlDType;
 use std::arch::x86_64::*;
 
@@ -26,6 +26,9 @@ pub(super) struct Set {
     pub dots: Vec<(GgmlDType, VecDotFn)>,
     /// Four weight rows · four activation rows.
     pub dots4x4: Vec<(GgmlDType, VecDot4x4Fn)>,
+    /// Four weight rows · one activation row, lane for lane the same arithmetic as `dots4x4`,
+    /// so a pair's result does not depend on which kernel computed it.
+    pub dots4x1: Vec<(GgmlDType, VecDot4x1Fn)>,
 }
 
 /// Every VNNI set this CPU supports, best first (tests check them all; dispatch takes the first).
@@ -67,6 +70,14 @@ macro_rules! vnni_set {
                     } else {
                         Vec::new()
                     },
+                    dots4x1: if $x4x4 {
+                        vec![
+                            (GgmlDType::Q4_1, q4_1_dot4x1 as VecDot4x1Fn),
+                            (GgmlDType::Q8_0, q8_0_dot4x1),
+                        ]
+                    } else {
+                        Vec::new()
+                    },
                 }
             }
 
@@ -101,7 +112,33 @@ macro_rules! vnni_set {
                             "vec-dot operand too short"
                         );
                         // SAFETY: as for the one-row wrapper.
-                        unsafe { $imp(n, w.map(<[u8]>::as_ptr), a.map(<[u8]>::as_ptr)) }
+                        let cols =
+                            unsafe { $imp::<4>(n, w.map(<[u8]>::as_ptr), a.map(<[u8]>::as_ptr)) };
+                        let mut out = [[0f32; 4]; 4];
+                        for (c, col) in cols.into_iter().enumerate() {
+                            for (r, v) in col.into_iter().enumerate() {
+                                out[r][c] = v;
+                            }
+                        }
+                        out
+                    }
+                };
+            }
+
+            /// Safe 4x1 wrapper: the 4x4 body with one activation row.
+            macro_rules! wrapper4x1 {
+                ($name_:ident, $imp:ident, $wt:expr, $at:expr) => {
+                    fn $name_(n: usize, w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
+                        let (wt, at): (GgmlDType, GgmlDType) = ($wt, $at);
+                        assert!(
+                            wt.row_bytes(n)
+                                .is_some_and(|b| w.iter().all(|w| w.len() >= b))
+                                && at.row_bytes(n).is_some_and(|b| a.len() >= b),
+                            "vec-dot operand too short"
+                        );
+                        // SAFETY: as for the one-row wrapper.
+                        let [col] = unsafe { $imp::<1>(n, w.map(<[u8]>::as_ptr), [a.as_ptr()]) };
+                        col
                     }
                 };
             }
@@ -111,6 +148,8 @@ macro_rules! vnni_set {
             wrapper!(q8_0_dot, q8_0_impl, GgmlDType::Q8_0, GgmlDType::Q8_0);
             wrapper4x4!(q4_1_dot4x4, q4_1_4x4_impl, GgmlDType::Q4_1, GgmlDType::Q8_1);
             wrapper4x4!(q8_0_dot4x4, q8_0_4x4_impl, GgmlDType::Q8_0, GgmlDType::Q8_0);
+            wrapper4x1!(q4_1_dot4x1, q4_1_4x4_impl, GgmlDType::Q4_1, GgmlDType::Q8_1);
+            wrapper4x1!(q8_0_dot4x1, q8_0_4x4_impl, GgmlDType::Q8_0, GgmlDType::Q8_0);
 
             /// Sums of four adjacent u8·i8 products added to the i32 lanes of `acc`.
             #[inline]
@@ -272,13 +311,13 @@ macro_rules! vnni_set {
                 )
             }
 
-            /// `out[r][c]`: lane r of the two halves of `acc[c]` summed, plus lane r of
+            /// `out[c][r]`: lane r of the two halves of `acc[c]` summed, plus lane r of
             /// `extra[c]`.
             #[inline]
             #[target_feature(enable = $feat)]
-            fn finish4x4(acc: [__m256; 4], extra: [__m128; 4]) -> [[f32; 4]; 4] {
-                let mut out = [[0f32; 4]; 4];
-                for c in 0..4 {
+            fn finish4x4<const C: usize>(acc: [__m256; C], extra: [__m128; C]) -> [[f32; 4]; C] {
+                let mut out = [[0f32; 4]; C];
+                for c in 0..C {
                     let v = _mm_add_ps(
                         _mm_add_ps(
                             _mm256_castps256_ps128(acc[c]),
@@ -289,9 +328,7 @@ macro_rules! vnni_set {
                     let mut l = [0f32; 4];
                     // SAFETY: `l` is four f32, exactly one unaligned 128-bit store.
                     unsafe { _mm_storeu_ps(l.as_mut_ptr(), v) };
-                    for r in 0..4 {
-                        out[r][c] = l[r];
-                    }
+                    out[c] = l;
                 }
                 out
             }
@@ -300,14 +337,14 @@ macro_rules! vnni_set {
             /// `dot(w[r], a[c])`. Each weight block is unpacked once and each activation block
             /// loaded once per step, then reused across the 16 pairs (prefill / batched decode).
             #[target_feature(enable = $feat)]
-            unsafe fn q4_1_4x4_impl(
+            unsafe fn q4_1_4x4_impl<const C: usize>(
                 n: usize,
                 w: [*const u8; 4],
-                a: [*const u8; 4],
-            ) -> [[f32; 4]; 4] {
+                a: [*const u8; C],
+            ) -> [[f32; 4]; C] {
                 // acc[c] lane r (both halves): Σ d_r·d_a·q·y; mins[c] lane r: Σ m_r·s_a.
-                let mut acc = [_mm256_setzero_ps(); 4];
-                let mut mins = [_mm_setzero_ps(); 4];
+                let mut acc = [_mm256_setzero_ps(); C];
+                let mut mins = [_mm_setzero_ps(); C];
                 let even = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
                 let odd = _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7);
                 let z = _mm256_setzero_si256();
@@ -331,7 +368,7 @@ macro_rules! vnni_set {
                             nibbles(wb[2].add(4)),
                             nibbles(wb[3].add(4)),
                         ];
-                        for c in 0..4 {
+                        for c in 0..C {
                             let ab = a[c].add(36 * i);
                             let ds = h2f_pair(ab);
                             let y = ld256(ab.add(4));
@@ -356,12 +393,12 @@ macro_rules! vnni_set {
             /// once per block and `−128·Σy` once per activation block (as the accumulator
             /// input), so each pair costs one `vpdpbusd` and no sign fix-up.
             #[target_feature(enable = $feat)]
-            unsafe fn q8_0_4x4_impl(
+            unsafe fn q8_0_4x4_impl<const C: usize>(
                 n: usize,
                 w: [*const u8; 4],
-                a: [*const u8; 4],
-            ) -> [[f32; 4]; 4] {
-                let mut acc = [_mm256_setzero_ps(); 4];
+                a: [*const u8; C],
+            ) -> [[f32; 4]; C] {
+                let mut acc = [_mm256_setzero_ps(); C];
                 let bias = _mm256_set1_epi8(-128);
                 let z = _mm256_setzero_si256();
                 // SAFETY (whole body): n/32 blocks of 34 bytes at each w[r] and a[c].
@@ -380,7 +417,7 @@ macro_rules! vnni_set {
                             _mm256_xor_si256(ld256(wb[2].add(2)), bias),
                             _mm256_xor_si256(ld256(wb[3].add(2)), bias),
                         ];
-                        for c in 0..4 {
+                        for c in 0..C {
                             let ab = a[c].add(34 * i);
                             let y = ld256(ab.add(2));
                             // 0x80 as the unsigned operand: lanes of 128·Σy, negated.
@@ -396,7 +433,7 @@ macro_rules! vnni_set {
                         }
                     }
                 }
-                finish4x4(acc, [_mm_setzero_ps(); 4])
+                finish4x4(acc, [_mm_setzero_ps(); C])
             }
         }
     };
