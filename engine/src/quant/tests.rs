@@ -696,3 +696,39 @@ fn matmul_rows_are_bit_identical_alone_and_batched() {
         }
     }
 }
+
+/// A pair's result must not depend on which rows share its 4-row group either (the training
+/// path splits fused matrices differently from serving).
+#[test]
+fn matmul_rows_are_bit_identical_in_any_row_grouping() {
+    for t in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        let (rows, cols) = (37, 512);
+        let w = weight(t, rows, cols, 11);
+        let rb = t.row_bytes(cols).expect("row bytes");
+        for m in [1, 4, 5] {
+            let x = data(m * cols, 9);
+            let mut full = vec![0f32; m * rows];
+            w.matmul(&x, m, &mut full).expect("full");
+            for skip in 1..4 {
+                let sub = QMatrix::new(
+                    t,
+                    rows - skip,
+                    cols,
+                    WeightBytes::from(w.bytes()[skip * rb..].to_vec()),
+                )
+                .expect("sub");
+                let mut part = vec![0f32; m * (rows - skip)];
+                sub.matmul(&x, m, &mut part).expect("part");
+                for i in 0..m {
+                    for r in 0..rows - skip {
+                        assert_eq!(
+                            part[i * (rows - skip) + r].to_bits(),
+                            full[i * rows + r + skip].to_bits(),
+                            "{t:?} m={m} skip={skip} row {r}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
