@@ -148,38 +148,6 @@ pub fn tiny_weights(spec: &TinySpec, seed: u64) -> Vec<(String, Vec<usize>, Vec<
     t
 }
 
-fn gguf_name(hf: &str) -> String {
-    let stem = hf.trim_end_matches(".weight").trim_end_matches(".bias");
-    let suffix = if hf.ends_with(".bias") {
-        "bias"
-    } else {
-        "weight"
-    };
-    let mapped = match stem {
-        "model.embed_tokens" => "token_embd".to_string(),
-        "model.norm" => "output_norm".to_string(),
-        "lm_head" => "output".to_string(),
-        _ => {
-            let rest = stem.trim_start_matches("model.layers.");
-            let (idx, part) = rest.split_once('.').unwrap_or((rest, ""));
-            let part = match part {
-                "self_attn.q_proj" => "attn_q",
-                "self_attn.k_proj" => "attn_k",
-                "self_attn.v_proj" => "attn_v",
-                "self_attn.o_proj" => "attn_output",
-                "mlp.gate_proj" => "ffn_gate",
-                "mlp.up_proj" => "ffn_up",
-                "mlp.down_proj" => "ffn_down",
-                "input_layernorm" => "attn_norm",
-                "post_attention_layernorm" => "ffn_norm",
-                other => other,
-            };
-            format!("blk.{idx}.{part}")
-        }
-    };
-    format!("{mapped}.{suffix}")
-}
-
 /// llama.cpp's rotary permutation of q/k rows (the inverse of what the loader undoes).
 fn permute_rows(v: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
     let d = rows / heads;
@@ -258,7 +226,12 @@ pub fn tiny_gguf_writer(
             _ => panic!("tiny weights are 1-D or 2-D"),
         };
         let bytes = crate::quant::quantize(dtype, &values).expect("quantize tiny weight");
-        w.tensor(&gguf_name(name), &dims, dtype.ggml_id(), bytes);
+        w.tensor(
+            &crate::model::weights::hf_to_gguf_name(name),
+            &dims,
+            dtype.ggml_id(),
+            bytes,
+        );
     }
     w
 }

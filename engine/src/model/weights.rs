@@ -408,6 +408,12 @@ struct GgufSource<'a> {
     file: &'a GgufFile,
 }
 
+/// The GGUF tensor name of a Hugging Face tensor name (`model.layers.3.self_attn.q_proj.weight`
+/// → `blk.3.attn_q.weight`).
+pub fn hf_to_gguf_name(name: &str) -> String {
+    GgufSource::gguf_name(name)
+}
+
 impl GgufSource<'_> {
     fn gguf_name(name: &str) -> String {
         let (stem, suffix) = match name.rsplit_once('.') {
