@@ -268,3 +268,21 @@ pub fn write_tiny_hf_dir(dir: &Path, spec: &TinySpec, weights: &[(String, Vec<us
     safetensors::serialize_to_file(views, &None, &dir.join("model.safetensors"))
         .expect("write safetensors");
 }
+
+/// Writes a tiny random model (seed 7) as `tiny.gguf` in `dir` and loads it.
+pub fn load_tiny_gguf(dir: &Path, spec: &TinySpec, dtype: GgmlDType) -> crate::model::Llama {
+    let path = dir.join("tiny.gguf");
+    write_tiny_gguf(&path, spec, &tiny_weights(spec, 7), dtype);
+    let file = crate::gguf::GgufFile::open(&path).expect("open tiny gguf");
+    crate::model::Llama::from_gguf(&file, crate::model::LoadOptions::default())
+        .expect("load tiny gguf")
+}
+
+/// Largest absolute element-wise difference of two equal-length slices.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}

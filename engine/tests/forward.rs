@@ -6,14 +6,13 @@ use prefix_rft_engine::model::{
     KvCache, Llama, LoadOptions, Logits, LogitsWanted, ModelError, SeqStep,
 };
 use prefix_rft_engine::quant::GgmlDType;
-use prefix_rft_engine::testing::{tiny_weights, write_tiny_gguf, write_tiny_hf_dir, TinySpec};
+use prefix_rft_engine::testing::{
+    load_tiny_gguf, max_abs_diff, tiny_weights, write_tiny_gguf, write_tiny_hf_dir, TinySpec,
+};
 
 fn tiny_gguf(spec: &TinySpec, dtype: GgmlDType) -> (tempfile::TempDir, Llama) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("tiny.gguf");
-    write_tiny_gguf(&path, spec, &tiny_weights(spec, 7), dtype);
-    let file = GgufFile::open(&path).expect("open");
-    let model = Llama::from_gguf(&file, LoadOptions::default()).expect("load");
+    let model = load_tiny_gguf(dir.path(), spec, dtype);
     (dir, model)
 }
 
@@ -26,14 +25,6 @@ fn all_logits(model: &Llama, tokens: &[u32]) -> Logits {
         logits: LogitsWanted::All,
     }];
     model.forward(&mut step).expect("forward")
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]

@@ -8,7 +8,7 @@ use prefix_rft_engine::model::{
     AdapterHook, KvCache, Llama, LoadOptions, LogitsWanted, Proj, SeqStep,
 };
 use prefix_rft_engine::quant::GgmlDType;
-use prefix_rft_engine::testing::{tiny_weights, write_tiny_gguf, TinySpec};
+use prefix_rft_engine::testing::{load_tiny_gguf, max_abs_diff, TinySpec};
 use prefix_rft_engine::train::{
     ops, LoraConfig, PrefixConfig, QMatMulOp, TrainAdapter, TrainModel, TrainOptions,
 };
@@ -16,10 +16,7 @@ use rand::{Rng, SeedableRng};
 
 fn tiny_model(spec: &TinySpec, dtype: GgmlDType) -> (tempfile::TempDir, Llama) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("tiny.gguf");
-    write_tiny_gguf(&path, spec, &tiny_weights(spec, 7), dtype);
-    let file = GgufFile::open(&path).expect("open");
-    let model = Llama::from_gguf(&file, LoadOptions::default()).expect("load");
+    let model = load_tiny_gguf(dir.path(), spec, dtype);
     (dir, model)
 }
 
@@ -68,14 +65,6 @@ fn randomise_lora_b(adapter: &TrainAdapter, std: f64, seed: u64) {
             .expect("tensor");
         l.b.set(&new).expect("set B");
     }
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]
