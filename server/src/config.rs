@@ -84,6 +84,28 @@ impl Default for LimitsSection {
     }
 }
 
+/// `[feedback]`: the completion and feedback database.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeedbackSection {
+    /// SQLite file; a relative path is resolved against `[server] data_dir`.
+    pub path: PathBuf,
+    /// Days a completion without feedback is kept (0 keeps it forever).
+    pub retention_days: u64,
+    /// Largest `correction` or `comment` in bytes (413 above).
+    pub max_text_bytes: usize,
+}
+
+impl Default for FeedbackSection {
+    fn default() -> Self {
+        FeedbackSection {
+            path: PathBuf::from("feedback.sqlite"),
+            retention_days: 30,
+            max_text_bytes: 64 << 10,
+        }
+    }
+}
+
 /// `[model]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -134,6 +156,9 @@ pub struct Config {
     /// `[limits]`
     #[serde(default)]
     pub limits: LimitsSection,
+    /// `[feedback]`
+    #[serde(default)]
+    pub feedback: FeedbackSection,
 }
 
 impl Config {
@@ -145,6 +170,15 @@ impl Config {
         })?;
         cfg.validate(origin)?;
         Ok(cfg)
+    }
+
+    /// The feedback database file: `[feedback] path`, under `data_dir` when relative.
+    pub fn feedback_path(&self) -> PathBuf {
+        if self.feedback.path.is_absolute() {
+            self.feedback.path.clone()
+        } else {
+            self.server.data_dir.join(&self.feedback.path)
+        }
     }
 
     /// Reads `path`, or the embedded default when `None`.
@@ -205,6 +239,11 @@ impl Config {
                 return invalid(format!("limits.{name} must be at least 1"));
             }
         }
+        if self.feedback.max_text_bytes == 0 || self.feedback.path.as_os_str().is_empty() {
+            return invalid(
+                "feedback.path must be set and feedback.max_text_bytes at least 1".into(),
+            );
+        }
         if l.max_n > l.max_batch_size {
             return invalid("limits.max_n must not exceed limits.max_batch_size".into());
         }
@@ -230,6 +269,16 @@ mod tests {
         assert_eq!(cfg.limits.max_body_bytes, 4 << 20);
         assert_eq!(cfg.limits.max_n, 8);
         assert_eq!(cfg.server.drain_timeout_secs, 30);
+    }
+
+    #[test]
+    fn feedback_database_lives_under_the_data_dir() {
+        let mut cfg = Config::load(None).expect("embedded config");
+        assert_eq!(cfg.feedback_path(), PathBuf::from("data/feedback.sqlite"));
+        assert_eq!(cfg.feedback.retention_days, 30);
+        assert_eq!(cfg.feedback.max_text_bytes, 65536);
+        cfg.feedback.path = PathBuf::from("/var/lib/fb.sqlite");
+        assert_eq!(cfg.feedback_path(), PathBuf::from("/var/lib/fb.sqlite"));
     }
 
     #[test]

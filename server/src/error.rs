@@ -37,6 +37,13 @@ pub enum ApiError {
     /// The body is larger than `[limits] max_body_bytes`.
     #[error("request body exceeds the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// One field (`param`) is larger than its configured limit.
+    #[error("`{param}` is {size} bytes, over the limit of {limit} bytes")]
+    FieldTooLarge {
+        param: String,
+        size: usize,
+        limit: usize,
+    },
     /// The queue is full; retry after the given seconds.
     #[error("the server is at capacity; retry after {retry_after_secs} s")]
     Overloaded { retry_after_secs: u64 },
@@ -97,7 +104,9 @@ impl ApiError {
             ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::ModelNotFound(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::PayloadTooLarge { .. } | ApiError::FieldTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -126,6 +135,11 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => {
                 ("invalid_request_error", None, Some("request_too_large"))
             }
+            ApiError::FieldTooLarge { param, .. } => (
+                "invalid_request_error",
+                Some(param.clone()),
+                Some("request_too_large"),
+            ),
             ApiError::Overloaded { .. } => ("rate_limit_error", None, Some("server_overloaded")),
             ApiError::Unavailable(_) => ("service_unavailable_error", None, None),
             ApiError::Internal(_) => ("server_error", None, None),

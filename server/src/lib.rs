@@ -6,6 +6,7 @@ pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod error;
+pub mod feedback;
 pub mod metrics;
 pub mod openai;
 pub mod openapi;

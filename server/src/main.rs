@@ -12,6 +12,8 @@ use prefix_rft_engine::model::LoadOptions;
 use prefix_rft_engine::sampler::SamplingParams;
 use prefix_rft_engine::LoadedModel;
 use prefix_rft_server::config::Config;
+use prefix_rft_server::feedback::cli::FeedbackCommand;
+use prefix_rft_server::feedback::sqlite::{SqliteFeedbackStore, StoreOptions};
 use prefix_rft_server::AppState;
 
 #[derive(Parser)]
@@ -31,6 +33,9 @@ enum Command {
     Generate(GenerateArgs),
     /// Serves the OpenAI-compatible HTTP API.
     Serve(ServeArgs),
+    /// Exports or imports training data of the feedback database.
+    #[command(subcommand)]
+    Feedback(FeedbackCommand),
 }
 
 #[derive(clap::Args)]
@@ -106,6 +111,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Generate(args) => run_generate(args),
         Command::Serve(args) => run_serve(args),
+        Command::Feedback(cmd) => Ok(prefix_rft_server::feedback::cli::run(cmd)?),
     }
 }
 
@@ -181,7 +187,13 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         let local = listener.local_addr()?;
         println!("listening on http://{local}");
         let _ = std::io::stdout().flush();
-        let state = AppState::new(config)?;
+        let feedback = SqliteFeedbackStore::open(StoreOptions {
+            path: config.feedback_path(),
+            retention: (config.feedback.retention_days > 0)
+                .then(|| std::time::Duration::from_secs(config.feedback.retention_days * 86_400)),
+        })
+        .with_context(|| format!("opening {}", config.feedback_path().display()))?;
+        let state = AppState::with_feedback(config, std::sync::Arc::new(feedback))?;
         let load_state = std::sync::Arc::clone(&state);
         tokio::task::spawn_blocking(move || {
             if let Err(e) = prefix_rft_server::load_backend(&load_state, &model_path) {

@@ -18,8 +18,8 @@ fn describe(code: &str) -> &'static str {
         "400" => "Invalid request (param names the field); context_length_exceeded",
         "401" => "Missing or unknown API key",
         "403" => "Key may not act on this tenant",
-        "404" => "Unknown model (code model_not_found)",
-        "413" => "Body over the size limit",
+        "404" => "Unknown model (code model_not_found), or unknown completion",
+        "413" => "Body (or a feedback correction/comment) over the size limit",
         "429" => "Queue full; see Retry-After",
         "503" => "Loading or draining",
         _ => "Error",
@@ -45,6 +45,40 @@ fn inference(summary: &str, request: &str, response: &str, chunk: &str) -> Value
         "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{request}")}}}},
         "responses": responses
     }})
+}
+
+/// The feedback routes' path items.
+fn feedback_paths() -> serde_json::Map<String, Value> {
+    let adapter_param = json!([{"name": "adapter", "in": "query", "required": true, "schema": {"type": "string"}, "description": "Adapter name, `base` for the base model"}]);
+    let mut submit = error_responses(&["400", "401", "404", "413", "503"]);
+    for (code, what) in [("201", "Stored (durably) for the first time"), ("200", "Repeat of the same (completion_id, choice_index) or Idempotency-Key: the same id, rating updated")] {
+        submit.insert(code.into(), json!({"description": what, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Feedback"}}}}));
+    }
+    let mut stats = error_responses(&["400", "401", "503"]);
+    stats.insert("200".into(), json!({"description": "Counts", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/FeedbackStats"}}}}));
+    let mut export = error_responses(&["400", "401", "503"]);
+    export.insert("200".into(), json!({"description": "TRL preference rows, one JSON object per line: {prompt, chosen, rejected}", "content": {"application/jsonl": {"schema": {"type": "string"}}}}));
+    let mut delete = error_responses(&["400", "401", "403", "503"]);
+    delete.insert("200".into(), json!({"description": "What was removed", "content": {"application/json": {"schema": {"type": "object", "properties": {"tenant": {"type": "string"}, "adapter": {"type": "string"}, "completions": {"type": "integer"}, "feedback": {"type": "integer"}}}}}}));
+    let mut paths = serde_json::Map::new();
+    paths.insert("/v1/feedback".into(), json!({
+        "post": {
+            "summary": "Rate a completion choice (thumbs up/down, optional correction and comment)",
+            "security": [{"bearer": []}],
+            "parameters": [{"name": "Idempotency-Key", "in": "header", "required": false, "schema": {"type": "string", "maxLength": 255}}],
+            "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/FeedbackRequest"}}}},
+            "responses": submit
+        },
+        "delete": {
+            "summary": "Admin: delete a tenant's (X-Tenant) completions and feedback for one adapter",
+            "security": [{"bearer": []}],
+            "parameters": adapter_param.clone(),
+            "responses": delete
+        }
+    }));
+    paths.insert("/v1/feedback/stats".into(), json!({"get": {"summary": "Feedback and training-example counts for one adapter", "security": [{"bearer": []}], "parameters": adapter_param.clone(), "responses": stats}}));
+    paths.insert("/v1/feedback/export".into(), json!({"get": {"summary": "Preference pairs of one adapter as TRL JSON Lines", "security": [{"bearer": []}], "parameters": adapter_param, "responses": export}}));
+    paths
 }
 
 /// The document.
@@ -87,7 +121,7 @@ pub fn document() -> Value {
     let usage = json!({"type": "object", "properties": {"prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"}}});
     let mut models_responses = error_responses(&["401"]);
     models_responses.insert("200".into(), json!({"description": "The base model, then the tenant's adapters", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ModelList"}}}}));
-    json!({
+    let mut doc = json!({
         "openapi": "3.1.0",
         "info": {"title": "prefix-rft", "version": env!("CARGO_PKG_VERSION"), "description": "OpenAI-compatible serving with per-tenant Prefix-RFT adapters"},
         "paths": {
@@ -109,10 +143,17 @@ pub fn document() -> Value {
                 "ChatCompletion": {"type": "object", "properties": {"id": {"type": "string"}, "object": {"const": "chat.completion"}, "created": {"type": "integer"}, "model": {"type": "string"}, "system_fingerprint": {"type": "string"}, "choices": {"type": "array"}, "usage": {"$ref": "#/components/schemas/Usage"}}},
                 "ChatCompletionChunk": {"type": "object", "properties": {"id": {"type": "string"}, "object": {"const": "chat.completion.chunk"}, "choices": {"type": "array"}, "usage": {"oneOf": [{"$ref": "#/components/schemas/Usage"}, {"type": "null"}]}}},
                 "Completion": {"type": "object", "properties": {"id": {"type": "string"}, "object": {"const": "text_completion"}, "created": {"type": "integer"}, "model": {"type": "string"}, "system_fingerprint": {"type": "string"}, "choices": {"type": "array"}, "usage": {"$ref": "#/components/schemas/Usage"}}},
-                "ModelList": {"type": "object", "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {"type": "object", "properties": {"id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"}, "owned_by": {"type": "string"}, "parent": {"type": "string"}, "version": {"type": "integer"}}}}}}
+                "ModelList": {"type": "object", "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {"type": "object", "properties": {"id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"}, "owned_by": {"type": "string"}, "parent": {"type": "string"}, "version": {"type": "integer"}}}}}},
+                "FeedbackRequest": {"type": "object", "required": ["completion_id", "rating"], "properties": {"completion_id": {"type": "string"}, "choice_index": {"type": "integer", "minimum": 0, "default": 0}, "rating": {"enum": ["up", "down"]}, "correction": {"type": ["string", "null"]}, "comment": {"type": ["string", "null"]}}},
+                "Feedback": {"type": "object", "properties": {"id": {"type": "string"}, "object": {"const": "feedback"}, "completion_id": {"type": "string"}, "choice_index": {"type": "integer"}, "rating": {"enum": ["up", "down"]}, "created": {"type": "integer"}}},
+                "FeedbackStats": {"type": "object", "properties": {"object": {"const": "feedback.stats"}, "adapter": {"type": "string"}, "up": {"type": "integer"}, "down": {"type": "integer"}, "corrections": {"type": "integer"}, "pairs": {"type": "integer"}, "demonstrations": {"type": "integer"}, "unpaired_negatives": {"type": "integer"}, "untrained": {"type": "integer"}}}
             }
         }
-    })
+    });
+    if let Some(paths) = doc["paths"].as_object_mut() {
+        paths.extend(feedback_paths());
+    }
+    doc
 }
 
 #[cfg(test)]
@@ -128,6 +169,9 @@ mod tests {
             "/ready",
             "/metrics",
             "/openapi.json",
+            "/v1/feedback",
+            "/v1/feedback/stats",
+            "/v1/feedback/export",
         ] {
             assert!(doc["paths"][path].is_object(), "missing {path}");
         }
@@ -135,5 +179,7 @@ mod tests {
             doc["paths"]["/v1/completions"]["post"]["responses"]["429"]["description"],
             "Queue full; see Retry-After"
         );
+        assert!(doc["paths"]["/v1/feedback"]["delete"].is_object());
+        assert!(doc["paths"]["/v1/feedback"]["post"]["responses"]["201"].is_object());
     }
 }

@@ -1,8 +1,11 @@
-//! Completion records: every finished completion is handed to a [`CompletionRecorder`], which
-//! the feedback issue backs with SQLite. Feedback refers to a record by its `id`.
+//! Completion records: every finished completion is handed to a [`CompletionRecorder`]
+//! (`feedback::sqlite` in the server, in memory for tests). Feedback refers to a record by its
+//! `id`. Recording returns an acknowledgement the handler awaits, so a response is sent only
+//! once its completion is durable.
 
 use std::sync::Mutex;
 
+use futures_util::future::BoxFuture;
 use serde::Serialize;
 
 /// One choice of a recorded completion.
@@ -49,10 +52,18 @@ pub struct CompletionRecord {
     pub duration_secs: f64,
 }
 
+/// Why a record could not be stored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("recording the completion failed: {0}")]
+pub struct RecordError(pub String);
+
+/// Resolves once a record is durably stored (or could not be).
+pub type RecordAck = BoxFuture<'static, Result<(), RecordError>>;
+
 /// Where completion records go.
 pub trait CompletionRecorder: Send + Sync + 'static {
-    /// Stores one record. Must not block for long: it runs on the request's task.
-    fn record(&self, record: CompletionRecord);
+    /// Queues one record without blocking; the returned future resolves once it is stored.
+    fn record(&self, record: CompletionRecord) -> RecordAck;
     /// A record by id, visible only to its tenant.
     fn get(&self, tenant: &str, id: &str) -> Option<CompletionRecord>;
 }
@@ -83,13 +94,14 @@ impl InMemoryRecorder {
 }
 
 impl CompletionRecorder for InMemoryRecorder {
-    fn record(&self, record: CompletionRecord) {
+    fn record(&self, record: CompletionRecord) -> RecordAck {
         if let Ok(mut r) = self.records.lock() {
             if r.len() == self.capacity {
                 r.pop_front();
             }
             r.push_back(record);
         }
+        Box::pin(std::future::ready(Ok(())))
     }
 
     fn get(&self, tenant: &str, id: &str) -> Option<CompletionRecord> {
@@ -123,7 +135,7 @@ mod tests {
     #[test]
     fn a_tenant_sees_only_its_own_records() {
         let r = InMemoryRecorder::new(4);
-        r.record(record("cmpl-1", "acme"));
+        drop(r.record(record("cmpl-1", "acme"))); // stored synchronously
         assert!(r.get("acme", "cmpl-1").is_some());
         assert!(r.get("globex", "cmpl-1").is_none());
     }
@@ -132,7 +144,7 @@ mod tests {
     fn oldest_record_is_dropped_at_capacity() {
         let r = InMemoryRecorder::new(2);
         for i in 0..3 {
-            r.record(record(&format!("cmpl-{i}"), "acme"));
+            drop(r.record(record(&format!("cmpl-{i}"), "acme")));
         }
         let ids: Vec<String> = r.all().into_iter().map(|c| c.id).collect();
         assert_eq!(ids, ["cmpl-1", "cmpl-2"]);

@@ -8,6 +8,7 @@ use crate::auth::{KeyTable, Principal};
 use crate::backend::Backend;
 use crate::config::Config;
 use crate::error::ApiError;
+use crate::feedback::FeedbackStore;
 use crate::metrics::Metrics;
 use crate::recorder::{CompletionRecorder, InMemoryRecorder};
 
@@ -47,6 +48,9 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Where completions are recorded.
     pub recorder: Arc<dyn CompletionRecorder>,
+    /// The feedback store (also the recorder) when one is open; feedback routes answer 503
+    /// without it.
+    pub feedback: Option<Arc<dyn FeedbackStore>>,
     backend: OnceLock<Arc<dyn Backend>>,
     lifecycle: AtomicU8,
 }
@@ -62,11 +66,29 @@ impl AppState {
         config: Config,
         recorder: Arc<dyn CompletionRecorder>,
     ) -> Result<Arc<Self>, prometheus::Error> {
+        Self::build(config, recorder, None)
+    }
+
+    /// State whose completions and feedback go to `store`.
+    pub fn with_feedback<S: FeedbackStore>(
+        config: Config,
+        store: Arc<S>,
+    ) -> Result<Arc<Self>, prometheus::Error> {
+        let recorder: Arc<dyn CompletionRecorder> = Arc::clone(&store) as _;
+        Self::build(config, recorder, Some(store))
+    }
+
+    fn build(
+        config: Config,
+        recorder: Arc<dyn CompletionRecorder>,
+        feedback: Option<Arc<dyn FeedbackStore>>,
+    ) -> Result<Arc<Self>, prometheus::Error> {
         Ok(Arc::new(AppState {
             keys: Arc::new(KeyTable::from_config(&config)),
             config: Arc::new(config),
             metrics: Metrics::new()?,
             recorder,
+            feedback,
             backend: OnceLock::new(),
             lifecycle: AtomicU8::new(Lifecycle::Loading as u8),
         }))

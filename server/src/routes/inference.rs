@@ -31,7 +31,7 @@ use crate::openai::response::{
     ChatMessageOut, ChatTokenLogprob, ChatTopLogprob, Completion, CompletionChoice,
     CompletionLogprobs, Usage,
 };
-use crate::recorder::{CompletionRecord, RecordedChoice};
+use crate::recorder::{CompletionRecord, RecordAck, RecordedChoice};
 use crate::state::{AppState, ResolvedModel};
 use crate::validation::{self, ValidParams};
 
@@ -503,7 +503,8 @@ async fn respond(state: Arc<AppState>, p: Prepared, log: LogCtx) -> Response {
     response
 }
 
-/// Logs the request line, feeds the end-of-request metrics and records a finished completion.
+/// Logs the request line, feeds the end-of-request metrics and records a finished completion;
+/// the returned acknowledgement (only for a recorded completion) resolves once it is durable.
 fn finish_request(
     state: &AppState,
     p: &Prepared,
@@ -511,7 +512,7 @@ fn finish_request(
     c: &Collector,
     status: u16,
     error: Option<&str>,
-) {
+) -> Option<RecordAck> {
     let duration = log.started.elapsed().as_secs_f64();
     let completion_tokens = c.completion_tokens();
     state.metrics.e2e.observe(duration);
@@ -535,14 +536,14 @@ fn finish_request(
         "request done"
     );
     if status != 200 || !c.done() {
-        return;
+        return None;
     }
     let endpoint = match p.endpoint {
         Endpoint::Chat { .. } => "chat.completions",
         Endpoint::Completions { .. } => "completions",
     };
     let s = &p.params.sampling;
-    state.recorder.record(CompletionRecord {
+    Some(state.recorder.record(CompletionRecord {
         id: p.id.clone(),
         tenant: log.tenant.clone(),
         model: p.model.requested.clone(),
@@ -570,7 +571,15 @@ fn finish_request(
         created: log.created,
         ttft_secs: c.ttft_secs(),
         duration_secs: duration,
-    });
+    }))
+}
+
+/// Waits until the completion is durably recorded: feedback may refer to it from then on.
+async fn recorded(ack: Option<RecordAck>) -> Result<(), ApiError> {
+    match ack {
+        Some(ack) => ack.await.map_err(|e| ApiError::Internal(e.to_string())),
+        None => Ok(()),
+    }
 }
 
 /// Collects everything, then answers with one JSON body.
@@ -600,7 +609,11 @@ async fn whole(
         r.extensions_mut().insert(LoggedByHandler);
         return r;
     }
-    finish_request(&state, &p, &log, &c, 200, None);
+    if let Err(e) = recorded(finish_request(&state, &p, &log, &c, 200, None)).await {
+        let mut r = e.into_response();
+        r.extensions_mut().insert(LoggedByHandler);
+        return r;
+    }
     let usage = Usage::new(p.req.prompt.len(), c.completion_tokens());
     let fingerprint = p.model.version_label.clone();
     match &p.endpoint {
@@ -826,7 +839,11 @@ async fn drive_stream(
         let _ = send(Event::default().data("[DONE]")).await;
         return;
     }
-    finish_request(&state, &p, &log, &c, 200, None);
+    if let Err(e) = recorded(finish_request(&state, &p, &log, &c, 200, None)).await {
+        let _ = send(sse_json(&e.body())).await;
+        let _ = send(Event::default().data("[DONE]")).await;
+        return;
+    }
     if p.params.include_usage {
         let _ = send(chunks.usage(Usage::new(p.req.prompt.len(), c.completion_tokens()))).await;
     }

@@ -1,6 +1,7 @@
 //! The axum router: which path goes to which handler, behind which middleware. Handlers live
 //! in one file per concern; this file holds only wiring and the request counter.
 
+pub mod feedback;
 pub mod inference;
 pub mod models;
 pub mod ops;
@@ -11,7 +12,7 @@ use std::time::Instant;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 
 use crate::auth;
@@ -24,6 +25,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(inference::chat))
         .route("/v1/completions", post(inference::completions))
         .route("/v1/models", get(models::list))
+        .route(
+            "/v1/feedback",
+            post(feedback::submit).merge(delete(feedback::delete)),
+        )
+        .route("/v1/feedback/stats", get(feedback::stats))
+        .route("/v1/feedback/export", get(feedback::export))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state.keys),
             auth::require_key,
