@@ -59,6 +59,14 @@ impl Server {
     /// Starts `prefix-rft serve --port 0` with an optional config file text and waits for
     /// `/ready`.
     pub fn start(config: Option<&str>) -> Server {
+        let server = Server::start_listening(config);
+        server.wait_ready();
+        server
+    }
+
+    /// Starts the server and returns as soon as it listens, while the model may still be
+    /// loading (routes that need no model, such as feedback, already answer).
+    pub fn start_listening(config: Option<&str>) -> Server {
         let model = repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
         assert!(
             model.is_file(),
@@ -82,7 +90,7 @@ impl Server {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             );
-        let data_dir = std::env::temp_dir().join(format!("prefix-rft-e2e-{}", std::process::id()));
+        let data_dir = data_dir();
         cmd.arg("--data-dir").arg(&data_dir);
         if let Some(text) = config {
             let path = data_dir.with_extension(format!("{}.toml", rand_suffix()));
@@ -104,9 +112,7 @@ impl Server {
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
         let stdin = child.stdin.take();
-        let server = Server { child, stdin, base };
-        server.wait_ready();
-        server
+        Server { child, stdin, base }
     }
 
     fn wait_ready(&self) {
@@ -131,6 +137,12 @@ impl Server {
         self.child.id()
     }
 
+    /// Kills the process with SIGKILL (no drain, no destructors) and reaps it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Waits for the process to exit and returns its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let deadline = Instant::now() + timeout;
@@ -152,6 +164,12 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The `--data-dir` of every server this test process starts (the default config keeps the
+/// feedback database there, as `feedback.sqlite`).
+pub fn data_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("prefix-rft-e2e-{}", std::process::id()))
 }
 
 fn rand_suffix() -> u128 {
