@@ -176,6 +176,13 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     ensure_model(&model_path)?;
     std::fs::create_dir_all(&config.server.data_dir)
         .with_context(|| format!("creating data dir {}", config.server.data_dir.display()))?;
+    // Before listening: a database that cannot be opened stops the start, visibly.
+    let feedback = SqliteFeedbackStore::open(StoreOptions {
+        path: config.feedback_path(),
+        retention: (config.feedback.retention_days > 0)
+            .then(|| std::time::Duration::from_secs(config.feedback.retention_days * 86_400)),
+    })
+    .with_context(|| format!("opening {}", config.feedback_path().display()))?;
     let addr = format!("{}:{}", config.server.host, config.server.port);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -187,12 +194,6 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         let local = listener.local_addr()?;
         println!("listening on http://{local}");
         let _ = std::io::stdout().flush();
-        let feedback = SqliteFeedbackStore::open(StoreOptions {
-            path: config.feedback_path(),
-            retention: (config.feedback.retention_days > 0)
-                .then(|| std::time::Duration::from_secs(config.feedback.retention_days * 86_400)),
-        })
-        .with_context(|| format!("opening {}", config.feedback_path().display()))?;
         let state = AppState::with_feedback(config, std::sync::Arc::new(feedback))?;
         let load_state = std::sync::Arc::clone(&state);
         tokio::task::spawn_blocking(move || {

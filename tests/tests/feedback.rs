@@ -458,6 +458,69 @@ async fn pairs_stats_export_and_delete_for_one_adapter() {
         .assert_error(404, "not_found_error", None);
 }
 
+#[test]
+fn cli_imports_trl_and_sft_rows_and_exports_trl_pairs() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let db = dir.path().join("fresh/dirs/feedback.sqlite");
+    let input = dir.path().join("seed.jsonl");
+    std::fs::write(
+        &input,
+        concat!(
+            r#"{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "Hello!"}], "rejected": [{"role": "assistant", "content": "Go away."}]}"#,
+            "\n",
+            r#"{"prompt": "2+2=", "chosen": "4", "rejected": "5"}"#,
+            "\n\n",
+            r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hey"}]}"#,
+            "\n",
+        ),
+    )
+    .expect("write seed");
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(prefix_rft_e2e::binary())
+            .arg("feedback")
+            .args(args)
+            .arg("--db")
+            .arg(&db)
+            .args(["--tenant", "acme", "--adapter", "support"])
+            .output()
+            .expect("run prefix-rft feedback");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, _, err) = cli(&["import", "--file", input.to_str().expect("utf-8 path")]);
+    assert!(ok, "{err}");
+    assert!(err.contains("imported 3 row(s)"), "{err}");
+    let (ok, out, err) = cli(&["export"]);
+    assert!(ok, "{err}");
+    let rows: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("jsonl"))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            json!({"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "Hello!"}], "rejected": [{"role": "assistant", "content": "Go away."}]}),
+            json!({"prompt": "2+2=", "chosen": "4", "rejected": "5"}),
+        ]
+    );
+    // A row of no known shape is refused with its line number, and nothing is imported.
+    std::fs::write(
+        &input,
+        "{\"prompt\": \"x\", \"completion\": \"y\"}\n{\"bad\": 1}\n",
+    )
+    .expect("write");
+    let (ok, _, err) = cli(&["import", "--file", input.to_str().expect("utf-8 path")]);
+    assert!(!ok);
+    assert!(err.contains("line 2"), "{err}");
+    let demos: i64 = open_db(&db)
+        .query_row("SELECT count(*) FROM completions", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(demos, 3);
+}
+
 /// The server config for the durability trials: many choices per completion (so there are
 /// many distinct feedback targets) and a database of the test's own.
 fn durability_config(db: &Path) -> String {

@@ -62,10 +62,10 @@ pub enum CliError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Feedback(#[from] FeedbackError),
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -88,7 +88,7 @@ pub fn run(cmd: FeedbackCommand) -> Result<(), CliError> {
             let store = open(t)?;
             let ex = store.training_examples_blocking(&t.tenant, &t.adapter)?;
             let (text, skipped) = trl::export_lines(&ex.pairs);
-            let io = |path: PathBuf| move |source| CliError::Io { path, source };
+            let io = |path: PathBuf| move |error| CliError::Io { path, error };
             match &args.out {
                 Some(p) => std::fs::write(p, &text).map_err(io(p.clone()))?,
                 None => std::io::stdout()
@@ -112,9 +112,9 @@ pub fn run(cmd: FeedbackCommand) -> Result<(), CliError> {
         }
         FeedbackCommand::Import(args) => {
             let t = &args.target;
-            let text = std::fs::read_to_string(&args.file).map_err(|source| CliError::Io {
+            let text = std::fs::read_to_string(&args.file).map_err(|error| CliError::Io {
                 path: args.file.clone(),
-                source,
+                error,
             })?;
             let rows = trl::parse_lines(&text)?;
             let store = open(t)?;

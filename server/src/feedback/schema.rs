@@ -77,22 +77,32 @@ pub fn current_version() -> i64 {
     MIGRATIONS.len() as i64
 }
 
-/// Brings `conn` to [`current_version`]; returns the version found before.
+/// Brings `conn` to [`current_version`]; returns the version found before. Each step reads
+/// the version inside its write transaction, so servers opening one fresh file at the same
+/// time migrate it once between them.
 pub fn migrate(conn: &mut Connection) -> Result<i64, FeedbackError> {
-    let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    if found > current_version() {
-        return Err(FeedbackError::SchemaTooNew {
-            found,
-            supported: current_version(),
-        });
-    }
-    for (i, ddl) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+    let mut found = None;
+    loop {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        found.get_or_insert(version);
+        if version > current_version() {
+            return Err(FeedbackError::SchemaTooNew {
+                found: version,
+                supported: current_version(),
+            });
+        }
+        let Some(ddl) = usize::try_from(version)
+            .ok()
+            .and_then(|v| MIGRATIONS.get(v))
+        else {
+            tx.commit()?;
+            return Ok(found.unwrap_or(version));
+        };
         tx.execute_batch(ddl)?;
-        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.pragma_update(None, "user_version", version + 1)?;
         tx.commit()?;
     }
-    Ok(found)
 }
 
 #[cfg(test)]
@@ -108,6 +118,27 @@ mod tests {
             .query_row("SELECT count(*) FROM feedback", [], |r| r.get(0))
             .expect("table exists");
         assert_eq!(n, 0);
+    }
+
+    #[test]
+    fn two_connections_migrating_one_fresh_file_both_succeed() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("db.sqlite");
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let mut c = Connection::open(&path).expect("open");
+                    c.busy_timeout(std::time::Duration::from_secs(10))
+                        .expect("busy");
+                    migrate(&mut c)
+                })
+            })
+            .collect();
+        for h in handles {
+            let r = h.join().expect("thread");
+            assert!(r.is_ok(), "{r:?}");
+        }
     }
 
     #[test]
