@@ -313,6 +313,22 @@ async fn rating_changed_twice_keeps_one_feedback_with_the_last_rating() {
             .collect()
     };
     assert_eq!(rows, vec![(fid, "down".to_string())]);
+    // Every accepted submission is counted by rating in /metrics.
+    let metrics = send(reqwest::Client::new().get(format!("{}/metrics", shared().base))).await;
+    let count = |rating: &str| -> f64 {
+        let prefix = format!("prefix_rft_feedback_total{{rating=\"{rating}\"}} ");
+        metrics
+            .text
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(
+        count("up") >= 2.0 && count("down") >= 2.0,
+        "{}",
+        metrics.text
+    );
 }
 
 #[tokio::test]
