@@ -118,6 +118,47 @@ pub struct AdminSection {
     pub api_keys: Vec<String>,
 }
 
+/// `[adapters]`: the versioned store, limits on what may be loaded, and the resident budget.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdaptersSection {
+    /// Store root; relative paths are under `server.data_dir`.
+    pub dir: PathBuf,
+    /// Largest LoRA rank accepted.
+    pub max_rank: usize,
+    /// Largest `adapter_model.safetensors` accepted, in bytes.
+    pub max_file_bytes: u64,
+    /// Most prefix-tuning virtual tokens accepted.
+    pub max_virtual_tokens: usize,
+    /// Adapter weights kept in memory, in MiB, before least-recently-used ones are dropped.
+    pub resident_budget_mib: usize,
+    /// Versions kept per adapter; older ones are deleted unless current or in use.
+    pub retain_versions: usize,
+    /// Adapters (`tenant/name`) always kept resident.
+    pub pinned: Vec<String>,
+}
+
+impl Default for AdaptersSection {
+    fn default() -> Self {
+        AdaptersSection {
+            dir: PathBuf::from("adapters"),
+            max_rank: 64,
+            max_file_bytes: 256 << 20,
+            max_virtual_tokens: 128,
+            resident_budget_mib: 1024,
+            retain_versions: 10,
+            pinned: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// The adapter store's root directory.
+    pub fn adapters_dir(&self) -> PathBuf {
+        self.server.data_dir.join(&self.adapters.dir)
+    }
+}
+
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -134,6 +175,9 @@ pub struct Config {
     /// `[limits]`
     #[serde(default)]
     pub limits: LimitsSection,
+    /// `[adapters]`
+    #[serde(default)]
+    pub adapters: AdaptersSection,
 }
 
 impl Config {
@@ -203,6 +247,23 @@ impl Config {
         ] {
             if v == 0 {
                 return invalid(format!("limits.{name} must be at least 1"));
+            }
+        }
+        let a = &self.adapters;
+        if a.max_rank == 0 || a.max_file_bytes == 0 || a.max_virtual_tokens == 0 {
+            return invalid(
+                "adapters.max_rank, max_file_bytes and max_virtual_tokens must be at least 1"
+                    .into(),
+            );
+        }
+        if a.retain_versions == 0 {
+            return invalid("adapters.retain_versions must be at least 1".into());
+        }
+        for p in &a.pinned {
+            if p.split_once('/')
+                .is_none_or(|(t, n)| t.is_empty() || n.is_empty())
+            {
+                return invalid(format!("adapters.pinned entry `{p}` must be `tenant/name`"));
             }
         }
         if l.max_n > l.max_batch_size {

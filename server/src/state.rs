@@ -4,6 +4,8 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use prefix_rft_adapters::{AdapterError, AdapterRegistry, Lease};
+
 use crate::auth::{KeyTable, Principal};
 use crate::backend::Backend;
 use crate::config::Config;
@@ -29,12 +31,24 @@ pub enum Lifecycle {
 }
 
 /// What a `model` field resolved to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ResolvedModel {
     /// The id as the client sent it (echoed in responses).
     pub requested: String,
     /// `base` or `<adapter>@<N>`: the `x-adapter-version` header and `system_fingerprint`.
     pub version_label: String,
+    /// The adapter version the request runs with, held until the request ends.
+    pub adapter: Option<Lease>,
+}
+
+impl ResolvedModel {
+    /// Context positions the adapter's prefix takes.
+    pub fn prefix_len(&self) -> usize {
+        self.adapter
+            .as_ref()
+            .and_then(|l| l.weights().prefix())
+            .map_or(0, |p| p.num_virtual_tokens)
+    }
 }
 
 /// Shared server state.
@@ -48,6 +62,7 @@ pub struct AppState {
     /// Where completions are recorded.
     pub recorder: Arc<dyn CompletionRecorder>,
     backend: OnceLock<Arc<dyn Backend>>,
+    adapters: OnceLock<Arc<AdapterRegistry>>,
     lifecycle: AtomicU8,
 }
 
@@ -68,8 +83,21 @@ impl AppState {
             metrics: Metrics::new()?,
             recorder,
             backend: OnceLock::new(),
+            adapters: OnceLock::new(),
             lifecycle: AtomicU8::new(Lifecycle::Loading as u8),
         }))
+    }
+
+    /// Installs the adapter registry (once the model's shape is known).
+    pub fn set_adapters(&self, registry: Arc<AdapterRegistry>) {
+        let _ = self.adapters.set(registry);
+    }
+
+    /// The adapter registry: 503 until the model is loaded.
+    pub fn adapters(&self) -> Result<&Arc<AdapterRegistry>, ApiError> {
+        self.adapters
+            .get()
+            .ok_or_else(|| ApiError::Unavailable("the model is loading; retry shortly".into()))
     }
 
     /// Installs the loaded backend and becomes ready (unless already draining).
@@ -126,20 +154,44 @@ impl AppState {
         }
     }
 
-    /// Resolves a request's `model` for `principal`. Today only the base model exists; adapter
-    /// names (`<adapter>` and `<adapter>@<N>`) resolve through the tenant's registry once the
-    /// adapters issue lands, and until then are unknown (404 `model_not_found`).
-    pub fn resolve_model(
+    /// Resolves a request's `model` for `principal`: the base id, or one of the tenant's
+    /// adapters as `name` (its current version) or `name@N`. The adapter is leased here, at
+    /// admission, so the request keeps this version to its end. Loading an evicted version
+    /// from disk runs off the async workers. Unknown names are 404 `model_not_found`.
+    pub async fn resolve_model(
         &self,
-        _principal: &Principal,
+        principal: &Principal,
         model: &str,
     ) -> Result<ResolvedModel, ApiError> {
+        let base = || ResolvedModel {
+            requested: model.to_string(),
+            version_label: "base".into(),
+            adapter: None,
+        };
         if model == self.config.model.id {
-            return Ok(ResolvedModel {
-                requested: model.to_string(),
-                version_label: "base".into(),
-            });
+            return Ok(base());
         }
-        Err(ApiError::ModelNotFound(model.to_string()))
+        let (Some(tenant), Some(registry)) = (principal.tenant.clone(), self.adapters.get()) else {
+            return Err(ApiError::ModelNotFound(model.to_string()));
+        };
+        let registry = Arc::clone(registry);
+        let name = model.to_string();
+        let lease = tokio::task::spawn_blocking(move || registry.acquire(&tenant, &name))
+            .await
+            .map_err(|e| ApiError::Internal(format!("adapter load task failed: {e}")))?
+            .map_err(|e| match e {
+                AdapterError::NotFound(_) | AdapterError::BadRequest(_) => {
+                    ApiError::ModelNotFound(model.to_string())
+                }
+                other => ApiError::from(other),
+            })?;
+        Ok(match lease {
+            None => base(),
+            Some(lease) => ResolvedModel {
+                requested: model.to_string(),
+                version_label: lease.label(),
+                adapter: Some(lease),
+            },
+        })
     }
 }
