@@ -1,5 +1,7 @@
 //! `prefix-rft`: parses arguments and runs a subcommand; the work lives in the libraries.
 
+mod cli_adapters;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -31,6 +33,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Serves the OpenAI-compatible HTTP API.
     Serve(ServeArgs),
+    /// Works with the adapter store offline: list, import, export.
+    Adapters(cli_adapters::AdaptersArgs),
 }
 
 #[derive(clap::Args)]
@@ -106,6 +110,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Generate(args) => run_generate(args),
         Command::Serve(args) => run_serve(args),
+        Command::Adapters(args) => cli_adapters::run(args),
     }
 }
 
