@@ -1,7 +1,7 @@
 """Shared helpers for the reference oracles: model path, sha256, fixture `meta`, JSON writing.
 
 The oracles are dev-time only: they turn references that nobody on this project
-wrote (HF transformers, llama.cpp) into small JSON fixtures the Rust tests read.
+wrote (HF transformers, PEFT, llama.cpp) into small JSON fixtures the Rust tests read.
 """
 import datetime
 import hashlib

@@ -1,6 +1,57 @@
 """Produce adapters/tests/fixtures/peft/: four PEFT adapters and logprobs.json.
 
-DOCSTRING-TODO
+Reference for the adapter runtime: adapters made with Python PEFT (`get_peft_model` on HF
+`transformers` running the GGUF dequantised to float32), their weights overwritten with seeded
+normal values (PEFT starts LoRA B at zero, which would change nothing), saved with
+`save_pretrained` (float32 safetensors; the README.md it writes is deleted):
+  lora_r4_qv         LoRA r=4, alpha=8, q_proj v_proj
+  lora_r8_rslora_ko  LoRA r=8, alpha=16, use_rslora, k_proj o_proj
+  lora_r2_all        LoRA r=2, alpha=4, q k v o gate up down
+  prefix_8           prefix tuning, 8 virtual tokens, no projection
+All have task_type CAUSAL_LM, dropout 0; base_model_name_or_path is set to the upstream model id
+rather than the local folder. logprobs.json holds, for the first COUNT texts of texts.py:
+`tokens` (no BOS, as logprobs_hf.py), and for "base" and each adapter under "adapters",
+`logprobs[i]` = log p(tokens[i+1] | tokens[..=i]) and `top1[i]` = argmax id at position i.
+The base numbers equal logprobs_hf.json (checked here).
+
+`peft_adapters.py --check ADAPTER_DIR NAME` loads ADAPTER_DIR with PeftModel.from_pretrained
+(e.g. an adapter our Rust code exported), requires its safetensors keys to be exactly PEFT's,
+prints max/mean |log-prob diff| against fixture entry NAME, exits 1 if mean > MAX_MEAN_DIFF.
+PEFT also loads a minimal adapter_config.json ({"peft_type": "LORA", "r", "lora_alpha",
+"use_rslora", "target_modules", "task_type": "CAUSAL_LM"} or {"peft_type": "PREFIX_TUNING",
+"num_virtual_tokens", "task_type": "CAUSAL_LM"}): the rest defaults or, for the prefix sizes,
+comes from the base model (checked by hand with --check on such copies of the fixtures).
+
+Semantics (PEFT 0.21.2, transformers 5.25, Llama with GQA: L=30 layers, 9 query heads,
+nkv=3 key/value heads, hd=64). Each point is re-derived by `manual_logprobs` below, an
+independent float64 forward that reads the saved files, agreeing with PEFT to ~5e-5 while each
+listed wrong variant is off by > 1e-2 (run prints both):
+
+LoRA. Keys `base_model.model.model.layers.{l}.self_attn.{q,k,v,o}_proj.lora_{A,B}.weight` and
+`base_model.model.model.layers.{l}.mlp.{gate,up,down}_proj.lora_{A,B}.weight` (no adapter name in
+the key), A [r, in_features], B [out_features, r]; safetensors metadata {"format": "pt"}.
+W' = W + s * B @ A with s = lora_alpha / r, or lora_alpha / sqrt(r) when use_rslora. Rows are
+in Hugging Face order (q/k rows NOT in GGUF's rotary permutation). adapter_config.json fields
+that matter: peft_type "LORA", r, lora_alpha, use_rslora, target_modules (a list in no
+particular order; PEFT keeps a set), bias "none", fan_in_fan_out false, use_dora false,
+rank_pattern {}, alpha_pattern {}, layers_to_transform null, task_type "CAUSAL_LM",
+inference_mode true; save_pretrained writes ~40 more, mostly null.
+
+Prefix tuning. One key `prompt_embeddings`, [num_virtual_tokens, L*2*nkv*hd] = [8, 11520]
+(the embedding itself: with prefix_projection false nothing transforms it). Config: peft_type
+"PREFIX_TUNING", num_virtual_tokens 8, num_layers 30, token_dim 192 and num_attention_heads 3
+(GQA: PEFT sizes the prefix by the key/value heads, token_dim = nkv*hd, not hidden_size),
+encoder_hidden_size 192, prefix_projection false, num_transformer_submodules 1.
+Row t is virtual token t. Column ((l*2 + c)*nkv + h)*hd + d holds layer l, c=0 key / c=1 value,
+key/value head h, dim d: layer l's keys are columns [2l*192, 2l*192+192), its values the next
+192 columns, each block head-major (PEFT: view [nvt, 2L, nkv, hd], permute to [2L, nkv, nvt, hd],
+split in pairs (key, value) per layer). These are put into the KV cache as they are: virtual
+keys are NOT rotated by RoPE (they act as already-rotated keys) and values are used unchanged.
+Real tokens get positions num_virtual_tokens + i (transformers takes position_ids from the
+cache length), so their q and k are rotated at 8, 9, ...; every real token attends to all 8
+virtual tokens plus the real tokens up to itself (query head j uses key/value head j // 3),
+one softmax over both, scaled by 1/sqrt(hd). An all-zero prefix already moves the log-probs by
+~0.95 nats on these texts (8 extra zero-score keys dilute attention), so prefix_8's shift is ~1.
 """
 import copy
 import json
@@ -58,7 +109,10 @@ def make_adapter(base, name):
         for pname, p in model.named_parameters():
             if p.requires_grad:  # lora_A / lora_B, or prompt_encoder.default.embedding.weight
                 p.normal_(0.0, std)
-    model.peft_config["default"].base_model_name_or_path = BASE_NAME
+    cfg = model.peft_config["default"]
+    cfg.base_model_name_or_path = BASE_NAME
+    if kw["kind"] == "lora":  # PEFT keeps a set, which would be saved in hash order
+        cfg.target_modules = list(kw["target_modules"])
     out = PEFT_FIXTURES / name
     model.save_pretrained(str(out))
     (out / "README.md").unlink(missing_ok=True)
@@ -71,7 +125,7 @@ def make_adapter(base, name):
 # ---- independent re-implementation (no PEFT, float64) used to pin down the semantics ----
 
 def manual_logprobs(base, ids, tensors=None, config=None, rotate_prefix=False, prefix_pos0=False,
-                    rslora_scale=True):
+                    prefix_layout="l2hnd", rslora_scale=True):
     """Llama forward from the base state dict, with the adapter applied by hand from the saved
     safetensors `tensors` and `config` (adapter_config.json). The keyword switches select wrong
     variants of the prefix/LoRA semantics, to show that they do NOT match PEFT."""
@@ -94,6 +148,12 @@ def manual_logprobs(base, ids, tensors=None, config=None, rotate_prefix=False, p
         nvt = emb.shape[0]
         # layer l: key = columns [2l*nkv*hd, (2l+1)*nkv*hd), value = the next block; head-major
         kv = emb.view(nvt, L, 2, nkv, hd).permute(1, 2, 3, 0, 4)  # [L, 2, nkv, nvt, hd]
+        if prefix_layout == "lv_k":  # wrong: value block first
+            kv = kv.flip(1)
+        elif prefix_layout == "2lhd":  # wrong: all keys of every layer, then all values
+            kv = emb.view(nvt, 2, L, nkv, hd).permute(2, 1, 3, 0, 4)
+        elif prefix_layout == "l2dh":  # wrong: dim-major inside a block
+            kv = emb.view(nvt, L, 2, hd, nkv).permute(1, 2, 4, 0, 3)
 
     def rope(x, pos):  # x [heads, n, hd]; Hugging Face rotate-half convention
         inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
@@ -148,7 +208,10 @@ def verify_semantics(base, name, entries):
     variants = {"as documented": {}}
     if config["peft_type"] == "PREFIX_TUNING":
         variants.update({"prefix keys rotated": dict(rotate_prefix=True),
-                         "real tokens at positions 0..": dict(prefix_pos0=True)})
+                         "real tokens at positions 0..": dict(prefix_pos0=True),
+                         "value block before key block": dict(prefix_layout="lv_k"),
+                         "all keys, then all values": dict(prefix_layout="2lhd"),
+                         "head index fastest in a block": dict(prefix_layout="l2dh")})
     elif config["use_rslora"]:
         variants["alpha/r scaling"] = dict(rslora_scale=False)
     for label, kw in variants.items():
@@ -171,7 +234,7 @@ def check(base, adapter_dir, name, entries):
     model = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_dir)).eval()
     ok = True
     got = set(load_file(str(adapter_dir / "adapter_model.safetensors")).keys())
-    want = set(get_peft_model_state_dict(model).keys())
+    want = set(get_peft_model_state_dict(model, save_embedding_layers=False).keys())
     if got != want:
         ok = False
         print(f"  keys: {len(got - want)} unexpected (e.g. {sorted(got - want)[:3]}), "
