@@ -256,7 +256,7 @@ fn a_hanging_plugin_times_out_on_time_and_later_calls_fail_fast() {
         "{err}"
     );
     assert!(
-        waited >= Duration::from_millis(200) && waited < Duration::from_secs(2),
+        waited >= Duration::from_millis(200) && waited < Duration::from_secs(3),
         "timed out after {waited:?}"
     );
     // Progress crossed the C boundary before the hang.
