@@ -1,4 +1,4 @@
-//! The plugin side of the boundary: [`export_plugin!`] and the shims it expands to. Every shim
+//! The plugin side of the boundary: [`export_plugin!`](crate::export_plugin) and the shims it expands to. Every shim
 //! runs the plugin under `catch_unwind`, so a panic becomes `{"error": {"code": "panic"}}` and
 //! never unwinds into the host. The envelope and dispatch logic here is also what the host's
 //! in-process variant runs, so both paths answer with the same bytes.
@@ -191,7 +191,10 @@ pub fn entry<P: Plugin>(
 ///
 /// `export_plugin!(MyPlugin)` builds the plugin with `Default::default()` on its first call;
 /// `export_plugin!(MyPlugin, MyPlugin::new)` takes any `fn() -> MyPlugin`. Use it once per
-/// `cdylib`, at the crate root.
+/// `cdylib`, at the crate root. The symbol is exported from the `rlib` too, so one binary can
+/// link at most one plugin crate as a library; a host that wants several plugins in process
+/// uses their `Plugin` types through `host::PluginHandle::in_process` from crates (or
+/// modules) that do not invoke this macro.
 #[macro_export]
 macro_rules! export_plugin {
     ($plugin:ty) => {
