@@ -38,6 +38,13 @@ pub struct ServerSection {
     /// Seconds a shutdown drain waits for running requests.
     #[serde(default = "default_drain_timeout_secs")]
     pub drain_timeout_secs: u64,
+    /// The only directory plugins are loaded from.
+    #[serde(default = "default_plugin_dir")]
+    pub plugin_dir: PathBuf,
+}
+
+fn default_plugin_dir() -> PathBuf {
+    PathBuf::from("target/release")
 }
 
 fn default_drain_timeout_secs() -> u64 {
@@ -178,6 +185,9 @@ pub struct Config {
     /// `[adapters]`
     #[serde(default)]
     pub adapters: AdaptersSection,
+    /// `[[plugins]]`
+    #[serde(default)]
+    pub plugins: Vec<prefix_rft_plugin_abi::host::PluginConfig>,
 }
 
 impl Config {
@@ -264,6 +274,13 @@ impl Config {
                 .is_none_or(|(t, n)| t.is_empty() || n.is_empty())
             {
                 return invalid(format!("adapters.pinned entry `{p}` must be `tenant/name`"));
+            }
+        }
+        let mut plugin_names = std::collections::HashSet::new();
+        for p in &self.plugins {
+            p.validate().or_else(|m| invalid(format!("plugins: {m}")))?;
+            if !plugin_names.insert(p.name.as_str()) {
+                return invalid(format!("plugins: name `{}` is repeated", p.name));
             }
         }
         if l.max_n > l.max_batch_size {

@@ -9,6 +9,7 @@ pub mod error;
 pub mod metrics;
 pub mod openai;
 pub mod openapi;
+pub mod plugins;
 pub mod recorder;
 pub mod routes;
 pub mod state;

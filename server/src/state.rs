@@ -11,6 +11,7 @@ use crate::backend::Backend;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+use crate::plugins::Plugins;
 use crate::recorder::{CompletionRecorder, InMemoryRecorder};
 
 /// Records kept by the in-memory recorder.
@@ -63,6 +64,8 @@ pub struct AppState {
     pub recorder: Arc<dyn CompletionRecorder>,
     backend: OnceLock<Arc<dyn Backend>>,
     adapters: OnceLock<Arc<AdapterRegistry>>,
+    /// Configured plugins, loaded before serving.
+    pub plugins: Plugins,
     lifecycle: AtomicU8,
 }
 
@@ -77,6 +80,7 @@ impl AppState {
         config: Config,
         recorder: Arc<dyn CompletionRecorder>,
     ) -> Result<Arc<Self>, prometheus::Error> {
+        let plugins = Plugins::load(&config.server.plugin_dir, &config.plugins);
         Ok(Arc::new(AppState {
             keys: Arc::new(KeyTable::from_config(&config)),
             config: Arc::new(config),
@@ -84,6 +88,7 @@ impl AppState {
             recorder,
             backend: OnceLock::new(),
             adapters: OnceLock::new(),
+            plugins,
             lifecycle: AtomicU8::new(Lifecycle::Loading as u8),
         }))
     }

@@ -43,6 +43,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/adapters/{name}/versions/{version}/files/{file}",
             get(adapters::file),
         )
+        .route("/v1/plugins", get(ops::plugins))
         .route("/v1/load_lora_adapter", post(adapters::load_lora))
         .route("/v1/unload_lora_adapter", post(adapters::unload_lora))
         .route_layer(middleware::from_fn_with_state(

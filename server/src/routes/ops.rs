@@ -42,3 +42,18 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 pub async fn openapi() -> Response {
     Json(crate::openapi::document()).into_response()
 }
+
+/// `GET /v1/plugins` (admin): the configured plugins with name, kind, ABI version, status.
+pub async fn plugins(
+    axum::extract::State(state): axum::extract::State<std::sync::Arc<crate::state::AppState>>,
+    axum::Extension(principal): axum::Extension<crate::auth::Principal>,
+) -> Result<axum::response::Response, crate::error::ApiError> {
+    if !principal.admin {
+        return Err(crate::error::ApiError::Forbidden(
+            "this route needs an admin key".into(),
+        ));
+    }
+    Ok(axum::response::IntoResponse::into_response(axum::Json(
+        state.plugins.to_json(),
+    )))
+}
