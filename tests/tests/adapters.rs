@@ -320,6 +320,17 @@ async fn create_upload_activate_download_delete() {
         .iter()
         .any(|m| m["id"] == name));
 
+    // Resident adapters show in the metrics.
+    let metrics = send(http().get(format!("{}/metrics", shared().base)))
+        .await
+        .text();
+    let resident: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("prefix_rft_adapters_resident "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("prefix_rft_adapters_resident in /metrics");
+    assert!(resident >= 1.0, "{resident}");
+
     // Delete.
     let r = send(
         http()

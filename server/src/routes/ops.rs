@@ -28,6 +28,12 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
 
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    if let Ok(registry) = state.adapters() {
+        let stats = registry.stats();
+        let m = &state.metrics;
+        m.adapters_resident.set(stats.resident as i64);
+        m.adapters_resident_bytes.set(stats.resident_bytes as i64);
+    }
     (
         [(
             header::CONTENT_TYPE,
