@@ -312,6 +312,15 @@ async fn create_upload_activate_download_delete() {
         .await
         .text()
         .contains("\"life\""));
+    let theirs = get("/models", GLOBEX_KEY).await.json();
+    assert!(
+        !theirs["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == name),
+        "{theirs}"
+    );
     // Models list the tenant's adapters.
     let models = get("/models", ACME_KEY).await.json();
     assert!(models["data"]
