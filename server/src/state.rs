@@ -176,9 +176,11 @@ impl AppState {
         if model == self.config.model.id {
             return Ok(base());
         }
-        let (Some(tenant), Some(registry)) = (principal.tenant.clone(), self.adapters.get()) else {
+        let Some(tenant) = principal.tenant.clone() else {
             return Err(ApiError::ModelNotFound(model.to_string()));
         };
+        // Until the model is loaded the registry does not exist: 503, like the base model.
+        let registry = self.adapters()?;
         let registry = Arc::clone(registry);
         let name = model.to_string();
         let lease = tokio::task::spawn_blocking(move || registry.acquire(&tenant, &name))
