@@ -117,15 +117,19 @@ pub fn generate(
 
 /// Teacher-forced log-probabilities: entry `i` is `log p(tokens[i+1] | tokens[..=i])`, plus the
 /// arg-max token at each position.
-pub fn score(m: &LoadedModel, tokens: &[u32]) -> Result<(Vec<f32>, Vec<u32>), EngineError> {
+pub fn score(
+    m: &LoadedModel,
+    tokens: &[u32],
+    adapter: Option<&dyn AdapterHook>,
+) -> Result<(Vec<f32>, Vec<u32>), EngineError> {
     if tokens.is_empty() {
         return Err(EngineError::EmptyPrompt);
     }
-    let mut cache = KvCache::new(m.model.config());
+    let mut cache = KvCache::with_adapter(m.model.config(), adapter);
     let mut step = [SeqStep {
         tokens,
         cache: &mut cache,
-        adapter: None,
+        adapter,
         logits: LogitsWanted::All,
     }];
     let logits = m.model.forward(&mut step)?;

@@ -57,6 +57,25 @@ impl Default for TinySpec {
     }
 }
 
+impl TinySpec {
+    /// The Hugging Face `config.json` of this shape.
+    pub fn hf_config_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "model_type": "llama", "vocab_size": self.vocab, "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate, "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
+            "tie_word_embeddings": self.tied, "attention_bias": self.bias,
+        })
+    }
+
+    /// The model configuration of this shape.
+    pub fn config(&self) -> crate::model::ModelConfig {
+        crate::model::ModelConfig::from_hf_json(&self.hf_config_json().to_string())
+            .expect("tiny config")
+    }
+}
+
 /// Random weights under Hugging Face names: `(name, shape, values)`, shape `[rows, cols]` or `[n]`.
 pub fn tiny_weights(spec: &TinySpec, seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -239,14 +258,8 @@ pub fn tiny_gguf_writer(
 /// Writes `weights` as a Hugging Face directory: `config.json` and `model.safetensors` (F32).
 pub fn write_tiny_hf_dir(dir: &Path, spec: &TinySpec, weights: &[(String, Vec<usize>, Vec<f32>)]) {
     std::fs::create_dir_all(dir).expect("mkdir");
-    let config = serde_json::json!({
-        "model_type": "llama", "vocab_size": spec.vocab, "hidden_size": spec.hidden,
-        "intermediate_size": spec.intermediate, "num_hidden_layers": spec.layers,
-        "num_attention_heads": spec.heads, "num_key_value_heads": spec.kv_heads,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
-        "tie_word_embeddings": spec.tied, "attention_bias": spec.bias,
-    });
-    std::fs::write(dir.join("config.json"), config.to_string()).expect("write config");
+    std::fs::write(dir.join("config.json"), spec.hf_config_json().to_string())
+        .expect("write config");
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = weights
         .iter()
         .map(|(n, s, v)| {

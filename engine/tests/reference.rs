@@ -46,7 +46,7 @@ fn compare_logprobs(m: &LoadedModel, fixture_name: &str) -> Agreement {
     let (mut n, mut same_top1, mut delta) = (0usize, 0usize, 0f64);
     for case in f["texts"].as_array().expect("texts") {
         let tokens = ids(&case["tokens"]);
-        let (lp, top1) = score(m, &tokens).expect("score");
+        let (lp, top1) = score(m, &tokens, None).expect("score");
         let ref_lp = floats(&case["logprobs"]);
         let ref_top1 = ids(&case["top1"]);
         assert_eq!(lp.len(), ref_lp.len());

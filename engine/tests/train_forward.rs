@@ -103,7 +103,7 @@ fn train_forward_matches_serving_forward() {
             ("prefix", Some(&pre)),
             ("lora+prefix", Some(&both)),
         ] {
-            let hook = adapter.map(|a| a.to_hook().expect("snapshot"));
+            let hook = adapter.map(|a| a.to_weights(&cfg).expect("snapshot"));
             let hook_dyn = hook.as_ref().map(|h| h as &dyn AdapterHook);
             let logits = train.forward(&seqs, adapter).expect("train forward");
             let (b, t, v) = logits.dims3().expect("dims");
@@ -372,7 +372,7 @@ fn quantized_base_matches_serving_and_backpropagates_through_dequantised_weight(
     )
     .expect("adapter");
     randomise_lora_b(&adapter, 0.1, 15);
-    let hook = adapter.to_hook().expect("snapshot");
+    let hook = adapter.to_weights(model.config()).expect("snapshot");
     let tokens: &[u32] = &[1, 5, 9, 33, 2, 70];
     let got: Vec<f32> = train
         .forward(&[tokens], Some(&adapter))
@@ -429,7 +429,7 @@ fn serving_snapshot_of_a_fresh_lora_is_the_base_model() {
         &Device::Cpu,
     )
     .expect("adapter");
-    let hook = adapter.to_hook().expect("snapshot");
+    let hook = adapter.to_weights(model.config()).expect("snapshot");
     let tokens: &[u32] = &[3, 1, 4, 1, 5];
     let base = serving_logits(&model, tokens, None);
     let with = serving_logits(&model, tokens, Some(&hook));
@@ -553,7 +553,7 @@ fn real_model_dense_train_forward_matches_serving_with_lora_and_prefix() {
     let train =
         TrainModel::from_llama(&model, &Device::Cpu, TrainOptions::default()).expect("train model");
     let adapter = real_adapter(&model);
-    let hook = adapter.to_hook().expect("snapshot");
+    let hook = adapter.to_weights(model.config()).expect("snapshot");
     let got: Vec<f32> = train
         .forward(&[REAL_TOKENS], Some(&adapter))
         .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
@@ -586,7 +586,7 @@ fn real_model_quantized_base_matches_serving_and_gives_lora_gradients() {
     )
     .expect("adapter");
     randomise_lora_b(&lora_only, 0.01, 18);
-    let hook = lora_only.to_hook().expect("snapshot");
+    let hook = lora_only.to_weights(model.config()).expect("snapshot");
     let one = &REAL_TOKENS[..1];
     let got: Vec<f32> = train
         .forward(&[one], Some(&lora_only))

@@ -1,7 +1,7 @@
 """Shared helpers for the reference oracles: model path, sha256, fixture `meta`, JSON writing.
 
 The oracles are dev-time only: they turn references that nobody on this project
-wrote (HF transformers, llama.cpp) into small JSON fixtures the Rust tests read.
+wrote (HF transformers, PEFT, llama.cpp) into small JSON fixtures the Rust tests read.
 """
 import datetime
 import hashlib
@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 MODEL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL = Path(os.environ.get("ORACLE_MODEL", REPO / "models" / MODEL_NAME))
 FIXTURES = REPO / "engine" / "tests" / "fixtures"
+PEFT_FIXTURES = REPO / "adapters" / "tests" / "fixtures" / "peft"
 THREADS = 2
 EOS_IDS = (2,)  # <|im_end|> is id 2 in this GGUF (also its eos)
 
@@ -41,17 +42,17 @@ def meta(reference, version, script, **extra):
     return m
 
 
-def write_fixture(name, obj):
-    FIXTURES.mkdir(parents=True, exist_ok=True)
-    path = FIXTURES / name
+def write_fixture(name, obj, fixtures=FIXTURES):
+    fixtures.mkdir(parents=True, exist_ok=True)
+    path = fixtures / name
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, ensure_ascii=False, indent=1)
         f.write("\n")
     print(f"wrote {path.relative_to(REPO)}", file=sys.stderr)
 
 
-def read_fixture(name):
-    with open(FIXTURES / name, encoding="utf-8") as f:
+def read_fixture(name, fixtures=FIXTURES):
+    with open(fixtures / name, encoding="utf-8") as f:
         return json.load(f)
 
 

@@ -38,6 +38,13 @@ pub struct ServerSection {
     /// Seconds a shutdown drain waits for running requests.
     #[serde(default = "default_drain_timeout_secs")]
     pub drain_timeout_secs: u64,
+    /// The only directory plugins are loaded from.
+    #[serde(default = "default_plugin_dir")]
+    pub plugin_dir: PathBuf,
+}
+
+fn default_plugin_dir() -> PathBuf {
+    PathBuf::from("target/release")
 }
 
 fn default_drain_timeout_secs() -> u64 {
@@ -140,6 +147,47 @@ pub struct AdminSection {
     pub api_keys: Vec<String>,
 }
 
+/// `[adapters]`: the versioned store, limits on what may be loaded, and the resident budget.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdaptersSection {
+    /// Store root; relative paths are under `server.data_dir`.
+    pub dir: PathBuf,
+    /// Largest LoRA rank accepted.
+    pub max_rank: usize,
+    /// Largest `adapter_model.safetensors` accepted, in bytes.
+    pub max_file_bytes: u64,
+    /// Most prefix-tuning virtual tokens accepted.
+    pub max_virtual_tokens: usize,
+    /// Adapter weights kept in memory, in MiB, before least-recently-used ones are dropped.
+    pub resident_budget_mib: usize,
+    /// Versions kept per adapter; older ones are deleted unless current or in use.
+    pub retain_versions: usize,
+    /// Adapters (`tenant/name`) always kept resident.
+    pub pinned: Vec<String>,
+}
+
+impl Default for AdaptersSection {
+    fn default() -> Self {
+        AdaptersSection {
+            dir: PathBuf::from("adapters"),
+            max_rank: 64,
+            max_file_bytes: 256 << 20,
+            max_virtual_tokens: 128,
+            resident_budget_mib: 1024,
+            retain_versions: 10,
+            pinned: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// The adapter store's root directory.
+    pub fn adapters_dir(&self) -> PathBuf {
+        self.server.data_dir.join(&self.adapters.dir)
+    }
+}
+
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -156,6 +204,12 @@ pub struct Config {
     /// `[limits]`
     #[serde(default)]
     pub limits: LimitsSection,
+    /// `[adapters]`
+    #[serde(default)]
+    pub adapters: AdaptersSection,
+    /// `[[plugins]]`
+    #[serde(default)]
+    pub plugins: Vec<prefix_rft_plugin_abi::host::PluginConfig>,
     /// `[feedback]`
     #[serde(default)]
     pub feedback: FeedbackSection,
@@ -237,6 +291,30 @@ impl Config {
         ] {
             if v == 0 {
                 return invalid(format!("limits.{name} must be at least 1"));
+            }
+        }
+        let a = &self.adapters;
+        if a.max_rank == 0 || a.max_file_bytes == 0 || a.max_virtual_tokens == 0 {
+            return invalid(
+                "adapters.max_rank, max_file_bytes and max_virtual_tokens must be at least 1"
+                    .into(),
+            );
+        }
+        if a.retain_versions == 0 {
+            return invalid("adapters.retain_versions must be at least 1".into());
+        }
+        for p in &a.pinned {
+            if p.split_once('/')
+                .is_none_or(|(t, n)| t.is_empty() || n.is_empty())
+            {
+                return invalid(format!("adapters.pinned entry `{p}` must be `tenant/name`"));
+            }
+        }
+        let mut plugin_names = std::collections::HashSet::new();
+        for p in &self.plugins {
+            p.validate().or_else(|m| invalid(format!("plugins: {m}")))?;
+            if !plugin_names.insert(p.name.as_str()) {
+                return invalid(format!("plugins: name `{}` is repeated", p.name));
             }
         }
         if self.feedback.max_text_bytes == 0 || self.feedback.path.as_os_str().is_empty() {

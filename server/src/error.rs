@@ -50,6 +50,12 @@ pub enum ApiError {
     /// The model is loading or the server is draining.
     #[error("{0}")]
     Unavailable(String),
+    /// A compare-and-swap or name conflict.
+    #[error("{0}")]
+    Conflict(String),
+    /// Adapter files that do not fit the base model.
+    #[error("{0}")]
+    Unprocessable(String),
     /// A bug or an engine failure; details are logged, not sent.
     #[error("{0}")]
     Internal(String),
@@ -109,6 +115,8 @@ impl ApiError {
             }
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -142,6 +150,8 @@ impl ApiError {
             ),
             ApiError::Overloaded { .. } => ("rate_limit_error", None, Some("server_overloaded")),
             ApiError::Unavailable(_) => ("service_unavailable_error", None, None),
+            ApiError::Conflict(_) => ("conflict_error", None, Some("conflict")),
+            ApiError::Unprocessable(_) => ("invalid_request_error", None, Some("invalid_adapter")),
             ApiError::Internal(_) => ("server_error", None, None),
         };
         let message = match self {
@@ -160,6 +170,20 @@ impl ApiError {
     pub fn body(&self) -> ErrorBody {
         ErrorBody {
             error: self.object(),
+        }
+    }
+}
+
+impl From<prefix_rft_adapters::AdapterError> for ApiError {
+    fn from(e: prefix_rft_adapters::AdapterError) -> Self {
+        use prefix_rft_adapters::AdapterError as E;
+        match e {
+            E::Invalid(_) => ApiError::Unprocessable(e.to_string()),
+            E::BadRequest(m) => ApiError::invalid_body(m),
+            E::NotFound(m) => ApiError::NotFound(m),
+            E::Exists(_) | E::Conflict { .. } => ApiError::Conflict(e.to_string()),
+            E::TooLarge(m) => ApiError::Unprocessable(m),
+            E::Io { .. } | E::Corrupt(_) => ApiError::Internal(e.to_string()),
         }
     }
 }

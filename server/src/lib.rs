@@ -10,6 +10,7 @@ pub mod feedback;
 pub mod metrics;
 pub mod openai;
 pub mod openapi;
+pub mod plugins;
 pub mod recorder;
 pub mod routes;
 pub mod state;
@@ -20,6 +21,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use prefix_rft_adapters::{AdapterRegistry, AdapterStore, Limits, RegistryConfig};
 use prefix_rft_engine::model::LoadOptions;
 use prefix_rft_engine::LoadedModel;
 
@@ -48,6 +50,38 @@ pub enum StartError {
     Engine(#[from] prefix_rft_engine::EngineError),
     #[error("starting the scheduler thread: {0}")]
     Thread(#[from] std::io::Error),
+    #[error("adapter store: {0}")]
+    Adapters(#[from] prefix_rft_adapters::AdapterError),
+}
+
+/// Opens the adapter store of `cfg` (recovering from an interrupted publish) and its live
+/// registry for a base model of shape `model`.
+pub fn open_adapters(
+    cfg: &config::Config,
+    model: prefix_rft_engine::model::ModelConfig,
+) -> Result<AdapterRegistry, StartError> {
+    let a = &cfg.adapters;
+    let store = AdapterStore::open(cfg.adapters_dir())?;
+    let registry = AdapterRegistry::new(
+        store,
+        model,
+        RegistryConfig {
+            base_id: cfg.model.id.clone(),
+            limits: Limits {
+                max_rank: a.max_rank,
+                max_file_bytes: a.max_file_bytes,
+                max_virtual_tokens: a.max_virtual_tokens,
+            },
+            resident_budget_bytes: a.resident_budget_mib << 20,
+            retain_versions: a.retain_versions,
+        },
+    );
+    for p in &a.pinned {
+        if let Some((tenant, name)) = p.split_once('/') {
+            registry.set_pinned(tenant, name, true);
+        }
+    }
+    Ok(registry)
 }
 
 /// Loads the model at `path` (blocking) and installs it as `state`'s backend.
@@ -63,6 +97,8 @@ pub fn load_backend(state: &AppState, path: &Path) -> Result<(), StartError> {
             dequantize: cfg.model.dequantize,
         },
     )?;
+    let registry = open_adapters(cfg, model.model.config().clone())?;
+    state.set_adapters(Arc::new(registry));
     let backend = LocalBackend::start(
         model,
         cfg.model.id.clone(),

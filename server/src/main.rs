@@ -1,5 +1,7 @@
 //! `prefix-rft`: parses arguments and runs a subcommand; the work lives in the libraries.
 
+mod cli_adapters;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -33,6 +35,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Serves the OpenAI-compatible HTTP API.
     Serve(ServeArgs),
+    /// Works with the adapter store offline: list, import, export.
+    Adapters(cli_adapters::AdaptersArgs),
     /// Exports or imports training data of the feedback database.
     #[command(subcommand)]
     Feedback(FeedbackCommand),
@@ -111,6 +115,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Generate(args) => run_generate(args),
         Command::Serve(args) => run_serve(args),
+        Command::Adapters(args) => cli_adapters::run(args),
         Command::Feedback(cmd) => Ok(prefix_rft_server::feedback::cli::run(cmd)?),
     }
 }

@@ -19,7 +19,9 @@ fn describe(code: &str) -> &'static str {
         "401" => "Missing or unknown API key",
         "403" => "Key may not act on this tenant",
         "404" => "Unknown model (code model_not_found), or unknown completion",
+        "409" => "Name taken or compare-and-swap conflict",
         "413" => "Body (or a feedback correction/comment) over the size limit",
+        "422" => "Adapter files that do not fit the base model",
         "429" => "Queue full; see Retry-After",
         "503" => "Loading or draining",
         _ => "Error",
@@ -45,6 +47,76 @@ fn inference(summary: &str, request: &str, response: &str, chunk: &str) -> Value
         "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{request}")}}}},
         "responses": responses
     }})
+}
+
+fn op(method: &str, summary: &str, codes: &[&str], ok: (&str, &str), body: Option<Value>) -> Value {
+    let mut responses = error_responses(codes);
+    responses.insert(ok.0.into(), json!({"description": ok.1}));
+    let mut o = json!({"summary": summary, "security": [{"bearer": []}], "responses": responses});
+    if let Some(schema) = body {
+        let content = if method == "multipart" {
+            json!({"multipart/form-data": {"schema": schema}})
+        } else {
+            json!({"application/json": {"schema": schema}})
+        };
+        o["requestBody"] = json!({"required": true, "content": content});
+    }
+    o
+}
+
+/// The adapter routes of API.md and the admin plugin list.
+fn adapter_paths() -> serde_json::Map<String, Value> {
+    let name =
+        json!([{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}]);
+    let create = json!({"type": "object", "required": ["name", "kind"], "properties": {
+        "name": {"type": "string"}, "kind": {"enum": ["lora", "prefix", "lora+prefix"]},
+        "rank": {"type": "integer", "minimum": 1}, "alpha": {"type": "number"},
+        "use_rslora": {"type": "boolean"},
+        "target_modules": {"type": "array", "items": {"enum": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}},
+        "num_virtual_tokens": {"type": "integer", "minimum": 1}, "init_text": {"type": "string"},
+        "seed": {"type": "integer", "minimum": 0}}});
+    let upload = json!({"type": "object", "required": ["adapter_config.json", "adapter_model.safetensors"], "properties": {
+        "adapter_config.json": {"type": "string", "format": "binary"},
+        "adapter_model.safetensors": {"type": "string", "format": "binary"},
+        "activate": {"type": "string", "enum": ["true", "false"]},
+        "expected_current": {"type": "string"}}});
+    let activate = json!({"type": "object", "required": ["version"], "properties": {
+        "version": {"type": "integer", "minimum": 1}, "expected_current": {"type": "integer", "minimum": 1}}});
+    let load = json!({"type": "object", "required": ["lora_name", "lora_path"], "properties": {
+        "lora_name": {"type": "string"}, "lora_path": {"type": "string"}, "load_inplace": {"type": "boolean"}}});
+    let unload = json!({"type": "object", "required": ["lora_name"], "properties": {"lora_name": {"type": "string"}}});
+    let mut list = json!({
+        "get": op("get", "The tenant's adapters with their versions", &["400", "401"], ("200", "Adapters"), None),
+        "post": op("post", "Create an adapter whose v1 is the identity (LoRA) or base activations of init_text (prefix)", &["400", "401", "409"], ("201", "Created"), Some(create)),
+    });
+    list["parameters"] = json!([]);
+    let mut one = json!({
+        "get": op("get", "One adapter", &["401", "404"], ("200", "The adapter"), None),
+        "delete": op("delete", "Delete an adapter and its versions", &["401", "404"], ("204", "Deleted"), None),
+    });
+    one["parameters"] = name.clone();
+    let mut versions = json!({"post": op("multipart", "A new version from PEFT files", &["400", "401", "404", "409", "413", "422"], ("201", "The new version"), Some(upload))});
+    versions["parameters"] = name.clone();
+    let mut act = json!({"post": op("post", "Make a version current (swap or rollback)", &["400", "401", "404", "409"], ("200", "Current and previous version"), Some(activate))});
+    act["parameters"] = name.clone();
+    let mut file = json!({"get": op("get", "A PEFT file of a version", &["401", "404"], ("200", "The file"), None)});
+    file["parameters"] = json!([
+        {"name": "name", "in": "path", "required": true, "schema": {"type": "string"}},
+        {"name": "version", "in": "path", "required": true, "schema": {"type": "integer"}},
+        {"name": "file", "in": "path", "required": true, "schema": {"enum": ["adapter_config.json", "adapter_model.safetensors", "manifest.json"]}}]);
+    let mut out = serde_json::Map::new();
+    out.insert("/v1/adapters".into(), list);
+    out.insert("/v1/adapters/{name}".into(), one);
+    out.insert("/v1/adapters/{name}/versions".into(), versions);
+    out.insert("/v1/adapters/{name}/activate".into(), act);
+    out.insert(
+        "/v1/adapters/{name}/versions/{version}/files/{file}".into(),
+        file,
+    );
+    out.insert("/v1/load_lora_adapter".into(), json!({"post": op("post", "vLLM-compatible: register PEFT files inside the store root (admin, X-Tenant)", &["400", "401", "403", "409", "422"], ("200", "Loaded"), Some(load))}));
+    out.insert("/v1/unload_lora_adapter".into(), json!({"post": op("post", "vLLM-compatible: remove an adapter (admin, X-Tenant)", &["400", "401", "403", "404"], ("200", "Removed"), Some(unload))}));
+    out.insert("/v1/plugins".into(), json!({"get": op("get", "Configured plugins: name, kind, ABI version, status (admin)", &["401", "403"], ("200", "Plugins"), None)}));
+    out
 }
 
 /// The feedback routes' path items.
@@ -151,6 +223,7 @@ pub fn document() -> Value {
         }
     });
     if let Some(paths) = doc["paths"].as_object_mut() {
+        paths.extend(adapter_paths());
         paths.extend(feedback_paths());
     }
     doc
@@ -169,6 +242,14 @@ mod tests {
             "/ready",
             "/metrics",
             "/openapi.json",
+            "/v1/adapters",
+            "/v1/adapters/{name}",
+            "/v1/adapters/{name}/versions",
+            "/v1/adapters/{name}/activate",
+            "/v1/adapters/{name}/versions/{version}/files/{file}",
+            "/v1/load_lora_adapter",
+            "/v1/unload_lora_adapter",
+            "/v1/plugins",
             "/v1/feedback",
             "/v1/feedback/stats",
             "/v1/feedback/export",

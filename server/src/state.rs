@@ -4,12 +4,15 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use prefix_rft_adapters::{AdapterError, AdapterRegistry, Lease};
+
 use crate::auth::{KeyTable, Principal};
 use crate::backend::Backend;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::feedback::FeedbackStore;
 use crate::metrics::Metrics;
+use crate::plugins::Plugins;
 use crate::recorder::{CompletionRecorder, InMemoryRecorder};
 
 /// Records kept by the in-memory recorder.
@@ -30,12 +33,24 @@ pub enum Lifecycle {
 }
 
 /// What a `model` field resolved to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ResolvedModel {
     /// The id as the client sent it (echoed in responses).
     pub requested: String,
     /// `base` or `<adapter>@<N>`: the `x-adapter-version` header and `system_fingerprint`.
     pub version_label: String,
+    /// The adapter version the request runs with, held until the request ends.
+    pub adapter: Option<Lease>,
+}
+
+impl ResolvedModel {
+    /// Context positions the adapter's prefix takes.
+    pub fn prefix_len(&self) -> usize {
+        self.adapter
+            .as_ref()
+            .and_then(|l| l.weights().prefix())
+            .map_or(0, |p| p.num_virtual_tokens)
+    }
 }
 
 /// Shared server state.
@@ -52,6 +67,9 @@ pub struct AppState {
     /// without it.
     pub feedback: Option<Arc<dyn FeedbackStore>>,
     backend: OnceLock<Arc<dyn Backend>>,
+    adapters: OnceLock<Arc<AdapterRegistry>>,
+    /// Configured plugins, loaded before serving.
+    pub plugins: Plugins,
     lifecycle: AtomicU8,
 }
 
@@ -83,6 +101,7 @@ impl AppState {
         recorder: Arc<dyn CompletionRecorder>,
         feedback: Option<Arc<dyn FeedbackStore>>,
     ) -> Result<Arc<Self>, prometheus::Error> {
+        let plugins = Plugins::load(&config.server.plugin_dir, &config.plugins);
         Ok(Arc::new(AppState {
             keys: Arc::new(KeyTable::from_config(&config)),
             config: Arc::new(config),
@@ -90,8 +109,22 @@ impl AppState {
             recorder,
             feedback,
             backend: OnceLock::new(),
+            adapters: OnceLock::new(),
+            plugins,
             lifecycle: AtomicU8::new(Lifecycle::Loading as u8),
         }))
+    }
+
+    /// Installs the adapter registry (once the model's shape is known).
+    pub fn set_adapters(&self, registry: Arc<AdapterRegistry>) {
+        let _ = self.adapters.set(registry);
+    }
+
+    /// The adapter registry: 503 until the model is loaded.
+    pub fn adapters(&self) -> Result<&Arc<AdapterRegistry>, ApiError> {
+        self.adapters
+            .get()
+            .ok_or_else(|| ApiError::Unavailable("the model is loading; retry shortly".into()))
     }
 
     /// Installs the loaded backend and becomes ready (unless already draining).
@@ -148,20 +181,46 @@ impl AppState {
         }
     }
 
-    /// Resolves a request's `model` for `principal`. Today only the base model exists; adapter
-    /// names (`<adapter>` and `<adapter>@<N>`) resolve through the tenant's registry once the
-    /// adapters issue lands, and until then are unknown (404 `model_not_found`).
-    pub fn resolve_model(
+    /// Resolves a request's `model` for `principal`: the base id, or one of the tenant's
+    /// adapters as `name` (its current version) or `name@N`. The adapter is leased here, at
+    /// admission, so the request keeps this version to its end. Loading an evicted version
+    /// from disk runs off the async workers. Unknown names are 404 `model_not_found`.
+    pub async fn resolve_model(
         &self,
-        _principal: &Principal,
+        principal: &Principal,
         model: &str,
     ) -> Result<ResolvedModel, ApiError> {
+        let base = || ResolvedModel {
+            requested: model.to_string(),
+            version_label: "base".into(),
+            adapter: None,
+        };
         if model == self.config.model.id {
-            return Ok(ResolvedModel {
-                requested: model.to_string(),
-                version_label: "base".into(),
-            });
+            return Ok(base());
         }
-        Err(ApiError::ModelNotFound(model.to_string()))
+        let Some(tenant) = principal.tenant.clone() else {
+            return Err(ApiError::ModelNotFound(model.to_string()));
+        };
+        // Until the model is loaded the registry does not exist: 503, like the base model.
+        let registry = self.adapters()?;
+        let registry = Arc::clone(registry);
+        let name = model.to_string();
+        let lease = tokio::task::spawn_blocking(move || registry.acquire(&tenant, &name))
+            .await
+            .map_err(|e| ApiError::Internal(format!("adapter load task failed: {e}")))?
+            .map_err(|e| match e {
+                AdapterError::NotFound(_) | AdapterError::BadRequest(_) => {
+                    ApiError::ModelNotFound(model.to_string())
+                }
+                other => ApiError::from(other),
+            })?;
+        Ok(match lease {
+            None => base(),
+            Some(lease) => ResolvedModel {
+                requested: model.to_string(),
+                version_label: lease.label(),
+                adapter: Some(lease),
+            },
+        })
     }
 }

@@ -53,13 +53,20 @@ pub struct Server {
     stdin: Option<ChildStdin>,
     /// `http://127.0.0.1:PORT`.
     pub base: String,
+    /// Its data directory (adapter store under `adapters/`).
+    pub data_dir: PathBuf,
 }
 
 impl Server {
     /// Starts `prefix-rft serve --port 0` with an optional config file text and waits for
     /// `/ready`.
     pub fn start(config: Option<&str>) -> Server {
-        let server = Server::start_listening(config);
+        Self::start_in(config, &data_dir())
+    }
+
+    /// Like [`Server::start`] with its own data directory (adapter store, feedback database).
+    pub fn start_in(config: Option<&str>, data_dir: &std::path::Path) -> Server {
+        let server = Server::start_listening_in(config, data_dir);
         server.wait_ready();
         server
     }
@@ -67,6 +74,11 @@ impl Server {
     /// Starts the server and returns as soon as it listens, while the model may still be
     /// loading (routes that need no model, such as feedback, already answer).
     pub fn start_listening(config: Option<&str>) -> Server {
+        Server::start_listening_in(config, &data_dir())
+    }
+
+    /// [`Server::start_listening`] with its own data directory.
+    pub fn start_listening_in(config: Option<&str>, data_dir: &std::path::Path) -> Server {
         let model = repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
         assert!(
             model.is_file(),
@@ -90,8 +102,7 @@ impl Server {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             );
-        let data_dir = data_dir();
-        cmd.arg("--data-dir").arg(&data_dir);
+        cmd.arg("--data-dir").arg(data_dir);
         if let Some(text) = config {
             let path = data_dir.with_extension(format!("{}.toml", rand_suffix()));
             std::fs::write(&path, text).expect("write config");
@@ -112,7 +123,12 @@ impl Server {
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
         let stdin = child.stdin.take();
-        Server { child, stdin, base }
+        Server {
+            child,
+            stdin,
+            base,
+            data_dir: data_dir.to_path_buf(),
+        }
     }
 
     fn wait_ready(&self) {

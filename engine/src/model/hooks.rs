@@ -3,21 +3,31 @@
 //! (`None`), so serving with and without an adapter is one code path.
 
 /// A linear projection inside a decoder layer, named as PEFT's `target_modules` name them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
 pub enum Proj {
     /// `self_attn.q_proj`
+    #[serde(rename = "q_proj")]
     Q,
     /// `self_attn.k_proj`
+    #[serde(rename = "k_proj")]
     K,
     /// `self_attn.v_proj`
+    #[serde(rename = "v_proj")]
     V,
     /// `self_attn.o_proj`
+    #[serde(rename = "o_proj")]
     O,
     /// `mlp.gate_proj`
+    #[serde(rename = "gate_proj")]
     Gate,
     /// `mlp.up_proj`
+    #[serde(rename = "up_proj")]
     Up,
     /// `mlp.down_proj`
+    #[serde(rename = "down_proj")]
     Down,
 }
 

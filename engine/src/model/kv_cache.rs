@@ -91,7 +91,7 @@ impl KvCache {
     }
 
     /// Keys and values of `layer`, `len × kv_dim` once the current step's rows are appended.
-    pub(crate) fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+    pub fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
         (&self.keys[layer], &self.values[layer])
     }
 

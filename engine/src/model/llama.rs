@@ -507,6 +507,7 @@ fn run_fused(
 }
 
 /// Lets each sequence's adapter add its delta to its own rows of a (possibly fused) output.
+/// Row groups run in parallel on the compute pool: each task owns a disjoint range of rows.
 #[allow(clippy::too_many_arguments)]
 fn add_deltas(
     batch: &[SeqStep<'_>],
@@ -518,14 +519,37 @@ fn add_deltas(
     out: &mut [f32],
     widths: &[usize],
 ) {
+    /// Rows per task: small enough to spread a prefill chunk over the threads.
+    const ROWS_PER_TASK: usize = 8;
     let stride: usize = widths.iter().sum();
+    let mut tasks: Vec<(&dyn AdapterHook, Range<usize>)> = Vec::new();
     for (step, rows) in batch.iter().zip(row_ranges) {
         let Some(adapter) = step.adapter else {
             continue;
         };
-        if rows.is_empty() {
-            continue;
+        let mut start = rows.start;
+        while start < rows.end {
+            let end = (start + ROWS_PER_TASK).min(rows.end);
+            tasks.push((adapter, start..end));
+            start = end;
         }
+    }
+    if tasks.is_empty() {
+        return;
+    }
+    assert!(out.len() >= row_ranges.last().map_or(0, |r| r.end) * stride);
+    struct OutPtr(*mut f32);
+    // SAFETY: tasks write through the pointer only to their own disjoint row ranges.
+    unsafe impl Sync for OutPtr {}
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    let run = |i: usize| {
+        let (adapter, rows) = &tasks[i];
+        // SAFETY: `rows` lies inside `out` (asserted above) and no two tasks share a row, so
+        // this is the only live reference to these elements while the task runs.
+        let out_rows = unsafe {
+            let p = &out_ptr;
+            std::slice::from_raw_parts_mut(p.0.add(rows.start * stride), rows.len() * stride)
+        };
         let mut offset = 0;
         for (&proj, &w) in projs.iter().zip(widths) {
             adapter.add_delta(ProjRows {
@@ -533,7 +557,7 @@ fn add_deltas(
                 proj,
                 x: &x[rows.start * in_dim..rows.end * in_dim],
                 in_dim,
-                out: &mut out[rows.start * stride..rows.end * stride],
+                out: &mut *out_rows,
                 out_stride: stride,
                 out_offset: offset,
                 out_dim: w,
@@ -541,5 +565,6 @@ fn add_deltas(
             });
             offset += w;
         }
-    }
+    };
+    quant::parallel_for(tasks.len(), &run);
 }

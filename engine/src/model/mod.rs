@@ -1,5 +1,6 @@
 //! Llama-family models: configuration, weights, KV cache, the adapter seam and the forward.
 
+pub mod adapter;
 pub mod config;
 pub mod hooks;
 pub mod kv_cache;
@@ -7,6 +8,7 @@ pub mod llama;
 pub(crate) mod simd;
 pub mod weights;
 
+pub use adapter::{AdapterShapeError, AdapterWeights, LoraWeights, PrefixWeights};
 pub use config::{Arch, ConfigError, ModelConfig};
 pub use hooks::{AdapterHook, Proj, ProjRows};
 pub use kv_cache::KvCache;

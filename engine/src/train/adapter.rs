@@ -1,6 +1,6 @@
 //! [`TrainAdapter`]: the trainable LoRA and prefix parameters of one adapter, and the bridge
-//! to serving: [`TrainAdapter::to_hook`] snapshots the `Var`s into plain f32 buffers that
-//! implement the serving [`AdapterHook`], so what was trained is exactly what is served.
+//! to serving: [`TrainAdapter::to_weights`] copies the `Var`s into the serving
+//! [`AdapterWeights`], so what was trained is exactly what is served.
 
 use std::collections::BTreeMap;
 
@@ -9,19 +9,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use super::error::TrainError;
 use super::lora::{LoraConfig, LoraLayer};
 use super::prefix::{PrefixConfig, PrefixLayer};
-use crate::model::{AdapterHook, ModelConfig, Proj, ProjRows};
-
-/// `(in_features, out_features)` of a projection.
-pub(crate) fn proj_dims(cfg: &ModelConfig, proj: Proj) -> (usize, usize) {
-    let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
-    match proj {
-        Proj::Q => (h, cfg.q_dim()),
-        Proj::K | Proj::V => (h, cfg.kv_dim()),
-        Proj::O => (cfg.q_dim(), h),
-        Proj::Gate | Proj::Up => (h, inter),
-        Proj::Down => (inter, h),
-    }
-}
+use crate::model::adapter::{proj_dims, LoraWeights, PrefixWeights};
+use crate::model::{AdapterWeights, ModelConfig, Proj};
 
 /// Trainable adapter parameters: LoRA pairs per (layer, projection) and/or a prefix per layer.
 #[derive(Debug, Clone)]
@@ -117,15 +106,16 @@ impl TrainAdapter {
         self.named_vars().into_iter().map(|(_, v)| v).collect()
     }
 
-    /// Copies the current values into plain f32 buffers that the serving forward can use.
-    pub fn to_hook(&self) -> Result<AdapterSnapshot, TrainError> {
+    /// Copies the current values into the serving form, so what was trained is exactly what
+    /// is served (and saved).
+    pub fn to_weights(&self, model: &ModelConfig) -> Result<AdapterWeights, TrainError> {
         let mut lora = BTreeMap::new();
         for (&key, l) in &self.lora {
             let (rank, in_dim) = l.a.as_tensor().dims2()?;
             let (out_dim, _) = l.b.as_tensor().dims2()?;
             lora.insert(
                 key,
-                LoraSnapshot {
+                LoraWeights {
                     a: to_f32_vec(l.a.as_tensor())?,
                     b: to_f32_vec(l.b.as_tensor())?,
                     rank,
@@ -135,65 +125,24 @@ impl TrainAdapter {
                 },
             );
         }
-        let prefix = self
-            .prefix
-            .iter()
-            .map(|p| Ok((to_f32_vec(p.k.as_tensor())?, to_f32_vec(p.v.as_tensor())?)))
-            .collect::<Result<Vec<_>, TrainError>>()?;
-        Ok(AdapterSnapshot { lora, prefix })
+        let prefix = if self.prefix.is_empty() {
+            None
+        } else {
+            let layers = self
+                .prefix
+                .iter()
+                .map(|p| Ok((to_f32_vec(p.k.as_tensor())?, to_f32_vec(p.v.as_tensor())?)))
+                .collect::<Result<Vec<_>, TrainError>>()?;
+            Some(PrefixWeights {
+                layers,
+                num_virtual_tokens: self.prefix_len,
+            })
+        };
+        AdapterWeights::new(model, lora, prefix)
+            .map_err(|e| TrainError::AdapterConfig(e.to_string()))
     }
 }
 
 fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>, TrainError> {
     Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
-}
-
-/// One LoRA pair as plain f32: `a` `[rank, in_dim]`, `b` `[out_dim, rank]`, row-major.
-#[derive(Debug, Clone)]
-struct LoraSnapshot {
-    a: Vec<f32>,
-    b: Vec<f32>,
-    rank: usize,
-    in_dim: usize,
-    out_dim: usize,
-    scale: f32,
-}
-
-/// A frozen copy of a [`TrainAdapter`] that the serving forward runs through [`AdapterHook`].
-#[derive(Debug, Clone)]
-pub struct AdapterSnapshot {
-    lora: BTreeMap<(usize, Proj), LoraSnapshot>,
-    prefix: Vec<(Vec<f32>, Vec<f32>)>,
-}
-
-impl AdapterHook for AdapterSnapshot {
-    fn add_delta(&self, rows: ProjRows<'_>) {
-        let Some(l) = self.lora.get(&(rows.layer, rows.proj)) else {
-            return;
-        };
-        // A hook must not panic inside the forward: a shape that does not match is skipped
-        // (the snapshot is built from the same config, so this only guards misuse).
-        if rows.in_dim != l.in_dim || rows.out_dim != l.out_dim {
-            return;
-        }
-        let mut low = vec![0f32; l.rank];
-        for r in 0..rows.rows {
-            let x = &rows.x[r * rows.in_dim..(r + 1) * rows.in_dim];
-            for (k, lo) in low.iter_mut().enumerate() {
-                let a = &l.a[k * l.in_dim..(k + 1) * l.in_dim];
-                *lo = a.iter().zip(x).map(|(p, q)| p * q).sum::<f32>();
-            }
-            let out = &mut rows.out[r * rows.out_stride + rows.out_offset..][..l.out_dim];
-            for (j, o) in out.iter_mut().enumerate() {
-                let b = &l.b[j * l.rank..(j + 1) * l.rank];
-                *o += l.scale * b.iter().zip(&low).map(|(p, q)| p * q).sum::<f32>();
-            }
-        }
-    }
-
-    fn prefix_kv(&self, layer: usize) -> Option<(&[f32], &[f32])> {
-        self.prefix
-            .get(layer)
-            .map(|(k, v)| (k.as_slice(), v.as_slice()))
-    }
 }

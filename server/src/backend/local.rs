@@ -6,6 +6,7 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 
 use prefix_rft_engine::chat_template::{ChatMessage, ChatTemplateError};
+use prefix_rft_engine::model::{KvCache, LogitsWanted, PrefixWeights, SeqStep};
 use prefix_rft_engine::LoadedModel;
 use tokio::sync::Semaphore;
 
@@ -120,5 +121,44 @@ impl Backend for LocalBackend {
 
     fn idle(&self) -> bool {
         self.slots.available_permits() == self.capacity
+    }
+
+    fn prefix_from_text(
+        &self,
+        text: &str,
+        num_virtual_tokens: usize,
+    ) -> Result<PrefixWeights, PromptError> {
+        let ids = self.encode(text)?;
+        if ids.is_empty() {
+            return Err(PromptError::Refused("init_text has no tokens".into()));
+        }
+        let tokens: Vec<u32> = ids
+            .iter()
+            .copied()
+            .cycle()
+            .take(num_virtual_tokens)
+            .collect();
+        let cfg = self.model.model.config();
+        let mut cache = KvCache::new(cfg);
+        // Runs beside the scheduler: the compute pool serialises concurrent forwards.
+        self.model
+            .model
+            .forward(&mut [SeqStep {
+                tokens: &tokens,
+                cache: &mut cache,
+                adapter: None,
+                logits: LogitsWanted::None,
+            }])
+            .map_err(|e| PromptError::Failed(e.to_string()))?;
+        let layers = (0..cfg.num_layers)
+            .map(|l| {
+                let (k, v) = cache.layer(l);
+                (k.to_vec(), v.to_vec())
+            })
+            .collect();
+        Ok(PrefixWeights {
+            layers,
+            num_virtual_tokens,
+        })
     }
 }

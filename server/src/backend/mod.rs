@@ -6,8 +6,10 @@
 pub mod local;
 pub mod scheduler;
 
+use prefix_rft_adapters::Lease;
 use prefix_rft_engine::chat_template::ChatMessage;
 use prefix_rft_engine::generate::FinishReason;
+use prefix_rft_engine::model::PrefixWeights;
 use prefix_rft_engine::sampler::SamplingParams;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::OwnedSemaphorePermit;
@@ -42,6 +44,9 @@ pub struct GenerationRequest {
     pub logprobs: bool,
     /// Report log-probs of the prompt tokens (with `sampling.top_logprobs` alternatives).
     pub prompt_logprobs: bool,
+    /// The adapter version to run with (`None` = the base model), leased until the request
+    /// is dropped.
+    pub adapter: Option<Lease>,
 }
 
 /// The log-probability of one token and its most likely alternatives.
@@ -135,4 +140,12 @@ pub trait Backend: Send + Sync + 'static {
     fn submit(&self, req: GenerationRequest) -> Result<Admission, SubmitError>;
     /// True when no admitted request is left (drain is complete).
     fn idle(&self) -> bool;
+    /// Prefix-tuning key/values taken from the base model's own activations on `text` (its
+    /// tokens repeated or cut to `num_virtual_tokens`): a prefix adapter initialised this way
+    /// starts out as if `text` were prepended to every prompt. Blocking.
+    fn prefix_from_text(
+        &self,
+        text: &str,
+        num_virtual_tokens: usize,
+    ) -> Result<PrefixWeights, PromptError>;
 }

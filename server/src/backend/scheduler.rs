@@ -15,8 +15,9 @@ use std::panic::AssertUnwindSafe;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
 
+use prefix_rft_adapters::Lease;
 use prefix_rft_engine::generate::FinishReason;
-use prefix_rft_engine::model::{KvCache, LogitsWanted, SeqStep};
+use prefix_rft_engine::model::{AdapterHook, KvCache, LogitsWanted, SeqStep};
 use prefix_rft_engine::sampler::{log_softmax, top_k_indices, Sampled, Sampler};
 use prefix_rft_engine::stop::{StopCheck, StopMatcher};
 use prefix_rft_engine::tokenizer::IncrementalDecoder;
@@ -56,6 +57,7 @@ struct Prefill {
 /// One choice being decoded.
 struct Seq<'m> {
     choice: usize,
+    adapter: Option<Lease>,
     events: UnboundedSender<GenerationEvent>,
     cache: KvCache,
     sampler: Sampler,
@@ -128,7 +130,7 @@ fn serve(
                 break;
             };
             running += job.req.n;
-            let mut cache = KvCache::new(mcfg);
+            let mut cache = KvCache::with_adapter(mcfg, hook(&job.req.adapter));
             cache.reserve(job.req.prompt.len() + job.req.max_tokens);
             prefilling.push(Prefill {
                 job,
@@ -155,7 +157,7 @@ fn serve(
                 steps.push(SeqStep {
                     tokens: &s.next,
                     cache: &mut s.cache,
-                    adapter: None,
+                    adapter: hook(&s.adapter),
                     logits: LogitsWanted::Last,
                 });
             }
@@ -179,7 +181,7 @@ fn serve(
                 steps.push(SeqStep {
                     tokens: &p.job.req.prompt[p.done..end],
                     cache: &mut p.cache,
-                    adapter: None,
+                    adapter: hook(&p.job.req.adapter),
                     logits: wanted,
                 });
             }
@@ -254,6 +256,11 @@ fn serve(
     }
 }
 
+/// The engine's view of a request's adapter.
+fn hook(lease: &Option<Lease>) -> Option<&dyn AdapterHook> {
+    lease.as_ref().map(|l| l as &dyn AdapterHook)
+}
+
 /// Which prefills run a chunk this step, as (index, length): the first waiting prompt always
 /// (progress), then more while the budget left after one token per decoding sequence lasts.
 /// Chunks are at most `prefill_chunk` long, so decoding sequences wait at most one chunk.
@@ -314,6 +321,7 @@ fn start_choices<'m>(
         let Some(c) = c else { break };
         let mut s = Seq {
             choice,
+            adapter: req.adapter.clone(),
             events: job.events.clone(),
             cache: c,
             sampler,

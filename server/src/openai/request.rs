@@ -167,32 +167,45 @@ pub struct Parsed<F> {
 pub fn parse<F: serde::de::DeserializeOwned>(
     body: &[u8],
 ) -> Result<Parsed<F>, (Option<String>, String)> {
+    let value = object(body)?;
+    Ok(Parsed {
+        fields: typed(&value)?,
+        common: typed(&value)?,
+    })
+}
+
+/// Parses `body` as one JSON object of type `T`, with the same errors as [`parse`].
+pub fn parse_one<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+) -> Result<T, (Option<String>, String)> {
+    typed(&object(body)?)
+}
+
+fn object(body: &[u8]) -> Result<serde_json::Value, (Option<String>, String)> {
     let value: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| (None, format!("the body is not valid JSON: {e}")))?;
     if !value.is_object() {
         return Err((None, "the body must be a JSON object".into()));
     }
-    fn typed<T: serde::de::DeserializeOwned>(
-        v: &serde_json::Value,
-    ) -> Result<T, (Option<String>, String)> {
-        serde_path_to_error::deserialize(v).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner().to_string();
-            if path == "." {
-                // A missing field: serde names it in the message (`missing field `messages``).
-                let param = inner.split('`').nth(1).map(str::to_string);
-                (param, inner)
-            } else {
-                (
-                    Some(path.clone()),
-                    format!("invalid value for `{path}`: {inner}"),
-                )
-            }
-        })
-    }
-    Ok(Parsed {
-        fields: typed(&value)?,
-        common: typed(&value)?,
+    Ok(value)
+}
+
+fn typed<T: serde::de::DeserializeOwned>(
+    v: &serde_json::Value,
+) -> Result<T, (Option<String>, String)> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        if path == "." {
+            // A missing field: serde names it in the message (`missing field `messages``).
+            let param = inner.split('`').nth(1).map(str::to_string);
+            (param, inner)
+        } else {
+            (
+                Some(path.clone()),
+                format!("invalid value for `{path}`: {inner}"),
+            )
+        }
     })
 }
 

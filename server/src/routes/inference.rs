@@ -97,7 +97,10 @@ fn finish_str(r: FinishReason) -> &'static str {
     }
 }
 
-fn body_bytes(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
+pub(crate) fn body_bytes(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge { limit }
@@ -107,7 +110,7 @@ fn body_bytes(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes
     })
 }
 
-fn parse_err((param, message): (Option<String>, String)) -> ApiError {
+pub(crate) fn parse_err((param, message): (Option<String>, String)) -> ApiError {
     ApiError::InvalidRequest {
         message,
         param,
@@ -124,7 +127,7 @@ fn prompt_err(e: PromptError, param: &str) -> ApiError {
 }
 
 /// Runs blocking prompt work (template, tokenizer) off the async workers.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
@@ -198,7 +201,7 @@ async fn prepare_chat(
     let bytes = body_bytes(body, limits.max_body_bytes)?;
     let p = parse::<ChatFields>(&bytes).map_err(parse_err)?;
     log.model = p.common.model.clone();
-    let model = state.resolve_model(principal, &p.common.model)?;
+    let model = state.resolve_model(principal, &p.common.model).await?;
     let backend = state.backend()?;
     let max_tokens = match p.fields.max_completion_tokens {
         Some(v) => (Some(v), "max_completion_tokens"),
@@ -234,7 +237,7 @@ async fn prepare_chat(
     let max_tokens = validation::fit_context(
         prompt.len(),
         params.max_tokens,
-        backend.info().context_length,
+        backend.info().context_length - model.prefix_len().min(backend.info().context_length),
         limits,
         "messages",
     )?;
@@ -246,6 +249,7 @@ async fn prepare_chat(
         stop: params.stop.clone(),
         logprobs,
         prompt_logprobs: false,
+        adapter: model.adapter.clone(),
     };
     Ok(Prepared {
         endpoint: Endpoint::Chat { logprobs },
@@ -268,7 +272,7 @@ async fn prepare_completion(
     let bytes = body_bytes(body, limits.max_body_bytes)?;
     let p = parse::<CompletionFields>(&bytes).map_err(parse_err)?;
     log.model = p.common.model.clone();
-    let model = state.resolve_model(principal, &p.common.model)?;
+    let model = state.resolve_model(principal, &p.common.model).await?;
     let backend = state.backend()?;
     let mut params = validation::common(&p.common, (p.common.max_tokens, "max_tokens"), 0, limits)?;
     let logprobs = p
@@ -338,7 +342,7 @@ async fn prepare_completion(
     let max_tokens = validation::fit_context(
         prompt.len(),
         params.max_tokens,
-        backend.info().context_length,
+        backend.info().context_length - model.prefix_len().min(backend.info().context_length),
         limits,
         "prompt",
     )?;
@@ -350,6 +354,7 @@ async fn prepare_completion(
         stop: params.stop.clone(),
         logprobs: logprobs.is_some(),
         prompt_logprobs: echo && logprobs.is_some(),
+        adapter: model.adapter.clone(),
     };
     Ok(Prepared {
         endpoint: Endpoint::Completions {

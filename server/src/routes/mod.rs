@@ -1,6 +1,7 @@
 //! The axum router: which path goes to which handler, behind which middleware. Handlers live
 //! in one file per concern; this file holds only wiring and the request counter.
 
+pub mod adapters;
 pub mod feedback;
 pub mod inference;
 pub mod models;
@@ -21,10 +22,31 @@ use inference::{AdapterLabel, LoggedByHandler};
 
 /// The whole HTTP surface for `state`.
 pub fn router(state: Arc<AppState>) -> Router {
+    // An upload carries a whole adapter: its own body limit, a little above the file limit.
+    let upload_limit = usize::try_from(state.config.adapters.max_file_bytes)
+        .unwrap_or(usize::MAX)
+        .saturating_add(1 << 20);
     let v1 = Router::new()
         .route("/v1/chat/completions", post(inference::chat))
         .route("/v1/completions", post(inference::completions))
         .route("/v1/models", get(models::list))
+        .route("/v1/adapters", get(adapters::list).post(adapters::create))
+        .route(
+            "/v1/adapters/{name}",
+            get(adapters::get_one).delete(adapters::delete),
+        )
+        .route(
+            "/v1/adapters/{name}/versions",
+            post(adapters::upload_version).layer(DefaultBodyLimit::max(upload_limit)),
+        )
+        .route("/v1/adapters/{name}/activate", post(adapters::activate))
+        .route(
+            "/v1/adapters/{name}/versions/{version}/files/{file}",
+            get(adapters::file),
+        )
+        .route("/v1/plugins", get(ops::plugins))
+        .route("/v1/load_lora_adapter", post(adapters::load_lora))
+        .route("/v1/unload_lora_adapter", post(adapters::unload_lora))
         .route(
             "/v1/feedback",
             post(feedback::submit).merge(delete(feedback::delete)),

@@ -16,7 +16,7 @@ const BASE_OWNER: &str = "prefix-rft";
 /// Lists what `principal` can send as `model`.
 pub async fn list(
     State(state): State<Arc<AppState>>,
-    Extension(_principal): Extension<Principal>,
+    Extension(principal): Extension<Principal>,
 ) -> Response {
     let (created, context) = state
         .loaded_backend()
@@ -31,9 +31,29 @@ pub async fn list(
         version: None,
         max_model_len: context,
     };
+    let mut data = vec![base];
+    // A tenant's adapters are models too (as vLLM and LoRAX list them): `name` serves the
+    // current version, `name@N` a fixed one.
+    if let (Some(tenant), Ok(registry)) = (principal.tenant.clone(), state.adapters()) {
+        let registry = std::sync::Arc::clone(registry);
+        let listed = tokio::task::spawn_blocking(move || registry.list(&tenant)).await;
+        if let Ok(Ok(adapters)) = listed {
+            for a in adapters {
+                data.push(ModelCard {
+                    id: a.meta.name.clone(),
+                    object: "model",
+                    created: a.meta.created,
+                    owned_by: principal.tenant_label().to_string(),
+                    parent: Some(state.config.model.id.clone()),
+                    version: Some(u64::from(a.current)),
+                    max_model_len: context,
+                });
+            }
+        }
+    }
     Json(ModelList {
         object: "list",
-        data: vec![base],
+        data,
     })
     .into_response()
 }

