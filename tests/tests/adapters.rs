@@ -585,21 +585,21 @@ async fn mixed_batch_equals_each_request_alone() {
     }
 }
 
-/// What was current when: `(at, version)` in order.
-type Timeline = Arc<Mutex<Vec<(Instant, u32)>>>;
+/// Activations in order: `(request sent, response received, version)`. The server switched
+/// somewhere inside each window.
+type Timeline = Arc<Mutex<Vec<(Instant, Instant, u32)>>>;
 
+/// Versions that may have been current at some moment in `[from, to]`: a version may be
+/// current from when its activation was sent until the next activation was answered.
 fn versions_during(timeline: &Timeline, from: Instant, to: Instant) -> Vec<u32> {
     let t = timeline.lock().unwrap();
     let mut out = Vec::new();
-    let mut at_start = None;
-    for &(at, v) in t.iter() {
-        if at <= from {
-            at_start = Some(v);
-        } else if at <= to {
+    for (k, &(sent, _, v)) in t.iter().enumerate() {
+        let until = t.get(k + 1).map(|&(_, answered, _)| answered);
+        if sent <= to && until.is_none_or(|u| u >= from) {
             out.push(v);
         }
     }
-    out.extend(at_start);
     out
 }
 
@@ -680,7 +680,8 @@ async fn hot_swap_under_streaming_load() {
     );
     let expected = HashMap::from([(2u32, v2), (3u32, v3)]);
 
-    let timeline: Timeline = Arc::new(Mutex::new(vec![(Instant::now(), 2)]));
+    let t0 = Instant::now();
+    let timeline: Timeline = Arc::new(Mutex::new(vec![(t0, t0, 2)]));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut clients = Vec::new();
     for _ in 0..16 {
@@ -698,6 +699,7 @@ async fn hot_swap_under_streaming_load() {
     for i in 0..40 {
         tokio::time::sleep(Duration::from_millis(400)).await;
         let (to, from) = if i % 2 == 0 { (3, 2) } else { (2, 3) };
+        let asked = Instant::now();
         let r = post(
             &format!("/adapters/{name}/activate"),
             ACME_KEY,
@@ -705,7 +707,7 @@ async fn hot_swap_under_streaming_load() {
         )
         .await;
         assert_eq!(r.status, 200, "{}", r.text());
-        timeline.lock().unwrap().push((Instant::now(), to));
+        timeline.lock().unwrap().push((asked, Instant::now(), to));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
