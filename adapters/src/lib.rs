@@ -5,6 +5,8 @@ pub mod error;
 pub mod peft;
 pub mod registry;
 pub mod store;
+#[doc(hidden)]
+pub mod testing;
 
 pub use error::AdapterError;
 pub use peft::{AdapterKind, Limits, LoraParams, PeftAdapter, PeftFiles};

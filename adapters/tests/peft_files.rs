@@ -1,14 +1,12 @@
 //! PEFT files in and out on a tiny model: a round trip keeps every value, and each kind of
 //! bad file is refused with a reason that names the problem.
 
-use std::collections::BTreeMap;
-
 use prefix_rft_adapters::peft::{self, Limits};
+use prefix_rft_adapters::testing::{random_lora, random_prefix};
 use prefix_rft_adapters::{AdapterError, AdapterKind, PeftFiles};
 use prefix_rft_engine::model::adapter::proj_dims;
-use prefix_rft_engine::model::{AdapterWeights, LoraWeights, ModelConfig, PrefixWeights, Proj};
+use prefix_rft_engine::model::{AdapterWeights, ModelConfig, Proj};
 use prefix_rft_engine::testing::TinySpec;
-use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 fn random_adapter(
@@ -17,37 +15,9 @@ fn random_adapter(
     rank: usize,
     prefix: Option<usize>,
 ) -> AdapterWeights {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-    let mut lora = BTreeMap::new();
-    for layer in 0..cfg.num_layers {
-        for &p in targets {
-            let (i, o) = proj_dims(cfg, p);
-            lora.insert(
-                (layer, p),
-                LoraWeights {
-                    a: (0..rank * i).map(|_| rng.gen_range(-0.5..0.5)).collect(),
-                    b: (0..o * rank).map(|_| rng.gen_range(-0.5..0.5)).collect(),
-                    rank,
-                    in_dim: i,
-                    out_dim: o,
-                    scale: 2.0,
-                },
-            );
-        }
-    }
-    let prefix = prefix.map(|n| PrefixWeights {
-        layers: (0..cfg.num_layers)
-            .map(|_| {
-                let kv = cfg.kv_dim() * n;
-                (
-                    (0..kv).map(|_| rng.gen_range(-1.0..1.0)).collect(),
-                    (0..kv).map(|_| rng.gen_range(-1.0..1.0)).collect(),
-                )
-            })
-            .collect(),
-        num_virtual_tokens: n,
-    });
-    AdapterWeights::new(cfg, lora, prefix).expect("valid adapter")
+    let pairs = random_lora(cfg, 5, rank, targets, 0.5, 2.0);
+    let prefix = prefix.map(|n| random_prefix(cfg, 6, n, 1.0, 1.0));
+    AdapterWeights::new(cfg, pairs, prefix).expect("valid adapter")
 }
 
 fn same(a: &AdapterWeights, b: &AdapterWeights) {

@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use prefix_rft_adapters::peft::{self, Limits, CONFIG_FILE, WEIGHTS_FILE};
+use prefix_rft_adapters::testing::{random_lora, random_prefix};
 use prefix_rft_adapters::{AdapterStore, PeftFiles};
 use prefix_rft_e2e::{binary, repo_root, shared, ACME_KEY, ADMIN_KEY, GLOBEX_KEY, MODEL};
 use prefix_rft_engine::gguf::GgufFile;
-use prefix_rft_engine::model::adapter::proj_dims;
-use prefix_rft_engine::model::{AdapterWeights, LoraWeights, ModelConfig, PrefixWeights, Proj};
+use prefix_rft_engine::model::{AdapterWeights, ModelConfig, Proj};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
@@ -25,50 +25,16 @@ fn model_config() -> ModelConfig {
 /// Random LoRA pairs on `targets` of every layer, large enough to change greedy output.
 fn lora_files(seed: u64, rank: usize, targets: &[Proj]) -> PeftFiles {
     let cfg = model_config();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut lora = BTreeMap::new();
-    for layer in 0..cfg.num_layers {
-        for &p in targets {
-            let (i, o) = proj_dims(&cfg, p);
-            lora.insert(
-                (layer, p),
-                LoraWeights {
-                    a: (0..rank * i).map(|_| rng.gen_range(-0.3..0.3)).collect(),
-                    b: (0..o * rank).map(|_| rng.gen_range(-0.3..0.3)).collect(),
-                    rank,
-                    in_dim: i,
-                    out_dim: o,
-                    scale: 2.0,
-                },
-            );
-        }
-    }
-    let w = AdapterWeights::new(&cfg, lora, None).expect("lora");
+    let pairs = random_lora(&cfg, seed, rank, targets, 0.3, 2.0);
+    let w = AdapterWeights::new(&cfg, pairs, None).expect("lora");
     peft::to_files(&w, &cfg, MODEL).expect("files")
 }
 
 /// A random prefix of `n` virtual tokens.
 fn prefix_files(seed: u64, n: usize) -> PeftFiles {
     let cfg = model_config();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let kv = n * cfg.kv_dim();
-    let layers = (0..cfg.num_layers)
-        .map(|_| {
-            (
-                (0..kv).map(|_| rng.gen_range(-4.0..4.0)).collect(),
-                (0..kv).map(|_| rng.gen_range(-3.0..3.0)).collect(),
-            )
-        })
-        .collect();
-    let w = AdapterWeights::new(
-        &cfg,
-        BTreeMap::new(),
-        Some(PrefixWeights {
-            layers,
-            num_virtual_tokens: n,
-        }),
-    )
-    .expect("prefix");
+    let p = random_prefix(&cfg, seed, n, 4.0, 3.0);
+    let w = AdapterWeights::new(&cfg, BTreeMap::new(), Some(p)).expect("prefix");
     peft::to_files(&w, &cfg, MODEL).expect("files")
 }
 

@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 
 use prefix_rft_adapters::peft::{self, Limits};
 use prefix_rft_adapters::registry::{AdapterRegistry, RegistryConfig};
+use prefix_rft_adapters::testing::{random_lora, random_prefix};
 use prefix_rft_adapters::{AdapterStore, Lease};
 use prefix_rft_engine::gguf::GgufFile;
-use prefix_rft_engine::model::adapter::proj_dims;
 use prefix_rft_engine::model::{
-    AdapterHook, AdapterWeights, KvCache, Llama, LoadOptions, LogitsWanted, LoraWeights,
-    ModelConfig, PrefixWeights, Proj, SeqStep,
+    AdapterHook, AdapterWeights, KvCache, Llama, LoadOptions, LogitsWanted, ModelConfig, Proj,
+    SeqStep,
 };
 use rand::{Rng, SeedableRng};
 
@@ -39,47 +39,17 @@ const RESIDENT: usize = 64;
 const DISTINCT: usize = 8;
 
 fn lora(cfg: &ModelConfig, seed: u64) -> AdapterWeights {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut m = BTreeMap::new();
-    for layer in 0..cfg.num_layers {
-        for p in Proj::ALL {
-            let (i, o) = proj_dims(cfg, p);
-            m.insert(
-                (layer, p),
-                LoraWeights {
-                    a: (0..RANK * i).map(|_| rng.gen_range(-0.05..0.05)).collect(),
-                    b: (0..o * RANK).map(|_| rng.gen_range(-0.05..0.05)).collect(),
-                    rank: RANK,
-                    in_dim: i,
-                    out_dim: o,
-                    scale: 2.0,
-                },
-            );
-        }
-    }
-    AdapterWeights::new(cfg, m, None).expect("lora")
+    AdapterWeights::new(
+        cfg,
+        random_lora(cfg, seed, RANK, &Proj::ALL, 0.05, 2.0),
+        None,
+    )
+    .expect("lora")
 }
 
 fn prefix(cfg: &ModelConfig, seed: u64) -> AdapterWeights {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let n = VIRTUAL_TOKENS * cfg.kv_dim();
-    let layers = (0..cfg.num_layers)
-        .map(|_| {
-            (
-                (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect(),
-                (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect(),
-            )
-        })
-        .collect();
-    AdapterWeights::new(
-        cfg,
-        BTreeMap::new(),
-        Some(PrefixWeights {
-            layers,
-            num_virtual_tokens: VIRTUAL_TOKENS,
-        }),
-    )
-    .expect("prefix")
+    let p = random_prefix(cfg, seed, VIRTUAL_TOKENS, 1.0, 1.0);
+    AdapterWeights::new(cfg, BTreeMap::new(), Some(p)).expect("prefix")
 }
 
 /// Where a stream's next adapter comes from.

@@ -466,12 +466,19 @@ pub struct LoadLora {
     pub load_inplace: bool,
 }
 
-fn require_admin(principal: &Principal) -> Result<(), ApiError> {
-    if principal.admin {
-        Ok(())
-    } else {
-        Err(ApiError::Forbidden("this route needs an admin key".into()))
+/// The tenant (from `X-Tenant`) and JSON body of an admin-only route.
+fn admin_request<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    principal: &Principal,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(String, T), ApiError> {
+    if !principal.admin {
+        return Err(ApiError::Forbidden("this route needs an admin key".into()));
     }
+    let tenant = tenant(principal)?;
+    let limit = state.config.limits.max_body_bytes;
+    let req = parse_one(&body_bytes(body, limit)?).map_err(parse_err)?;
+    Ok((tenant, req))
 }
 
 /// `POST /v1/load_lora_adapter` (admin): registers the PEFT files at `lora_path` (confined to
@@ -481,10 +488,7 @@ pub async fn load_lora(
     Extension(principal): Extension<Principal>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    require_admin(&principal)?;
-    let tenant = tenant(&principal)?;
-    let limit = state.config.limits.max_body_bytes;
-    let req: LoadLora = parse_one(&body_bytes(body, limit)?).map_err(parse_err)?;
+    let (tenant, req): (String, LoadLora) = admin_request(&state, &principal, body)?;
     let name = req.lora_name.clone();
     with_registry(&state, move |r| {
         let dir = r.store().confine(&req.lora_path)?;
@@ -532,10 +536,7 @@ pub async fn unload_lora(
     Extension(principal): Extension<Principal>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    require_admin(&principal)?;
-    let tenant = tenant(&principal)?;
-    let limit = state.config.limits.max_body_bytes;
-    let req: UnloadLora = parse_one(&body_bytes(body, limit)?).map_err(parse_err)?;
+    let (tenant, req): (String, UnloadLora) = admin_request(&state, &principal, body)?;
     let name = req.lora_name.clone();
     with_registry(&state, move |r| r.delete(&tenant, &req.lora_name))
         .await
