@@ -1,1 +1,7 @@
-//! placeholder
+//! The Prefix-RFT trainer: the objective ([`objective`]), the training loop ([`train`]) and,
+//! as a cdylib, the trainer plugin the server loads.
+
+pub mod error;
+pub mod objective;
+
+pub use error::TrainerError;
