@@ -3,5 +3,6 @@
 
 pub mod error;
 pub mod objective;
+pub mod train;
 
 pub use error::TrainerError;
