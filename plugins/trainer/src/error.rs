@@ -23,6 +23,18 @@ pub enum TrainerError {
     /// The loss or a gradient became NaN or infinite.
     #[error("training diverged at step {step}: loss {loss}")]
     Diverged { step: usize, loss: f64 },
+    /// The base model could not be loaded.
+    #[error("base model {0}")]
+    Model(String),
+    /// The parent's PEFT files are unusable, or the result cannot be written as PEFT files.
+    #[error("adapter files: {0}")]
+    Adapter(#[from] prefix_rft_adapters::AdapterError),
+    /// Writing the output failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     /// The caller asked to stop.
     #[error("cancelled at step {step} of {total}")]
     Cancelled { step: usize, total: usize },

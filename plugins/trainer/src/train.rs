@@ -162,7 +162,8 @@ impl Default for TrainParams {
 }
 
 impl TrainParams {
-    fn validate(&self) -> Result<(), TrainerError> {
+    /// Refuses values no run can use.
+    pub fn validate(&self) -> Result<(), TrainerError> {
         let bad = |m: String| Err(TrainerError::Params(m));
         if self.batch_size == 0 {
             return bad("batch_size must be positive".into());
