@@ -1,6 +1,7 @@
 //! `prefix-rft`: parses arguments and runs a subcommand; the work lives in the libraries.
 
 mod cli_adapters;
+mod cli_train;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -35,6 +36,8 @@ enum Command {
     Serve(ServeArgs),
     /// Works with the adapter store offline: list, import, export.
     Adapters(cli_adapters::AdaptersArgs),
+    /// Trains an adapter offline on TRL-format JSON Lines and writes PEFT files.
+    Train(cli_train::TrainArgs),
 }
 
 #[derive(clap::Args)]
@@ -111,6 +114,7 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => run_generate(args),
         Command::Serve(args) => run_serve(args),
         Command::Adapters(args) => cli_adapters::run(args),
+        Command::Train(args) => cli_train::run(args),
     }
 }
 
