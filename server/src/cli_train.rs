@@ -362,3 +362,91 @@ fn render(
         model.tokenizer.encode(completion_text, false)?,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn smol() -> LoadedModel {
+        let path = prefix_rft_engine::testing::default_model_path();
+        LoadedModel::load(&path, LoadOptions::default()).expect("SmolLM2 loads")
+    }
+
+    fn text(model: &LoadedModel, ids: &[u32]) -> String {
+        model.tokenizer.decode(ids, false).expect("decode")
+    }
+
+    #[test]
+    fn parses_trl_rows_of_every_form() {
+        let model = smol();
+        let conv = json!({
+            "prompt": [{"role": "user", "content": "Hi?"}],
+            "chosen": [{"role": "assistant", "content": "Hello friend!"}],
+            "rejected": [{"role": "assistant", "content": "Go away."}],
+        });
+        let Row::Pair(p) = Row::parse(&conv, &model).expect("pair") else {
+            panic!("not a pair");
+        };
+        let prompt = text(&model, &p.prompt);
+        assert!(prompt.contains("Hi?"), "{prompt}");
+        assert!(prompt.ends_with("<|im_start|>assistant\n"), "{prompt:?}");
+        assert_eq!(text(&model, &p.chosen), "Hello friend!<|im_end|>");
+        assert_eq!(text(&model, &p.rejected), "Go away.<|im_end|>");
+
+        let plain = json!({"prompt": "Say hi.", "chosen": " Hi!", "rejected": " No."});
+        let Row::Pair(p) = Row::parse(&plain, &model).expect("pair") else {
+            panic!("not a pair");
+        };
+        assert_eq!(text(&model, &p.prompt), "Say hi.");
+        let eos = model.tokenizer.eos_ids()[0];
+        assert_eq!(
+            p.chosen.last(),
+            Some(&eos),
+            "TRL appends EOS to string answers"
+        );
+
+        let sft = json!({"messages": [
+            {"role": "user", "content": "Greet me."},
+            {"role": "assistant", "content": "Hello friend!"},
+        ]});
+        match Row::parse(&sft, &model).expect("sft") {
+            Row::Demo(d) => assert_eq!(text(&model, &d.completion), "Hello friend!<|im_end|>"),
+            _ => panic!("not a demonstration"),
+        }
+        let kto = json!({"prompt": "Q", "completion": "A", "label": false});
+        assert!(matches!(
+            Row::parse(&kto, &model).expect("kto"),
+            Row::Unpaired(_, false)
+        ));
+        let demo = json!({"prompt": "Q", "completion": "A"});
+        assert!(matches!(
+            Row::parse(&demo, &model).expect("demo"),
+            Row::Demo(_)
+        ));
+    }
+
+    #[test]
+    fn refuses_malformed_rows() {
+        let model = smol();
+        for bad in [
+            json!({"chosen": "a", "rejected": "b"}),
+            json!({"prompt": "Q", "chosen": "a"}),
+            json!({"prompt": "Q", "completion": "A", "label": "yes"}),
+            json!({"prompt": "Q", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}),
+            json!({"messages": [{"role": "user", "content": "only a question"}]}),
+            json!({"prompt": [{"role": 1}], "chosen": [], "rejected": []}),
+        ] {
+            assert!(Row::parse(&bad, &model).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn holds_out_a_stable_share_of_rows() {
+        let lines: Vec<String> = (0..2000).map(|i| format!("{{\"row\": {i}}}")).collect();
+        let held = lines.iter().filter(|l| held_out(l, 0.15)).count();
+        assert!((200..400).contains(&held), "{held}");
+        assert!(lines.iter().all(|l| held_out(l, 0.15) == held_out(l, 0.15)));
+        assert!(!lines.iter().any(|l| held_out(l, 0.0)));
+    }
+}
