@@ -10,6 +10,7 @@ pub mod train;
 
 pub use error::TrainerError;
 
+use prefix_rft_engine::train::TrainError;
 use prefix_rft_plugin_abi::{
     export_plugin, CallContext, Description, Plugin, PluginError, PluginKind,
 };
@@ -76,9 +77,12 @@ impl Plugin for TrainerPlugin {
 fn to_plugin_error(e: TrainerError) -> PluginError {
     match e {
         TrainerError::Cancelled { .. } => PluginError::cancelled(),
-        TrainerError::Data(_) | TrainerError::Params(_) | TrainerError::Parent(_) => {
-            PluginError::invalid_request(e.to_string())
-        }
+        TrainerError::Data(_)
+        | TrainerError::Params(_)
+        | TrainerError::Parent(_)
+        | TrainerError::Forward(
+            TrainError::TokenOutOfRange { .. } | TrainError::ContextLength { .. },
+        ) => PluginError::invalid_request(e.to_string()),
         other => PluginError::new(other.to_string()),
     }
 }

@@ -201,6 +201,7 @@ fn refuses_bad_requests_and_configs() {
         .0
         .expect_err("refused");
     assert!(err.message.contains("500"), "{err}");
+    assert_eq!(err.code.as_deref(), Some(PluginError::INVALID_REQUEST));
     let err = run(
         request(&dir.path().join("missing.gguf"), &out, json!({})),
         &never,
