@@ -1,6 +1,7 @@
 //! `prefix-rft`: parses arguments and runs a subcommand; the work lives in the libraries.
 
 mod cli_adapters;
+mod cli_train;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -40,6 +41,8 @@ enum Command {
     /// Exports or imports training data of the feedback database.
     #[command(subcommand)]
     Feedback(FeedbackCommand),
+    /// Trains an adapter offline on TRL-format JSON Lines and writes PEFT files.
+    Train(cli_train::TrainArgs),
 }
 
 #[derive(clap::Args)]
@@ -117,6 +120,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => run_serve(args),
         Command::Adapters(args) => cli_adapters::run(args),
         Command::Feedback(cmd) => Ok(prefix_rft_server::feedback::cli::run(cmd)?),
+        Command::Train(args) => cli_train::run(args),
     }
 }
 
