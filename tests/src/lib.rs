@@ -185,7 +185,36 @@ impl Drop for Server {
 /// The `--data-dir` of every server this test process starts (the default config keeps the
 /// feedback database there, as `feedback.sqlite`).
 pub fn data_dir() -> PathBuf {
+    static SWEPT: OnceLock<()> = OnceLock::new();
+    SWEPT.get_or_init(sweep_dead_data_dirs);
     std::env::temp_dir().join(format!("prefix-rft-e2e-{}", std::process::id()))
+}
+
+/// The shared server lives as long as its test process, so its data directory cannot be
+/// removed on drop: each test process removes those of test processes that are gone instead.
+fn sweep_dead_data_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("prefix-rft-e2e-") else {
+            continue;
+        };
+        let pid = rest.split('.').next().unwrap_or("");
+        if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        if std::path::Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        let path = entry.path();
+        let _ = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+    }
 }
 
 fn rand_suffix() -> u128 {
