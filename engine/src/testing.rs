@@ -291,6 +291,24 @@ pub fn load_tiny_gguf(dir: &Path, spec: &TinySpec, dtype: GgmlDType) -> crate::m
         .expect("load tiny gguf")
 }
 
+/// A fixture's JSON array of token ids.
+pub fn json_ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+/// A fixture's JSON array of numbers.
+pub fn json_floats(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number"))
+        .collect()
+}
+
 /// Largest absolute element-wise difference of two equal-length slices.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use prefix_rft_engine::generate::{generate, score, GenerationConfig};
 use prefix_rft_engine::model::LoadOptions;
 use prefix_rft_engine::sampler::SamplingParams;
-use prefix_rft_engine::testing::default_model_path;
+use prefix_rft_engine::testing::{default_model_path, json_floats, json_ids};
 use prefix_rft_engine::LoadedModel;
 use serde_json::Value;
 
@@ -17,22 +17,6 @@ fn fixture(name: &str) -> Value {
         .join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).expect("fixture JSON")
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_f64().expect("float") as f32)
-        .collect()
 }
 
 struct Agreement {
@@ -45,15 +29,15 @@ fn compare_logprobs(m: &LoadedModel, fixture_name: &str) -> Agreement {
     let f = fixture(fixture_name);
     let (mut n, mut same_top1, mut delta) = (0usize, 0usize, 0f64);
     for case in f["texts"].as_array().expect("texts") {
-        let tokens = ids(&case["tokens"]);
+        let tokens = json_ids(&case["tokens"]);
         let (lp, top1) = score(m, &tokens, None).expect("score");
-        let ref_lp = floats(&case["logprobs"]);
-        let ref_top1 = ids(&case["top1"]);
+        let ref_lp = json_floats(&case["logprobs"]);
+        let ref_top1 = json_ids(&case["top1"]);
         assert_eq!(lp.len(), ref_lp.len());
         for i in 0..lp.len() {
             n += 1;
             same_top1 += usize::from(top1[i] == ref_top1[i]);
-            delta += (lp[i] - ref_lp[i]).abs() as f64;
+            delta += (lp[i] as f64 - ref_lp[i]).abs();
         }
     }
     let a = Agreement {
@@ -99,8 +83,8 @@ fn greedy_generation_matches_llama_cpp() {
     let mut same = 0;
     let mut prefixes: Vec<usize> = Vec::new();
     for case in cases {
-        let prompt = ids(&case["prompt_tokens"]);
-        let expected = ids(&case["output_tokens"]);
+        let prompt = json_ids(&case["prompt_tokens"]);
+        let expected = json_ids(&case["output_tokens"]);
         let cfg = GenerationConfig {
             max_tokens: 48,
             sampling: SamplingParams {

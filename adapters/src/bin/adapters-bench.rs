@@ -153,6 +153,24 @@ fn run(model: &Llama, source: &mut Source<'_>, duration: Duration) -> f64 {
     tokens as f64 / t0.elapsed().as_secs_f64()
 }
 
+/// A registry over the bench's store with a resident budget of `budget` bytes.
+fn open_registry(
+    dir: &std::path::Path,
+    cfg: &ModelConfig,
+    budget: usize,
+) -> Result<AdapterRegistry, prefix_rft_adapters::AdapterError> {
+    Ok(AdapterRegistry::new(
+        AdapterStore::open(dir)?,
+        cfg.clone(),
+        RegistryConfig {
+            base_id: "base".into(),
+            limits: Limits::default(),
+            resident_budget_bytes: budget,
+            retain_versions: 10,
+        },
+    ))
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let path = args
@@ -181,16 +199,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The store: 1,000 adapters over a few distinct files.
     let dir = std::env::temp_dir().join(format!("adapters-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let registry = AdapterRegistry::new(
-        AdapterStore::open(&dir)?,
-        cfg.clone(),
-        RegistryConfig {
-            base_id: "base".into(),
-            limits: Limits::default(),
-            resident_budget_bytes: usize::MAX,
-            retain_versions: 10,
-        },
-    );
+    let registry = open_registry(&dir, &cfg, usize::MAX)?;
     for i in 0..DISTINCT {
         registry.create(
             "bench",
@@ -215,31 +224,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // cache, as it is for a server that has touched it once).
     let mut cold = Vec::new();
     for i in 0..5 {
-        let fresh = AdapterRegistry::new(
-            AdapterStore::open(&dir)?,
-            cfg.clone(),
-            RegistryConfig {
-                base_id: "base".into(),
-                limits: Limits::default(),
-                resident_budget_bytes: usize::MAX,
-                retain_versions: 10,
-            },
-        );
+        let fresh = open_registry(&dir, &cfg, usize::MAX)?;
         let t = Instant::now();
         fresh.acquire("bench", &format!("a{i}"))?;
         cold.push(t.elapsed().as_secs_f64() * 1e3);
     }
     cold.sort_by(f64::total_cmp);
-    let zipf_registry = AdapterRegistry::new(
-        AdapterStore::open(&dir)?,
-        cfg.clone(),
-        RegistryConfig {
-            base_id: "base".into(),
-            limits: Limits::default(),
-            resident_budget_bytes: RESIDENT * one_bytes,
-            retain_versions: 10,
-        },
-    );
+    let zipf_registry = open_registry(&dir, &cfg, RESIDENT * one_bytes)?;
     // Zipf(s = 1) over the 1,000 adapters, as a cumulative table.
     let weights: Vec<f64> = (1..=REGISTERED).map(|k| 1.0 / k as f64).collect();
     let total: f64 = weights.iter().sum();
