@@ -9,9 +9,10 @@
 use std::path::PathBuf;
 
 use prefix_rft_adapters::peft::{self, Limits};
+use prefix_rft_adapters::testing::random_lora;
 use prefix_rft_adapters::PeftAdapter;
 use prefix_rft_engine::generate::score;
-use prefix_rft_engine::model::{AdapterHook, LoadOptions};
+use prefix_rft_engine::model::{AdapterHook, AdapterWeights, LoadOptions, Proj};
 use prefix_rft_engine::testing::{default_model_path, json_floats, json_ids};
 use prefix_rft_engine::LoadedModel;
 use serde_json::Value;
@@ -164,4 +165,30 @@ fn exported_files_read_back_to_the_same_adapter() {
             "{name}: tensor names"
         );
     }
+}
+
+/// The eval gate's drift measure: KL(adapter ‖ base) is zero for a zero delta, positive for a
+/// real one, and grows with the delta's scale.
+#[test]
+fn kl_to_base_is_zero_without_a_delta_and_grows_with_it() {
+    let m = load(false);
+    let cfg = m.model.config().clone();
+    let tokens = m
+        .tokenizer
+        .encode("The quick brown fox jumps over the lazy dog.", true)
+        .expect("encode");
+    let kl_at = |scale: f32| {
+        let lora = random_lora(&cfg, 3, 4, &Proj::ALL, 0.05, scale);
+        let a = AdapterWeights::new(&cfg, lora, None).expect("adapter");
+        let kl = prefix_rft_engine::generate::kl_to_base(&m, &tokens, &a).expect("kl");
+        assert_eq!(kl.len(), tokens.len());
+        assert!(kl.iter().all(|x| x.is_finite() && *x >= 0.0), "{kl:?}");
+        kl.iter().map(|&x| f64::from(x)).sum::<f64>() / kl.len() as f64
+    };
+    let zero = kl_at(0.0);
+    let small = kl_at(4.0);
+    let large = kl_at(16.0);
+    assert!(zero < 1e-6, "{zero}");
+    assert!(small > 1e-4, "{small}");
+    assert!(large > 2.0 * small, "{small} {large}");
 }

@@ -154,3 +154,48 @@ pub fn score(
     }
     Ok((out, top1))
 }
+
+/// Per-position KL divergence of the adapted model from the base, `KL(p_adapter || p_base)`
+/// in nats, teacher-forced on `tokens`: entry `i` compares the two next-token distributions
+/// after `tokens[..=i]`. The eval gate's drift measure.
+pub fn kl_to_base(
+    m: &LoadedModel,
+    tokens: &[u32],
+    adapter: &dyn AdapterHook,
+) -> Result<Vec<f32>, EngineError> {
+    if tokens.is_empty() {
+        return Err(EngineError::EmptyPrompt);
+    }
+    let all_logits = |adapter: Option<&dyn AdapterHook>| {
+        let mut cache = KvCache::with_adapter(m.model.config(), adapter);
+        m.model.forward(&mut [SeqStep {
+            tokens,
+            cache: &mut cache,
+            adapter,
+            logits: LogitsWanted::All,
+        }])
+    };
+    let adapted = all_logits(Some(adapter))?;
+    let base = all_logits(None)?;
+    let mut lp = vec![0f32; adapted.vocab];
+    let mut lq = vec![0f32; base.vocab];
+    let mut out = Vec::with_capacity(tokens.len());
+    for i in 0..tokens.len() {
+        log_softmax(adapted.row(i), &mut lp);
+        log_softmax(base.row(i), &mut lq);
+        let kl: f64 = lp
+            .iter()
+            .zip(&lq)
+            .map(|(&p, &q)| {
+                let pp = f64::from(p).exp();
+                if pp > 0.0 {
+                    pp * f64::from(p - q)
+                } else {
+                    0.0
+                }
+            })
+            .sum();
+        out.push(kl.max(0.0) as f32);
+    }
+    Ok(out)
+}

@@ -113,6 +113,56 @@ impl Default for FeedbackSection {
     }
 }
 
+/// `[training]`: which trainer runs, when jobs start by themselves, and the eval gate.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainingSection {
+    /// `builtin` (the bundled trainer, run inside the server) or a `[[plugins]]` name of kind
+    /// `trainer`.
+    pub trainer: String,
+    /// Start jobs automatically when an adapter has enough new feedback.
+    pub auto: bool,
+    /// Automatic trigger: new (untrained, not held-out) examples an adapter needs.
+    pub min_new_examples: usize,
+    /// Automatic trigger: seconds since the adapter's last job started.
+    pub cooldown_secs: u64,
+    /// How often the automatic trigger looks, in seconds.
+    pub poll_interval_secs: u64,
+    /// Jobs that train at the same time, over all adapters (one per adapter at any time).
+    pub max_concurrent_jobs: usize,
+    /// Share of prompts whose pairs are held out for the eval gate (by a hash of the prompt).
+    pub eval_fraction: f64,
+    /// Gate: largest mean per-token KL(adapter ‖ base) on the probe prompts, in nats.
+    pub max_kl: f64,
+    /// Probe prompts (user messages) of the KL measure; empty uses a built-in set.
+    pub probe_prompts: Vec<String>,
+    /// Finished jobs kept in the job list (and on disk).
+    pub keep_jobs: usize,
+    /// Hyper-parameters of every job unless its request overrides them.
+    pub params: prefix_rft_trainer::train::TrainParams,
+}
+
+impl Default for TrainingSection {
+    fn default() -> Self {
+        TrainingSection {
+            trainer: "builtin".into(),
+            auto: true,
+            min_new_examples: 8,
+            cooldown_secs: 60,
+            poll_interval_secs: 10,
+            max_concurrent_jobs: 1,
+            eval_fraction: 0.15,
+            max_kl: 1.0,
+            probe_prompts: Vec::new(),
+            keep_jobs: 1000,
+            params: prefix_rft_trainer::train::TrainParams {
+                lr: 1e-4,
+                ..Default::default()
+            },
+        }
+    }
+}
+
 /// `[model]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -213,6 +263,9 @@ pub struct Config {
     /// `[feedback]`
     #[serde(default)]
     pub feedback: FeedbackSection,
+    /// `[training]`
+    #[serde(default)]
+    pub training: TrainingSection,
 }
 
 impl Config {
@@ -321,6 +374,32 @@ impl Config {
             return invalid(
                 "feedback.path must be set and feedback.max_text_bytes at least 1".into(),
             );
+        }
+        let t = &self.training;
+        if t.max_concurrent_jobs == 0 || t.poll_interval_secs == 0 || t.keep_jobs == 0 {
+            return invalid(
+                "training.max_concurrent_jobs, poll_interval_secs and keep_jobs must be at least 1"
+                    .into(),
+            );
+        }
+        if !(0.0..0.9).contains(&t.eval_fraction) {
+            return invalid("training.eval_fraction must be in [0, 0.9)".into());
+        }
+        if !(t.max_kl.is_finite() && t.max_kl > 0.0) {
+            return invalid("training.max_kl must be a positive number".into());
+        }
+        if let Err(e) = t.params.validate() {
+            return invalid(format!("training.params: {e}"));
+        }
+        if t.trainer != "builtin"
+            && !self.plugins.iter().any(|p| {
+                p.name == t.trainer && p.kind == prefix_rft_plugin_abi::PluginKind::Trainer
+            })
+        {
+            return invalid(format!(
+                "training.trainer `{}` is neither `builtin` nor a [[plugins]] entry of kind trainer",
+                t.trainer
+            ));
         }
         if l.max_n > l.max_batch_size {
             return invalid("limits.max_n must not exceed limits.max_batch_size".into());

@@ -14,6 +14,7 @@ pub mod plugins;
 pub mod recorder;
 pub mod routes;
 pub mod state;
+pub mod training;
 pub mod validation;
 
 use std::future::Future;
@@ -41,6 +42,17 @@ pub fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// `prefix` followed by 24 random alphanumeric characters (completion, feedback and job ids).
+pub fn random_id(prefix: &str) -> String {
+    use rand::Rng;
+    let tail: String = rand::thread_rng()
+        .sample_iter(&rand::distributions::Alphanumeric)
+        .take(24)
+        .map(char::from)
+        .collect();
+    format!("{prefix}{tail}")
 }
 
 /// Why the model could not be served.
@@ -126,6 +138,7 @@ pub async fn run(
         shutdown.await;
         tracing::info!("shutdown requested: draining");
         drain_state.start_draining();
+        drain_state.training.cancel_all();
         let deadline = Instant::now() + drain_timeout;
         while Instant::now() < deadline {
             if drain_state.loaded_backend().is_none_or(|b| b.idle()) {
@@ -135,6 +148,7 @@ pub async fn run(
         }
         let _ = stop_tx.send(true);
     });
+    tokio::spawn(training::trigger_loop(Arc::clone(&state)));
     let app = router(state);
     let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
         let _ = stop_rx.wait_for(|stop| *stop).await;

@@ -59,6 +59,9 @@ struct ServeArgs {
     /// Data directory (overrides `[server] data_dir`).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Start training jobs automatically from feedback (overrides `[training] auto`).
+    #[arg(long)]
+    auto_training: Option<bool>,
     /// Shut down (with the usual drain) when standard input closes, so a supervising process
     /// that dies takes the server with it.
     #[arg(long, hide = true)]
@@ -177,6 +180,9 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(p) = args.port {
         config.server.port = p;
+    }
+    if let Some(auto) = args.auto_training {
+        config.training.auto = auto;
     }
     if let Some(d) = args.data_dir {
         config.server.data_dir = d;

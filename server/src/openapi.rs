@@ -119,6 +119,32 @@ fn adapter_paths() -> serde_json::Map<String, Value> {
     out
 }
 
+/// The training job routes' path items.
+fn training_paths() -> serde_json::Map<String, Value> {
+    let create = json!({"type": "object", "required": ["adapter"], "additionalProperties": false, "properties": {
+        "adapter": {"type": "string"},
+        "steps": {"type": "integer", "minimum": 1}, "epochs": {"type": "integer", "minimum": 1},
+        "batch_size": {"type": "integer", "minimum": 1},
+        "lr": {"type": "number", "minimum": 0}, "learning_rate": {"type": "number", "minimum": 0},
+        "beta": {"type": "number", "exclusiveMinimum": 0}, "sft_weight": {"type": "number", "minimum": 0},
+        "seed": {"type": "integer", "minimum": 0}}});
+    let id = json!([{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}]);
+    let mut jobs = json!({
+        "get": op("get", "Training jobs of the tenant (every tenant's for an admin key without X-Tenant), newest first", &["401"], ("200", "Jobs"), None),
+        "post": op("post", "Queue a training job for an adapter (one unfinished job per adapter)", &["400", "401", "404", "409", "503"], ("202", "The queued job: id, status, progress, metrics, version, promoted, reason"), Some(create)),
+    });
+    jobs["parameters"] = json!([]);
+    let mut one = json!({
+        "get": op("get", "One job", &["401", "404"], ("200", "The job"), None),
+        "delete": op("delete", "Cancel a job (queued: at once; running: at the trainer's next step)", &["401", "404"], ("200", "The job"), None),
+    });
+    one["parameters"] = id;
+    let mut out = serde_json::Map::new();
+    out.insert("/v1/training/jobs".into(), jobs);
+    out.insert("/v1/training/jobs/{id}".into(), one);
+    out
+}
+
 /// The feedback routes' path items.
 fn feedback_paths() -> serde_json::Map<String, Value> {
     let adapter_param = json!([{"name": "adapter", "in": "query", "required": true, "schema": {"type": "string"}, "description": "Adapter name, `base` for the base model"}]);
@@ -225,6 +251,7 @@ pub fn document() -> Value {
     if let Some(paths) = doc["paths"].as_object_mut() {
         paths.extend(adapter_paths());
         paths.extend(feedback_paths());
+        paths.extend(training_paths());
     }
     doc
 }
@@ -253,6 +280,8 @@ mod tests {
             "/v1/feedback",
             "/v1/feedback/stats",
             "/v1/feedback/export",
+            "/v1/training/jobs",
+            "/v1/training/jobs/{id}",
         ] {
             assert!(doc["paths"][path].is_object(), "missing {path}");
         }

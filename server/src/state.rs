@@ -14,6 +14,7 @@ use crate::feedback::FeedbackStore;
 use crate::metrics::Metrics;
 use crate::plugins::Plugins;
 use crate::recorder::{CompletionRecorder, InMemoryRecorder};
+use crate::training::Training;
 
 /// Records kept by the in-memory recorder.
 const IN_MEMORY_RECORDS: usize = 10_000;
@@ -70,6 +71,8 @@ pub struct AppState {
     adapters: OnceLock<Arc<AdapterRegistry>>,
     /// Configured plugins, loaded before serving.
     pub plugins: Plugins,
+    /// Training jobs and the trainer.
+    pub training: Training,
     lifecycle: AtomicU8,
 }
 
@@ -102,6 +105,7 @@ impl AppState {
         feedback: Option<Arc<dyn FeedbackStore>>,
     ) -> Result<Arc<Self>, prometheus::Error> {
         let plugins = Plugins::load(&config.server.plugin_dir, &config.plugins);
+        let training = Training::new(&config, &plugins);
         Ok(Arc::new(AppState {
             keys: Arc::new(KeyTable::from_config(&config)),
             config: Arc::new(config),
@@ -111,6 +115,7 @@ impl AppState {
             backend: OnceLock::new(),
             adapters: OnceLock::new(),
             plugins,
+            training,
             lifecycle: AtomicU8::new(Lifecycle::Loading as u8),
         }))
     }

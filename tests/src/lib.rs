@@ -79,6 +79,18 @@ impl Server {
 
     /// [`Server::start_listening`] with its own data directory.
     pub fn start_listening_in(config: Option<&str>, data_dir: &std::path::Path) -> Server {
+        Server::spawn(config, data_dir, false)
+    }
+
+    /// [`Server::start_in`] with the `[training] auto` of `config` in force (every other
+    /// constructor starts the server with automatic training off).
+    pub fn start_auto_training_in(config: &str, data_dir: &std::path::Path) -> Server {
+        let server = Server::spawn(Some(config), data_dir, true);
+        server.wait_ready();
+        server
+    }
+
+    fn spawn(config: Option<&str>, data_dir: &std::path::Path, auto_training: bool) -> Server {
         let model = repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
         assert!(
             model.is_file(),
@@ -103,6 +115,11 @@ impl Server {
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             );
         cmd.arg("--data-dir").arg(data_dir);
+        // Automatic training would start jobs (new adapter versions, busy cores) under tests
+        // that only rate answers; only `Server::start_auto_training_in` keeps it on.
+        if !auto_training {
+            cmd.arg("--auto-training=false");
+        }
         if let Some(text) = config {
             let path = data_dir.with_extension(format!("{}.toml", rand_suffix()));
             std::fs::write(&path, text).expect("write config");

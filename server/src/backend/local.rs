@@ -6,7 +6,7 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 
 use prefix_rft_engine::chat_template::{ChatMessage, ChatTemplateError};
-use prefix_rft_engine::model::{KvCache, LogitsWanted, PrefixWeights, SeqStep};
+use prefix_rft_engine::model::{AdapterWeights, KvCache, LogitsWanted, PrefixWeights, SeqStep};
 use prefix_rft_engine::LoadedModel;
 use tokio::sync::Semaphore;
 
@@ -93,6 +93,16 @@ impl Backend for LocalBackend {
             .map_err(|e| PromptError::Failed(e.to_string()))
     }
 
+    fn encode_answer(&self, text: &str) -> Result<Vec<u32>, PromptError> {
+        let mut ids = self
+            .model
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| PromptError::Failed(e.to_string()))?;
+        ids.extend(self.model.tokenizer.eos_ids().first());
+        Ok(ids)
+    }
+
     fn decode(&self, ids: &[u32]) -> Result<String, PromptError> {
         self.model
             .tokenizer
@@ -160,5 +170,24 @@ impl Backend for LocalBackend {
             layers,
             num_virtual_tokens,
         })
+    }
+
+    fn kl_to_base(
+        &self,
+        probes: &[Vec<u32>],
+        adapter: &AdapterWeights,
+    ) -> Result<f64, PromptError> {
+        let (mut sum, mut n) = (0f64, 0usize);
+        for tokens in probes {
+            // Runs beside the scheduler, like prefix_from_text.
+            let kl = prefix_rft_engine::generate::kl_to_base(&self.model, tokens, adapter)
+                .map_err(|e| PromptError::Failed(e.to_string()))?;
+            sum += kl.iter().map(|&x| f64::from(x)).sum::<f64>();
+            n += kl.len();
+        }
+        if n == 0 {
+            return Err(PromptError::Refused("no probe tokens".into()));
+        }
+        Ok(sum / n as f64)
     }
 }

@@ -9,7 +9,7 @@ pub mod scheduler;
 use prefix_rft_adapters::Lease;
 use prefix_rft_engine::chat_template::ChatMessage;
 use prefix_rft_engine::generate::FinishReason;
-use prefix_rft_engine::model::PrefixWeights;
+use prefix_rft_engine::model::{AdapterWeights, PrefixWeights};
 use prefix_rft_engine::sampler::SamplingParams;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::OwnedSemaphorePermit;
@@ -132,6 +132,9 @@ pub trait Backend: Send + Sync + 'static {
     fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, PromptError>;
     /// Token ids of `text`, with the model's BOS when it uses one.
     fn encode(&self, text: &str) -> Result<Vec<u32>, PromptError>;
+    /// Token ids of an answer as the model produces it after a prompt: no BOS, and the first
+    /// end-of-sequence token appended (training examples).
+    fn encode_answer(&self, text: &str) -> Result<Vec<u32>, PromptError>;
     /// Text of token ids (for echoing a prompt given as ids).
     fn decode(&self, ids: &[u32]) -> Result<String, PromptError>;
     /// The raw bytes of one token (logprobs `token`/`bytes`).
@@ -148,4 +151,8 @@ pub trait Backend: Send + Sync + 'static {
         text: &str,
         num_virtual_tokens: usize,
     ) -> Result<PrefixWeights, PromptError>;
+    /// Mean per-token KL(adapter ‖ base) in nats over every position of every probe token
+    /// sequence (the eval gate's drift measure). Blocking.
+    fn kl_to_base(&self, probes: &[Vec<u32>], adapter: &AdapterWeights)
+        -> Result<f64, PromptError>;
 }

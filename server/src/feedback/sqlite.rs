@@ -17,7 +17,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rand::Rng;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction};
 use tokio::sync::oneshot;
 
@@ -38,8 +37,6 @@ const READER_POOL: usize = 4;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the writer deletes completions past their retention.
 const PURGE_INTERVAL: Duration = Duration::from_secs(3600);
-/// Length of the random part of generated ids.
-const ID_CHARS: usize = 24;
 
 /// How the store is opened.
 #[derive(Debug, Clone)]
@@ -107,15 +104,6 @@ impl std::fmt::Debug for SqliteFeedbackStore {
             .field("path", &self.inner.path)
             .finish()
     }
-}
-
-fn random_id(prefix: &str) -> String {
-    let tail: String = rand::thread_rng()
-        .sample_iter(&rand::distributions::Alphanumeric)
-        .take(ID_CHARS)
-        .map(char::from)
-        .collect();
-    format!("{prefix}{tail}")
 }
 
 fn open_connection(path: &Path) -> Result<Connection, FeedbackError> {
@@ -801,7 +789,7 @@ fn apply_feedback(c: &Connection, fb: &NewFeedback, now: i64) -> Result<Submitte
             false,
         ));
     }
-    let id = random_id("fb-");
+    let id = crate::random_id("fb-");
     c.prepare_cached(
         "INSERT INTO feedback (id, completion_id, choice_index, rating, correction, comment,
              created, updated)
@@ -880,7 +868,7 @@ fn import(
              VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
             )?
             .execute(params![
-                random_id("fb-"),
+                crate::random_id("fb-"),
                 completion_id,
                 index,
                 rating.as_str(),
@@ -904,7 +892,7 @@ fn import(
             Prompt::Text(_) | Prompt::Tokens(_) => "completions",
         };
         let rec = CompletionRecord {
-            id: random_id("import-"),
+            id: crate::random_id("import-"),
             tenant: tenant.to_string(),
             model: "import".into(),
             adapter_version: adapter.to_string(),

@@ -16,7 +16,6 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use prefix_rft_engine::generate::FinishReason;
-use rand::Rng;
 use serde::Serialize;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -79,15 +78,6 @@ struct LogCtx {
     model: String,
     started: Instant,
     created: u64,
-}
-
-fn random_id(prefix: &str) -> String {
-    let tail: String = rand::thread_rng()
-        .sample_iter(&rand::distributions::Alphanumeric)
-        .take(24)
-        .map(char::from)
-        .collect();
-    format!("{prefix}{tail}")
 }
 
 fn finish_str(r: FinishReason) -> &'static str {
@@ -253,7 +243,7 @@ async fn prepare_chat(
     };
     Ok(Prepared {
         endpoint: Endpoint::Chat { logprobs },
-        id: random_id("chatcmpl-"),
+        id: crate::random_id("chatcmpl-"),
         model,
         params,
         req,
@@ -361,7 +351,7 @@ async fn prepare_completion(
             echo: echo.then_some(prompt_text),
             logprobs,
         },
-        id: random_id("cmpl-"),
+        id: crate::random_id("cmpl-"),
         model,
         params,
         req,

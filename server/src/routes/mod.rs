@@ -6,6 +6,7 @@ pub mod feedback;
 pub mod inference;
 pub mod models;
 pub mod ops;
+pub mod training;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -53,6 +54,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/feedback/stats", get(feedback::stats))
         .route("/v1/feedback/export", get(feedback::export))
+        .route(
+            "/v1/training/jobs",
+            get(training::list).post(training::create),
+        )
+        .route(
+            "/v1/training/jobs/{id}",
+            get(training::get_one).delete(training::cancel),
+        )
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state.keys),
             auth::require_key,
