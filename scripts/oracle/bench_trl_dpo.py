@@ -63,6 +63,15 @@ def run(path, steps):
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(str(MODEL.parent), gguf_file=MODEL.name,
                                                  torch_dtype=torch.float32)
+    # transformers dequantises GGUF tensors to float32 at load but still tags the model as
+    # GGUF-quantized, which its Trainer refuses to train; the weights are plain floats.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    try:
+        model.is_quantized = False
+    except AttributeError:
+        pass
     ds = load_dataset("json", data_files=path, split="train")
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",

@@ -462,32 +462,74 @@ impl<'m> Trainer<'m> {
         }))
     }
 
-    /// The loss of one batch, as a scalar tensor on the graph of the adapter's `Var`s.
-    fn batch_loss(
+    /// The loss of one batch and its gradient for each of `vars`, accumulated over
+    /// micro-batches so that only one example's graph is alive at a time: each pair and each
+    /// demonstration is its own micro-batch (the DPO mean and the token-normalised SFT term
+    /// split exactly), the unpaired examples one more (KTO's reference point is a batch
+    /// statistic). The sum equals the whole batch's loss and gradient.
+    fn batch_grads(
         &self,
         data: &Dataset,
         refs: &ReferenceCache,
         batch: &[Example],
-    ) -> Result<Tensor, TrainerError> {
+        vars: &[Var],
+    ) -> Result<(f64, Vec<Tensor>), TrainerError> {
         let a = Some(&self.adapter);
-        let (mut pw, mut pl, mut rw, mut rl) = (vec![], vec![], vec![], vec![]);
-        let (mut demo, mut demo_tokens) = (vec![], 0usize);
+        let device = self.model.device();
+        let dtype = self.model.dtype();
+        let column = |v: Vec<f64>| -> Result<Tensor, TrainerError> {
+            Ok(Tensor::new(v, device)?.to_dtype(dtype)?)
+        };
+        let n_pairs = batch
+            .iter()
+            .filter(|e| matches!(e, Example::Pair(_)))
+            .count();
+        let demo_tokens: usize = batch
+            .iter()
+            .map(|e| match e {
+                Example::Demo(i) => data.demonstrations[*i].completion.len(),
+                _ => 0,
+            })
+            .sum();
+        let mut total = 0.0;
+        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let mut accumulate = |loss: Tensor| -> Result<(), TrainerError> {
+            total += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let store = loss.backward()?;
+            for (acc, v) in grads.iter_mut().zip(vars) {
+                if let Some(g) = store.get(v.as_tensor()) {
+                    let g = g.detach();
+                    *acc = Some(match acc.take() {
+                        Some(prev) => (prev + g)?,
+                        None => g,
+                    });
+                }
+            }
+            Ok(())
+        };
         let (mut un, mut un_ref, mut un_desirable) = (vec![], vec![], vec![]);
         for &ex in batch {
             match ex {
                 Example::Pair(i) => {
                     let p = &data.pairs[i];
                     let s = self.score(&p.prompt, &[&p.chosen, &p.rejected], a)?;
-                    pw.push(s.narrow(0, 0, 1)?);
-                    pl.push(s.narrow(0, 1, 1)?);
-                    rw.push(refs.pairs[i].0);
-                    rl.push(refs.pairs[i].1);
+                    let loss = objective::dpo_losses(
+                        &s.narrow(0, 0, 1)?,
+                        &s.narrow(0, 1, 1)?,
+                        &column(vec![refs.pairs[i].0])?,
+                        &column(vec![refs.pairs[i].1])?,
+                        self.params.beta,
+                    )?;
+                    accumulate(loss.sum_all()?.affine(1.0 / n_pairs as f64, 0.0)?)?;
                 }
-                Example::Demo(i) => {
+                Example::Demo(i) if self.params.alpha > 0.0 => {
                     let d = &data.demonstrations[i];
-                    demo.push(self.score(&d.prompt, &[&d.completion], a)?);
-                    demo_tokens += d.completion.len();
+                    let s = self.score(&d.prompt, &[&d.completion], a)?;
+                    let sft = objective::sft_loss(&s, demo_tokens)?;
+                    accumulate(sft.affine(self.params.alpha, 0.0)?)?;
                 }
+                // Only demonstrations with α = 0 contribute nothing.
+                Example::Demo(_) => {}
                 Example::Unpaired(i) => {
                     let u = &data.unpaired[i];
                     un.push(self.score(&u.prompt, &[&u.completion], a)?);
@@ -495,26 +537,6 @@ impl<'m> Trainer<'m> {
                     un_desirable.push(u.desirable);
                 }
             }
-        }
-        let device = self.model.device();
-        let dtype = self.model.dtype();
-        let column = |v: Vec<f64>| -> Result<Tensor, TrainerError> {
-            Ok(Tensor::new(v, device)?.to_dtype(dtype)?)
-        };
-        let mut terms = Vec::new();
-        if !pw.is_empty() {
-            let losses = objective::dpo_losses(
-                &Tensor::cat(&pw, 0)?,
-                &Tensor::cat(&pl, 0)?,
-                &column(rw)?,
-                &column(rl)?,
-                self.params.beta,
-            )?;
-            terms.push(losses.mean_all()?);
-        }
-        if !demo.is_empty() && self.params.alpha > 0.0 {
-            let sft = objective::sft_loss(&Tensor::cat(&demo, 0)?, demo_tokens)?;
-            terms.push(sft.affine(self.params.alpha, 0.0)?);
         }
         if !un.is_empty() {
             let rho = (Tensor::cat(&un, 0)? - column(un_ref)?)?;
@@ -524,17 +546,17 @@ impl<'m> Trainer<'m> {
                 desirable_weight: self.params.kto_desirable_weight,
                 undesirable_weight: self.params.kto_undesirable_weight,
             };
-            terms.push(objective::kto_losses(&rho, &un_desirable, z0, kto)?.mean_all()?);
+            accumulate(objective::kto_losses(&rho, &un_desirable, z0, kto)?.mean_all()?)?;
         }
-        let mut loss = match terms.pop() {
-            Some(t) => t,
-            // Only demonstrations with α = 0: nothing to optimise.
-            None => Tensor::zeros((), dtype, device)?,
-        };
-        for t in terms {
-            loss = (loss + t)?;
-        }
-        Ok(loss)
+        let grads = grads
+            .into_iter()
+            .zip(vars)
+            .map(|(g, v)| match g {
+                Some(g) => Ok(g),
+                None => Ok(v.as_tensor().zeros_like()?),
+            })
+            .collect::<Result<Vec<_>, TrainerError>>()?;
+        Ok((total, grads))
     }
 
     /// Runs the whole training. `on_progress` is called after every step; `cancelled` is
@@ -586,20 +608,11 @@ impl<'m> Trainer<'m> {
                     batch.push(ex);
                 }
             }
-            let loss = self.batch_loss(data, &refs, &batch)?;
-            let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let (loss_value, mut grads) = self.batch_grads(data, &refs, &batch, &vars)?;
             if !loss_value.is_finite() {
                 return Err(TrainerError::Diverged {
                     step,
                     loss: loss_value,
-                });
-            }
-            let grads_store = loss.backward()?;
-            let mut grads = Vec::with_capacity(vars.len());
-            for v in &vars {
-                grads.push(match grads_store.get(v.as_tensor()) {
-                    Some(g) => g.detach(),
-                    None => v.as_tensor().zeros_like()?,
                 });
             }
             let norm = clip_grad_norm(&mut grads, self.params.max_grad_norm)?;
