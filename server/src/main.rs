@@ -174,6 +174,12 @@ fn ensure_model(path: &std::path::Path) -> anyhow::Result<()> {
 }
 
 fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Only training uses rayon (through candle): its threads run at the lowest priority so a
+    // training job does not slow serving down.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("train-{i}"))
+        .start_handler(|_| prefix_rft_engine::quant::lower_thread_priority())
+        .build_global();
     let mut config = Config::load(args.config.as_deref())?;
     if let Some(h) = args.host {
         config.server.host = h;

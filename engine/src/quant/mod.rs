@@ -19,7 +19,9 @@ mod tests;
 
 pub use dequant::dequantize;
 pub use matrix::QMatrix;
-pub use pool::{num_threads, parallel_for, set_num_threads};
+pub use pool::{
+    background_thread, lower_thread_priority, num_threads, parallel_for, set_num_threads,
+};
 pub use quantize::quantize;
 
 /// A ggml tensor element format (float or block-quantized).

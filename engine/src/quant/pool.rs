@@ -52,6 +52,29 @@ unsafe impl Sync for Pool {}
 thread_local! {
     /// Set on pool workers so that a nested `parallel_for` runs inline.
     static IS_WORKER: Cell<bool> = const { Cell::new(false) };
+    /// Set on background threads (training), whose `parallel_for` runs inline so they never
+    /// hold the pool the serving forward needs.
+    static IS_BACKGROUND: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the calling thread as background work: its `parallel_for` calls run on it alone
+/// (never taking the compute pool from the serving forward), and on Linux its scheduling
+/// priority drops (nice 10), so serving threads win the cores while it runs and training
+/// still advances, at about a tenth of the CPU, under a serving load that never pauses.
+pub fn background_thread() {
+    IS_BACKGROUND.with(|b| b.set(true));
+    lower_thread_priority();
+}
+
+/// Lowers the calling thread's scheduling priority to nice 10 (Linux: per thread; elsewhere a
+/// no-op). Best effort: a failure leaves the priority unchanged.
+pub fn lower_thread_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain syscalls on the calling thread's own id, no memory passed.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        let _ = libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    }
 }
 
 fn pool() -> &'static Pool {
@@ -171,7 +194,7 @@ pub fn parallel_for(n_tasks: usize, f: &(dyn Fn(usize) + Sync)) {
         return;
     }
     let p = pool();
-    let nested = IS_WORKER.with(Cell::get);
+    let nested = IS_WORKER.with(Cell::get) || IS_BACKGROUND.with(Cell::get);
     if n_tasks == 1
         || nested
         || p.active.load(Relaxed) == 0

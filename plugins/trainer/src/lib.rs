@@ -63,6 +63,9 @@ impl Plugin for TrainerPlugin {
     }
 
     fn run(&self, request: Value, ctx: &CallContext<'_>) -> Result<Value, PluginError> {
+        // Training yields the cores to serving: lowest priority, and never the serving
+        // forward's compute pool (candle's own threads are lowered by the host).
+        prefix_rft_engine::quant::background_thread();
         let job: job::Job = serde_json::from_value(request)
             .map_err(|e| PluginError::invalid_request(e.to_string()))?;
         let mut report = |p: &train::Progress| {
