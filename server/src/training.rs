@@ -421,6 +421,20 @@ fn load_records(dir: &Path, keep: usize) -> Vec<Arc<Entry>> {
     let Ok(read) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
+    // Trainer output directories and half-written records of a process that is gone.
+    for e in read.filter_map(Result::ok) {
+        if e.file_name().to_string_lossy().starts_with(".job-") {
+            let path = e.path();
+            let _ = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+        }
+    }
+    let Ok(read) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
     let mut jobs: Vec<Job> = read
         .filter_map(Result::ok)
         .filter(|e| {
@@ -1133,6 +1147,7 @@ mod tests {
         job.status = JobStatus::Succeeded;
         write_record(dir.path(), &job).unwrap();
         std::fs::write(dir.path().join("job-c.json"), b"{not json").unwrap();
+        std::fs::create_dir(dir.path().join(".job-a.out")).unwrap();
         let loaded: Vec<Job> = load_records(dir.path(), 10)
             .iter()
             .map(|e| e.snapshot())
@@ -1142,6 +1157,7 @@ mod tests {
         assert_eq!(loaded[0].status, JobStatus::Failed);
         assert!(loaded[0].reason.as_deref().unwrap().contains("interrupted"));
         assert_eq!(loaded[1].status, JobStatus::Succeeded);
+        assert!(!dir.path().join(".job-a.out").exists(), "stale output kept");
         // keep_jobs keeps the newest.
         let kept = load_records(dir.path(), 1);
         assert_eq!(kept.len(), 1);
