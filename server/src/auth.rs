@@ -30,6 +30,13 @@ impl Principal {
     pub fn tenant_label(&self) -> &str {
         self.tenant.as_deref().unwrap_or("admin")
     }
+
+    /// The tenant a tenant-scoped route acts on: 400 for an admin key without `X-Tenant`.
+    pub fn require_tenant(&self) -> Result<String, ApiError> {
+        self.tenant.clone().ok_or_else(|| {
+            ApiError::invalid_body("admin keys must name the tenant with the X-Tenant header")
+        })
+    }
 }
 
 /// Who a key belongs to.

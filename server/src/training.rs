@@ -332,28 +332,31 @@ impl Training {
     /// next step. A finished job is returned unchanged.
     pub fn cancel(&self, tenant: Option<&str>, id: &str) -> Option<Job> {
         let entry = self.entry(tenant, id)?;
+        Some(self.cancel_entry(&entry))
+    }
+
+    fn cancel_entry(&self, entry: &Entry) -> Job {
         entry.cancel.store(true, Ordering::SeqCst);
         let mut job = lock(&entry.job);
         if job.status == JobStatus::Queued {
-            job.status = JobStatus::Cancelled;
-            job.finished = Some(crate::unix_now());
-            job.reason = Some("cancelled before it started".into());
-            self.persist(&job);
+            self.cancel_queued(&mut job);
         }
-        Some(job.clone())
+        job.clone()
+    }
+
+    /// Ends a job that never started.
+    fn cancel_queued(&self, job: &mut Job) {
+        job.status = JobStatus::Cancelled;
+        job.finished = Some(crate::unix_now());
+        job.reason = Some("cancelled before it started".into());
+        self.persist(job);
     }
 
     /// Cancels every queued and running job (shutdown).
     pub fn cancel_all(&self) {
-        let ids: Vec<(String, String)> = lock(&self.jobs)
-            .iter()
-            .map(|e| {
-                let j = lock(&e.job);
-                (j.tenant.clone(), j.id.clone())
-            })
-            .collect();
-        for (tenant, id) in ids {
-            self.cancel(Some(&tenant), &id);
+        let entries: Vec<Arc<Entry>> = lock(&self.jobs).clone();
+        for entry in &entries {
+            self.cancel_entry(entry);
         }
     }
 
@@ -591,10 +594,7 @@ async fn run(state: Arc<AppState>, entry: Arc<Entry>) {
         let mut job = lock(&entry.job);
         if permit.is_none() || job.status.is_terminal() {
             if !job.status.is_terminal() {
-                job.status = JobStatus::Cancelled;
-                job.finished = Some(crate::unix_now());
-                job.reason = Some("cancelled before it started".into());
-                training.persist(&job);
+                training.cancel_queued(&mut job);
             }
             drop(job);
             update_metrics(&state);
@@ -653,8 +653,18 @@ fn out_dir(dir: &Path, id: &str) -> PathBuf {
 /// The examples of one job: what trains, what evaluates, and the keys to mark.
 struct Split {
     data: JobData,
-    counts: DataCounts,
     trained_keys: Vec<ExampleKey>,
+}
+
+impl Split {
+    fn counts(&self) -> DataCounts {
+        DataCounts {
+            pairs: self.data.pairs.len(),
+            demonstrations: self.data.demonstrations.len(),
+            unpaired: self.data.negatives.len(),
+            held_out_pairs: self.data.eval_pairs.len(),
+        }
+    }
 }
 
 /// True when `prompt` is in the held-out share (a stable hash, the same on every machine).
@@ -672,19 +682,21 @@ fn new_examples(ex: &TrainingExamples, fraction: f64) -> usize {
     let p = ex
         .pairs
         .iter()
-        .filter(|p| p.trained_in.is_empty() && !held_out(&p.prompt, fraction))
-        .count();
+        .filter(|p| is_new(&p.trained_in, &p.prompt, fraction));
     let d = ex
         .demonstrations
         .iter()
-        .filter(|d| d.trained_in.is_empty() && !held_out(&d.prompt, fraction))
-        .count();
+        .filter(|d| is_new(&d.trained_in, &d.prompt, fraction));
     let n = ex
         .unpaired_negatives
         .iter()
-        .filter(|n| n.trained_in.is_empty() && !held_out(&n.prompt, fraction))
-        .count();
-    p + d + n
+        .filter(|n| is_new(&n.trained_in, &n.prompt, fraction));
+    p.count() + d.count() + n.count()
+}
+
+/// An example a job trains on: no promoted version used it and its prompt is not held out.
+fn is_new(trained_in: &[u32], prompt: &Prompt, fraction: f64) -> bool {
+    trained_in.is_empty() && !held_out(prompt, fraction)
 }
 
 /// Tokenises the new examples for training and the held-out pairs for the gate.
@@ -711,24 +723,27 @@ fn split(
     };
     let mut out = Split {
         data: JobData::default(),
-        counts: DataCounts::default(),
         trained_keys: Vec::new(),
     };
     for p in &ex.pairs {
+        let held = held_out(&p.prompt, fraction);
+        if !held && !p.trained_in.is_empty() {
+            continue;
+        }
         let ids = PairIds {
             prompt: prompt_ids(&p.prompt)?,
             chosen: backend.encode_answer(&p.chosen)?,
             rejected: backend.encode_answer(&p.rejected)?,
         };
-        if held_out(&p.prompt, fraction) {
+        if held {
             out.data.eval_pairs.push(ids);
-        } else if p.trained_in.is_empty() {
+        } else {
             out.data.pairs.push(ids);
             out.trained_keys.push(p.key.clone());
         }
     }
     for d in &ex.demonstrations {
-        if d.trained_in.is_empty() && !held_out(&d.prompt, fraction) {
+        if is_new(&d.trained_in, &d.prompt, fraction) {
             out.data.demonstrations.push(CompletionIds {
                 prompt: prompt_ids(&d.prompt)?,
                 completion: backend.encode_answer(&d.completion)?,
@@ -737,7 +752,7 @@ fn split(
         }
     }
     for n in &ex.unpaired_negatives {
-        if n.trained_in.is_empty() && !held_out(&n.prompt, fraction) {
+        if is_new(&n.trained_in, &n.prompt, fraction) {
             out.data.negatives.push(CompletionIds {
                 prompt: prompt_ids(&n.prompt)?,
                 completion: backend.encode_answer(&n.completion)?,
@@ -745,12 +760,6 @@ fn split(
             out.trained_keys.push(n.key.clone());
         }
     }
-    out.counts = DataCounts {
-        pairs: out.data.pairs.len(),
-        demonstrations: out.data.demonstrations.len(),
-        unpaired: out.data.negatives.len(),
-        held_out_pairs: out.data.eval_pairs.len(),
-    };
     Ok(out)
 }
 
@@ -822,13 +831,14 @@ async fn execute(state: &Arc<AppState>, entry: &Arc<Entry>) -> Result<Published,
     let b = Arc::clone(&backend);
     let split = crate::routes::inference::blocking(move || split(b.as_ref(), &examples, fraction))
         .await??;
-    if split.counts.trained() == 0 {
+    let counts = split.counts();
+    if counts.trained() == 0 {
         return Err(Stop::Failed(format!(
             "no new feedback to train on for adapter `{adapter}` (every example is trained \
              on or held out)"
         )));
     }
-    lock(&entry.job).metrics.data = split.counts.clone();
+    lock(&entry.job).metrics.data = counts.clone();
 
     let out = out_dir(&training.dir, &id);
     let _ = std::fs::remove_dir_all(&out);
@@ -933,7 +943,7 @@ async fn execute(state: &Arc<AppState>, entry: &Arc<Entry>) -> Result<Published,
         },
         kind,
         job_id: Some(id.clone()),
-        data: serde_json::to_value(&split.counts).ok(),
+        data: serde_json::to_value(&counts).ok(),
         metrics: Some(metrics),
         reason: rejection.clone(),
     };

@@ -29,6 +29,36 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// The repository's `config.toml` (the embedded default), for tests that change a few lines.
+pub fn repo_config() -> String {
+    std::fs::read_to_string(repo_root().join("config.toml")).expect("config.toml")
+}
+
+/// The directory the plugin libraries of this build are in (next to the binary), checked to
+/// hold each of `libs` (file names).
+pub fn plugin_dir(libs: &[&str]) -> PathBuf {
+    let dir = binary().parent().expect("target dir").to_path_buf();
+    for lib in libs {
+        let so = dir.join(lib);
+        assert!(
+            so.is_file(),
+            "{} missing: scripts/test builds the plugin crates first",
+            so.display()
+        );
+    }
+    dir
+}
+
+/// `config` with `[server] plugin_dir` pointing at `dir`.
+pub fn with_plugin_dir(config: &str, dir: &std::path::Path) -> String {
+    let from = "plugin_dir = \"target/release\"";
+    assert!(config.contains(from), "the config has no `{from}`");
+    config.replace(
+        from,
+        &format!("plugin_dir = {:?}", dir.display().to_string()),
+    )
+}
+
 /// The `prefix-rft` binary of this build.
 pub fn binary() -> PathBuf {
     if let Some(p) = std::env::var_os("PREFIX_RFT_BIN") {

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use prefix_rft_e2e::{data_dir, repo_root, shared, Server, ACME_KEY, ADMIN_KEY, GLOBEX_KEY, MODEL};
+use prefix_rft_e2e::{data_dir, shared, Server, ACME_KEY, ADMIN_KEY, GLOBEX_KEY, MODEL};
 use serde_json::{json, Value};
 
 struct Reply {
@@ -540,7 +540,7 @@ fn cli_imports_trl_and_sft_rows_and_exports_trl_pairs() {
 /// The server config for the durability trials: many choices per completion (so there are
 /// many distinct feedback targets) and a database of the test's own.
 fn durability_config(db: &Path) -> String {
-    let text = std::fs::read_to_string(repo_root().join("config.toml")).expect("config.toml");
+    let text = prefix_rft_e2e::repo_config();
     let text = text
         .replace("max_n = 8", "max_n = 64")
         .replace("max_batch_size = 32", "max_batch_size = 64")

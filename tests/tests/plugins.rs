@@ -3,21 +3,19 @@
 //! non-plugin library, a missing file and a path out of the plugin directory are each listed
 //! as failed with the reason, and the server serves regardless.
 
-use prefix_rft_e2e::{binary, Server, ACME_KEY, ADMIN_KEY, MODEL};
+use prefix_rft_e2e::{
+    plugin_dir, repo_config, with_plugin_dir, Server, ACME_KEY, ADMIN_KEY, MODEL,
+};
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configured_plugins_load_or_are_listed_with_the_reason() {
-    let plugin_dir = binary().parent().expect("target dir").to_path_buf();
-    for lib in ["reward_rules", "test_bad_abi", "test_not_a_plugin"] {
-        let so = plugin_dir.join(format!("libprefix_rft_{lib}.so"));
-        assert!(
-            so.is_file(),
-            "{} missing: scripts/test builds the plugin crates first",
-            so.display()
-        );
-    }
-    let base = prefix_rft_server_config();
+    let plugin_dir = plugin_dir(&[
+        "libprefix_rft_reward_rules.so",
+        "libprefix_rft_test_bad_abi.so",
+        "libprefix_rft_test_not_a_plugin.so",
+    ]);
+    let base = repo_config();
     let config = format!(
         r#"{base}
 [[plugins]]
@@ -46,11 +44,8 @@ name = "escape"
 path = "../../etc/passwd"
 kind = "reward"
 "#
-    )
-    .replace(
-        "plugin_dir = \"target/release\"",
-        &format!("plugin_dir = {:?}", plugin_dir.display().to_string()),
     );
+    let config = with_plugin_dir(&config, &plugin_dir);
     let data = tempfile::tempdir().unwrap();
     let server = Server::start_in(Some(&config), data.path());
     let client = reqwest::Client::new();
@@ -98,9 +93,4 @@ kind = "reward"
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-}
-
-/// The repository's config.toml (the embedded default).
-fn prefix_rft_server_config() -> String {
-    std::fs::read_to_string(prefix_rft_e2e::repo_root().join("config.toml")).expect("config.toml")
 }

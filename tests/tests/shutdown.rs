@@ -5,12 +5,12 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use prefix_rft_e2e::{repo_root, Server, ACME_KEY, MODEL};
+use prefix_rft_e2e::{Server, ACME_KEY, MODEL};
 use serde_json::json;
 
 /// The repository's config with one batch slot, no queue and a 64 KiB body limit.
 fn one_slot_config() -> String {
-    let text = std::fs::read_to_string(repo_root().join("config.toml")).expect("config.toml");
+    let text = prefix_rft_e2e::repo_config();
     text.replace("max_batch_size = 32", "max_batch_size = 1")
         .replace("max_queue = 64", "max_queue = 0")
         .replace("max_n = 8", "max_n = 1")

@@ -10,7 +10,9 @@
 
 use std::time::{Duration, Instant};
 
-use prefix_rft_e2e::{binary, repo_root, Server, ACME_KEY, ADMIN_KEY, GLOBEX_KEY, MODEL};
+use prefix_rft_e2e::{
+    plugin_dir, repo_config, with_plugin_dir, Server, ACME_KEY, ADMIN_KEY, GLOBEX_KEY, MODEL,
+};
 use serde_json::{json, Value};
 
 /// The behaviour the scripted user wants: every answer starts with it.
@@ -250,10 +252,6 @@ impl Api {
             .await;
         }
     }
-}
-
-fn repo_config() -> String {
-    std::fs::read_to_string(repo_root().join("config.toml")).expect("config.toml")
 }
 
 /// The repository config with `[training]` lines replaced.
@@ -509,14 +507,7 @@ async fn the_jobs_api_refuses_bad_requests_and_cancels() {
 }
 
 fn plugin_config(trainer_lib: &str, kind: &str) -> String {
-    let plugin_dir = binary().parent().expect("target dir").to_path_buf();
-    let so = plugin_dir.join(trainer_lib);
-    assert!(
-        so.is_file(),
-        "{} missing: scripts/test builds the test plugins first",
-        so.display()
-    );
-    format!(
+    let config = format!(
         r#"{}
 [[plugins]]
 name = "custom"
@@ -524,11 +515,8 @@ path = "{trainer_lib}"
 kind = "{kind}"
 "#,
         training_config(&[("trainer = \"builtin\"", "trainer = \"custom\"")])
-    )
-    .replace(
-        "plugin_dir = \"target/release\"",
-        &format!("plugin_dir = {:?}", plugin_dir.display().to_string()),
-    )
+    );
+    with_plugin_dir(&config, &plugin_dir(&[trainer_lib]))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

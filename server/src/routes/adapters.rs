@@ -103,12 +103,6 @@ impl From<AdapterListing> for AdapterView {
     }
 }
 
-fn tenant(principal: &Principal) -> Result<String, ApiError> {
-    principal.tenant.clone().ok_or_else(|| {
-        ApiError::invalid_body("admin keys must name the tenant with the X-Tenant header")
-    })
-}
-
 fn not_found(name: &str) -> ApiError {
     ApiError::NotFound(format!("adapter `{name}` not found"))
 }
@@ -129,7 +123,7 @@ pub async fn list(
     State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Principal>,
 ) -> Result<Response, ApiError> {
-    let tenant = tenant(&principal)?;
+    let tenant = principal.require_tenant()?;
     let listings = with_registry(&state, move |r| r.list(&tenant)).await?;
     let data: Vec<AdapterView> = listings.into_iter().map(AdapterView::from).collect();
     Ok(Json(serde_json::json!({"object": "list", "data": data})).into_response())
@@ -141,7 +135,7 @@ pub async fn get_one(
     Extension(principal): Extension<Principal>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let tenant = tenant(&principal)?;
+    let tenant = principal.require_tenant()?;
     let listing = with_registry(&state, move |r| r.store().listing(&tenant, &name)).await?;
     Ok(Json(AdapterView::from(listing)).into_response())
 }
@@ -177,7 +171,7 @@ pub async fn create(
     Extension(principal): Extension<Principal>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let tenant = tenant(&principal)?;
+    let tenant = principal.require_tenant()?;
     let limit = state.config.limits.max_body_bytes;
     let req: CreateAdapter = parse_one(&body_bytes(body, limit)?).map_err(parse_err)?;
     let registry = Arc::clone(state.adapters()?);
@@ -310,7 +304,7 @@ pub async fn upload_version(
     Path(name): Path<String>,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<Response, ApiError> {
-    let tenant = tenant(&principal)?;
+    let tenant = principal.require_tenant()?;
     let mut multipart = multipart.map_err(|e| ApiError::invalid_body(e.body_text()))?;
     let (mut config, mut weights) = (None, None);
     let mut activate = true;
@@ -397,7 +391,7 @@ pub async fn activate(
     Path(name): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let tenant = tenant(&principal)?;
+    let tenant = principal.require_tenant()?;
     let limit = state.config.limits.max_body_bytes;
     let req: Activate = parse_one(&body_bytes(body, limit)?).map_err(parse_err)?;
     let n = name.clone();
@@ -419,7 +413,7 @@ pub async fn file(
     Extension(principal): Extension<Principal>,
     Path((name, version, file)): Path<(String, u32, String)>,
 ) -> Result<Response, ApiError> {
-    let tenant = tenant(&principal)?;
+    let tenant = principal.require_tenant()?;
     let f = file.clone();
     let bytes = with_registry(&state, move |r| {
         r.store().read_file(&tenant, &name, version, &f)
@@ -449,7 +443,7 @@ pub async fn delete(
     Extension(principal): Extension<Principal>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let tenant = tenant(&principal)?;
+    let tenant = principal.require_tenant()?;
     with_registry(&state, move |r| r.delete(&tenant, &name)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -475,7 +469,7 @@ fn admin_request<T: serde::de::DeserializeOwned>(
     if !principal.admin {
         return Err(ApiError::Forbidden("this route needs an admin key".into()));
     }
-    let tenant = tenant(principal)?;
+    let tenant = principal.require_tenant()?;
     let limit = state.config.limits.max_body_bytes;
     let req = parse_one(&body_bytes(body, limit)?).map_err(parse_err)?;
     Ok((tenant, req))

@@ -124,9 +124,7 @@ pub async fn create(
     Extension(principal): Extension<Principal>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let tenant = principal.tenant.clone().ok_or_else(|| {
-        ApiError::invalid_body("admin keys must name the tenant with the X-Tenant header")
-    })?;
+    let tenant = principal.require_tenant()?;
     let (adapter, overrides) = parse_request(&body)?;
     let job = training::submit(&state, &tenant, &adapter, &overrides, Trigger::Manual).await?;
     Ok((StatusCode::ACCEPTED, Json(job)).into_response())
