@@ -63,6 +63,8 @@ pub struct LimitsSection {
     pub max_prompt_tokens: usize,
     /// Largest `n`.
     pub max_n: usize,
+    /// Most prompts in one `/v1/completions` request.
+    pub max_prompts: usize,
     /// Sequences decoded together.
     pub max_batch_size: usize,
     /// Requests waiting for a slot before 429.
@@ -82,6 +84,7 @@ impl Default for LimitsSection {
             max_tokens: 2048,
             max_prompt_tokens: 8192,
             max_n: 8,
+            max_prompts: 16,
             max_batch_size: 32,
             max_queue: 64,
             step_token_budget: 256,
@@ -338,6 +341,7 @@ impl Config {
             ("max_tokens", l.max_tokens),
             ("max_prompt_tokens", l.max_prompt_tokens),
             ("max_n", l.max_n),
+            ("max_prompts", l.max_prompts),
             ("max_batch_size", l.max_batch_size),
             ("step_token_budget", l.step_token_budget),
             ("prefill_chunk", l.prefill_chunk),

@@ -11,8 +11,12 @@ use serde::Serialize;
 /// One choice of a recorded completion.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct RecordedChoice {
-    /// Choice index.
+    /// Choice index (over the whole response: with several prompts, prompt `i`'s choices are
+    /// `i * n .. (i + 1) * n`).
     pub index: usize,
+    /// Which prompt of the request this choice answers (0 unless a completions request sent a
+    /// list of prompts).
+    pub prompt_index: usize,
     /// Output text (without echo).
     pub text: String,
     /// Output token ids.
@@ -34,12 +38,13 @@ pub struct CompletionRecord {
     pub adapter_version: String,
     /// `chat.completions` or `completions`.
     pub endpoint: &'static str,
-    /// The messages (chat) or the prompt (completions), as sent.
+    /// The messages (chat) or the prompt (completions), as sent; a completions request with
+    /// several prompts keeps their list (`["a", "b"]` or `[[1, 2], [3]]`).
     pub request: serde_json::Value,
     /// Sampling parameters and limits as applied.
     pub params: serde_json::Value,
-    /// Prompt token ids.
-    pub prompt_tokens: Vec<u32>,
+    /// Prompt token ids, one list per prompt (chat: one).
+    pub prompt_tokens: Vec<Vec<u32>>,
     /// Output per choice.
     pub choices: Vec<RecordedChoice>,
     /// End-user id, if sent.
@@ -123,7 +128,7 @@ mod tests {
             endpoint: "completions",
             request: serde_json::json!("hi"),
             params: serde_json::json!({}),
-            prompt_tokens: vec![1],
+            prompt_tokens: vec![vec![1]],
             choices: vec![],
             user: None,
             created: 0,

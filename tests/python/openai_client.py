@@ -62,6 +62,11 @@ check("legacy logprobs shape", len(lp.tokens) == len(lp.text_offset) == len(lp.t
 two = client.completions.create(model=MODEL, prompt="Roses are", max_tokens=4, n=2, seed=5)
 check("n=2 returns two choices", sorted(c.index for c in two.choices) == [0, 1], two)
 
+many = client.completions.create(model=MODEL, prompt=["Roses are", "The sky is"], max_tokens=4, n=2, temperature=0)
+check("a list of prompts gives n choices per prompt, in order", [c.index for c in many.choices] == [0, 1, 2, 3], many)
+alone = client.completions.create(model=MODEL, prompt="The sky is", max_tokens=4, temperature=0)
+check("each prompt's choices answer that prompt", many.choices[2].text == alone.choices[0].text, (many, alone))
+
 a = client.completions.create(model=MODEL, prompt="I like", max_tokens=6, temperature=1.0, seed=99)
 b = client.completions.create(model=MODEL, prompt="I like", max_tokens=6, temperature=1.0, seed=99)
 check("seed reproduces", a.choices[0].text == b.choices[0].text, (a.choices[0].text, b.choices[0].text))

@@ -228,6 +228,130 @@ async fn completion_echo_with_max_tokens_zero_scores_the_prompt() {
     assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{offsets:?}");
 }
 
+/// Greedy `/v1/completions` of one prompt: the text and the prompt's token count.
+async fn greedy_completion(prompt: &str, max_tokens: u32) -> (String, u64) {
+    let r = post(
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let v = r.json();
+    let text = v["choices"][0]["text"].as_str().expect("text").to_string();
+    (text, v["usage"]["prompt_tokens"].as_u64().expect("usage"))
+}
+
+#[tokio::test]
+async fn several_prompts_answer_prompt_by_prompt_as_each_alone() {
+    let prompts = ["The capital of France is", "1, 2, 3, 4,", "Roses are red,"];
+    let mut solo = Vec::new();
+    for p in prompts {
+        solo.push(greedy_completion(p, 6).await);
+    }
+    let r = post(
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": prompts, "n": 2, "max_tokens": 6, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let v = r.json();
+    let choices = v["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 6, "3 prompts × n = 2");
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        assert_eq!(
+            c["text"],
+            solo[i / 2].0,
+            "choice {i} answers prompt {}",
+            i / 2
+        );
+    }
+    let prompt_tokens: u64 = solo.iter().map(|s| s.1).sum();
+    assert_eq!(v["usage"]["prompt_tokens"], prompt_tokens);
+
+    // Streamed: the chunks of each index add up to the same texts, one finish per choice.
+    let mut body =
+        json!({"model": MODEL, "prompt": prompts, "n": 2, "max_tokens": 6, "temperature": 0});
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let r = post("/v1/completions", body).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let mut texts = vec![String::new(); 6];
+    let mut finishes = vec![0; 6];
+    let mut usage = None;
+    for data in r.text.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if data == "[DONE]" {
+            continue;
+        }
+        let chunk: Value = serde_json::from_str(data).expect("chunk");
+        for c in chunk["choices"].as_array().expect("choices") {
+            let i = c["index"].as_u64().expect("index") as usize;
+            texts[i].push_str(c["text"].as_str().unwrap_or(""));
+            finishes[i] += usize::from(!c["finish_reason"].is_null());
+        }
+        if chunk["usage"].is_object() {
+            usage = Some(chunk["usage"]["prompt_tokens"].clone());
+        }
+    }
+    let expected: Vec<String> = (0..6).map(|i| solo[i / 2].0.clone()).collect();
+    assert_eq!(texts, expected);
+    assert_eq!(finishes, vec![1; 6]);
+    assert_eq!(usage, Some(json!(prompt_tokens)));
+}
+
+#[tokio::test]
+async fn several_token_prompts_are_scored_each_with_echo() {
+    let r = post(
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": [[504, 3575, 282], [1689, 28, 2476]], "max_tokens": 0,
+               "echo": true, "logprobs": 0}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let v = r.json();
+    let choices = v["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 2);
+    for c in choices {
+        let lp = &c["logprobs"];
+        assert_eq!(lp["tokens"].as_array().expect("tokens").len(), 3, "{c}");
+        assert!(lp["token_logprobs"][0].is_null());
+        assert!(lp["token_logprobs"][2].as_f64().is_some_and(|x| x <= 0.0));
+        let joined: String = lp["tokens"]
+            .as_array()
+            .expect("tokens")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert_eq!(c["text"].as_str(), Some(joined.as_str()));
+    }
+    assert_ne!(choices[0]["text"], choices[1]["text"]);
+    assert_eq!(v["usage"]["prompt_tokens"], 6);
+}
+
+#[tokio::test]
+async fn bad_prompt_lists_are_400_naming_the_prompt() {
+    let body =
+        |prompt: Value, n: u32| json!({"model": MODEL, "prompt": prompt, "n": n, "max_tokens": 1});
+    post("/v1/completions", body(json!([]), 1))
+        .await
+        .assert_error(400, "invalid_request_error", Some("prompt"), None);
+    let seventeen: Vec<String> = (0..17).map(|i| format!("prompt {i}")).collect();
+    post("/v1/completions", body(json!(seventeen), 1))
+        .await
+        .assert_error(400, "invalid_request_error", Some("prompt"), None);
+    post("/v1/completions", body(json!([[1, 2], [3, 99999999]]), 1))
+        .await
+        .assert_error(400, "invalid_request_error", Some("prompt[1][1]"), None);
+    post("/v1/completions", body(json!(["fine", ""]), 1))
+        .await
+        .assert_error(400, "invalid_request_error", Some("prompt[1]"), None);
+    // 16 prompts × n = 8 is 128 sequences, over max_batch_size (32).
+    let sixteen: Vec<String> = (0..16).map(|i| format!("prompt {i}")).collect();
+    post("/v1/completions", body(json!(sixteen), 8))
+        .await
+        .assert_error(400, "invalid_request_error", Some("n"), None);
+}
+
 #[tokio::test]
 async fn completion_with_the_rust_client_and_logprobs() {
     let req = CreateCompletionRequestArgs::default()

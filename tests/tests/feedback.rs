@@ -364,6 +364,48 @@ async fn idempotency_key_returns_the_first_result() {
 }
 
 #[tokio::test]
+async fn feedback_on_a_several_prompt_completion_pairs_under_its_own_prompt() {
+    let base = &shared().base;
+    let prompts = [
+        "Q: Which river runs through Paris? A:",
+        "Q: Which river runs through Vienna? A:",
+    ];
+    let r = send(
+        reqwest::Client::new()
+            .post(format!("{base}/v1/completions"))
+            .bearer_auth(ACME_KEY)
+            .json(&json!({"model": MODEL, "prompt": prompts, "max_tokens": 4, "temperature": 0})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let v = r.json();
+    let rejected = v["choices"][1]["text"].as_str().expect("text").to_string();
+    let correction = "The Danube (several-prompt test).";
+    let fb = post_feedback(
+        base,
+        ACME_KEY,
+        None,
+        json!({"completion_id": completion_id(&v), "choice_index": 1, "rating": "down",
+               "correction": correction})
+        .to_string(),
+    )
+    .await;
+    assert_eq!(fb.status, 201, "{}", fb.text);
+    let export = get("/v1/feedback/export?adapter=base", ACME_KEY).await;
+    assert_eq!(export.status, 200, "{}", export.text);
+    let row: Value = export
+        .text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("jsonl row"))
+        .find(|row| row["chosen"] == correction)
+        .unwrap_or_else(|| panic!("no pair with the correction: {}", export.text));
+    assert_eq!(
+        row,
+        json!({"prompt": prompts[1], "chosen": correction, "rejected": rejected})
+    );
+}
+
+#[tokio::test]
 async fn pairs_stats_export_and_delete_for_one_adapter() {
     let base = &shared().base;
     let prompt = "Answer with one word: what colour is the sky?";

@@ -63,6 +63,22 @@ impl Prompt {
         serde_json::from_value(v.clone()).ok()
     }
 
+    /// The prompt that choice `prompt_index` of a recorded `request` answers: a completions
+    /// request with several prompts records their list (texts, or token-id lists), and the
+    /// index picks one; any other request is one prompt, index 0.
+    pub fn of_choice(request: &serde_json::Value, prompt_index: usize) -> Option<Prompt> {
+        use serde_json::Value;
+        let list = request.as_array().filter(|items| {
+            !items.is_empty()
+                && (items.iter().all(Value::is_string) || items.iter().all(Value::is_array))
+        });
+        match list {
+            Some(prompts) => Prompt::from_json(prompts.get(prompt_index)?),
+            None if prompt_index == 0 => Prompt::from_json(request),
+            None => None,
+        }
+    }
+
     /// The canonical form two prompts must share to be "the same prompt" (rule 1).
     pub fn normalised(&self) -> String {
         match self {
@@ -400,6 +416,31 @@ mod tests {
             content: user.into(),
         });
         Prompt::Chat(m)
+    }
+
+    #[test]
+    fn a_choice_reads_its_own_prompt_from_a_list_of_prompts() {
+        use serde_json::json;
+        let texts = json!(["2+2=", "3+3="]);
+        assert_eq!(
+            Prompt::of_choice(&texts, 1),
+            Some(Prompt::Text("3+3=".into()))
+        );
+        assert_eq!(Prompt::of_choice(&texts, 2), None);
+        let ids = json!([[1, 2], [3]]);
+        assert_eq!(Prompt::of_choice(&ids, 1), Some(Prompt::Tokens(vec![3])));
+        // One prompt: token ids, text or chat messages, only index 0.
+        assert_eq!(
+            Prompt::of_choice(&json!([5, 6]), 0),
+            Some(Prompt::Tokens(vec![5, 6]))
+        );
+        assert_eq!(
+            Prompt::of_choice(&json!("hi"), 0),
+            Some(Prompt::Text("hi".into()))
+        );
+        assert_eq!(Prompt::of_choice(&json!("hi"), 1), None);
+        let messages = json!([{"role": "user", "content": "hi"}]);
+        assert_eq!(Prompt::of_choice(&messages, 0), Some(chat(None, "hi")));
     }
 
     fn rated(

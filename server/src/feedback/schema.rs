@@ -70,6 +70,11 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (tenant, adapter, example_key, version)
     ) WITHOUT ROWID;
     "#,
+    // v2: a completions request may send several prompts; each choice names the one it answers
+    // (an index into the request's list of prompts).
+    r#"
+    ALTER TABLE choices ADD COLUMN prompt_index INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// The schema version this program writes.
@@ -139,6 +144,28 @@ mod tests {
             let r = h.join().expect("thread");
             assert!(r.is_ok(), "{r:?}");
         }
+    }
+
+    #[test]
+    fn a_v1_database_keeps_its_choices_and_gains_prompt_index_zero() {
+        let mut c = Connection::open_in_memory().expect("open");
+        c.execute_batch(MIGRATIONS[0]).expect("v1");
+        c.pragma_update(None, "user_version", 1).expect("set");
+        c.execute_batch(
+            "INSERT INTO completions VALUES ('cmpl-1', 't', 'base', 'base', 'm', 'completions',
+                 '\"hi\"', '{}', '[1]', 'k', NULL, 0, 0.0, 0.0, 'served');
+             INSERT INTO choices VALUES ('cmpl-1', 0, 'out', '[2]', 'stop');",
+        )
+        .expect("v1 rows");
+        assert_eq!(migrate(&mut c).expect("migrate"), 1);
+        let (text, prompt_index): (String, i64) = c
+            .query_row(
+                "SELECT text, prompt_index FROM choices WHERE completion_id = 'cmpl-1'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .expect("row kept");
+        assert_eq!((text.as_str(), prompt_index), ("out", 0));
     }
 
     #[test]

@@ -224,7 +224,7 @@ impl SqliteFeedbackStore {
         self.read(|c| {
             let mut stmt = c.prepare_cached(
                 "SELECT f.id, f.completion_id, f.choice_index, c.adapter_version, c.request,
-                        ch.text, f.rating, f.correction, f.seq
+                        ch.text, f.rating, f.correction, f.seq, ch.prompt_index
                  FROM feedback f
                  JOIN completions c ON c.id = f.completion_id
                  JOIN choices ch ON ch.completion_id = f.completion_id AND ch.idx = f.choice_index
@@ -242,14 +242,17 @@ impl SqliteFeedbackStore {
                     r.get::<_, String>(6)?,
                     r.get::<_, Option<String>>(7)?,
                     r.get::<_, i64>(8)?,
+                    r.get::<_, i64>(9)?,
                 ))
             })?;
             let mut out = Vec::new();
             for row in rows {
-                let (fid, cid, idx, version, request, text, rating, correction, seq) = row?;
+                let (fid, cid, idx, version, request, text, rating, correction, seq, prompt_index) =
+                    row?;
                 let request: serde_json::Value = serde_json::from_str(&request)
                     .map_err(|e| FeedbackError::InvalidData(format!("completion {cid}: {e}")))?;
-                let Some(prompt) = Prompt::from_json(&request) else {
+                let prompt_index = usize::try_from(prompt_index).unwrap_or(usize::MAX);
+                let Some(prompt) = Prompt::of_choice(&request, prompt_index) else {
                     continue;
                 };
                 let rating = Rating::parse(&rating).ok_or_else(|| {
@@ -385,7 +388,7 @@ impl SqliteFeedbackStore {
             let bad =
                 |e: serde_json::Error| FeedbackError::InvalidData(format!("completion {id}: {e}"));
             let mut stmt = c.prepare_cached(
-                "SELECT idx, text, token_ids, finish_reason FROM choices
+                "SELECT idx, text, token_ids, finish_reason, prompt_index FROM choices
                  WHERE completion_id = ?1 ORDER BY idx",
             )?;
             let mut choices = Vec::new();
@@ -395,12 +398,14 @@ impl SqliteFeedbackStore {
                     r.get::<_, String>(1)?,
                     r.get::<_, String>(2)?,
                     r.get::<_, String>(3)?,
+                    r.get::<_, i64>(4)?,
                 ))
             })?;
             for row in rows {
-                let (index, text, token_ids, finish_reason) = row?;
+                let (index, text, token_ids, finish_reason, prompt_index) = row?;
                 choices.push(RecordedChoice {
                     index: usize::try_from(index).unwrap_or(usize::MAX),
+                    prompt_index: usize::try_from(prompt_index).unwrap_or(usize::MAX),
                     text,
                     token_ids: serde_json::from_str(&token_ids).map_err(bad)?,
                     finish_reason,
@@ -418,7 +423,7 @@ impl SqliteFeedbackStore {
                 },
                 request: serde_json::from_str(&request).map_err(bad)?,
                 params: serde_json::from_str(&params_json).map_err(bad)?,
-                prompt_tokens: serde_json::from_str(&tokens).map_err(bad)?,
+                prompt_tokens: read_prompt_tokens(&tokens).map_err(bad)?,
                 choices,
                 user,
                 created: u64::try_from(created).unwrap_or(0),
@@ -643,7 +648,7 @@ fn insert_record(
     source: &str,
 ) -> Result<(), FeedbackError> {
     let json = |v: &serde_json::Value| v.to_string();
-    let prompt_key = Prompt::from_json(&rec.request)
+    let prompt_key = Prompt::of_choice(&rec.request, 0)
         .map(|p| p.key())
         .unwrap_or_else(|| pairing::normalise_text(&rec.request.to_string()));
     c.prepare_cached(
@@ -660,7 +665,7 @@ fn insert_record(
         rec.endpoint,
         json(&rec.request),
         json(&rec.params),
-        serde_json::to_string(&rec.prompt_tokens).unwrap_or_else(|_| "[]".into()),
+        write_prompt_tokens(&rec.prompt_tokens),
         prompt_key,
         rec.user,
         i64::try_from(rec.created).unwrap_or(i64::MAX),
@@ -669,8 +674,8 @@ fn insert_record(
         source,
     ])?;
     let mut stmt = c.prepare_cached(
-        "INSERT INTO choices (completion_id, idx, text, token_ids, finish_reason)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO choices (completion_id, idx, text, token_ids, finish_reason, prompt_index)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?;
     for ch in &rec.choices {
         stmt.execute(params![
@@ -679,9 +684,26 @@ fn insert_record(
             ch.text,
             serde_json::to_string(&ch.token_ids).unwrap_or_else(|_| "[]".into()),
             ch.finish_reason,
+            i64::try_from(ch.prompt_index).unwrap_or(i64::MAX),
         ])?;
     }
     Ok(())
+}
+
+/// The `prompt_tokens` column: one prompt's ids as a flat list (what every row before
+/// several-prompt requests holds), several prompts as a list of lists.
+fn write_prompt_tokens(prompts: &[Vec<u32>]) -> String {
+    let json = match prompts {
+        [one] => serde_json::to_string(one),
+        many => serde_json::to_string(many),
+    };
+    json.unwrap_or_else(|_| "[]".into())
+}
+
+/// Reads [`write_prompt_tokens`]' column back, one list per prompt.
+fn read_prompt_tokens(column: &str) -> Result<Vec<Vec<u32>>, serde_json::Error> {
+    serde_json::from_str::<Vec<Vec<u32>>>(column)
+        .or_else(|_| serde_json::from_str::<Vec<u32>>(column).map(|one| vec![one]))
 }
 
 fn update_feedback(
@@ -906,6 +928,7 @@ fn import(
                 .enumerate()
                 .map(|(index, (text, _))| RecordedChoice {
                     index,
+                    prompt_index: 0,
                     text: text.to_string(),
                     token_ids: Vec::new(),
                     finish_reason: "stop".into(),
@@ -962,12 +985,13 @@ mod tests {
             endpoint: "chat.completions",
             request: serde_json::json!([{"role": "user", "content": user}]),
             params: serde_json::json!({"temperature": 0.0}),
-            prompt_tokens: vec![1, 2, 3],
+            prompt_tokens: vec![vec![1, 2, 3]],
             choices: outputs
                 .iter()
                 .enumerate()
                 .map(|(index, t)| RecordedChoice {
                     index,
+                    prompt_index: 0,
                     text: t.to_string(),
                     token_ids: vec![7, 8],
                     finish_reason: "stop".into(),
@@ -1015,6 +1039,35 @@ mod tests {
         run(s.record(rec.clone()).map_err_into()).expect("recorded");
         assert_eq!(s.get("acme", "chatcmpl-1"), Some(rec));
         assert_eq!(s.get("globex", "chatcmpl-1"), None);
+    }
+
+    #[test]
+    fn each_choice_of_a_several_prompt_completion_pairs_under_its_own_prompt() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = store(&dir);
+        let mut rec = record("cmpl-1", "acme", "base", "unused", &["4", "5", "6", "7"]);
+        rec.endpoint = "completions";
+        rec.request = serde_json::json!(["2+2=", "3+3="]);
+        rec.prompt_tokens = vec![vec![17, 18], vec![19]];
+        for ch in &mut rec.choices {
+            ch.prompt_index = ch.index / 2; // n = 2
+        }
+        run(s.record(rec.clone()).map_err_into()).expect("recorded");
+        assert_eq!(s.get("acme", "cmpl-1"), Some(rec));
+        run(s.submit(fb("acme", "cmpl-1", 1, Rating::Down))).expect("fb");
+        run(s.submit(fb("acme", "cmpl-1", 3, Rating::Up))).expect("fb");
+        let rated = s.rated_outputs("acme", "base").expect("rated");
+        let seen: Vec<(u32, Prompt, &str)> = rated
+            .iter()
+            .map(|r| (r.choice_index, r.prompt.clone(), r.output.as_str()))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (1, Prompt::Text("2+2=".into()), "5"),
+                (3, Prompt::Text("3+3=".into()), "7"),
+            ]
+        );
     }
 
     #[test]

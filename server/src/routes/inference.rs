@@ -15,9 +15,11 @@ use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
+use futures_util::stream::{BoxStream, StreamExt};
 use prefix_rft_engine::generate::FinishReason;
 use serde::Serialize;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 
 use crate::auth::Principal;
 use crate::backend::{
@@ -54,10 +56,16 @@ enum Endpoint {
         logprobs: bool,
     },
     Completions {
-        /// The prompt text when `echo`.
-        echo: Option<String>,
+        /// Return the prompt before each completion.
+        echo: bool,
         logprobs: Option<usize>,
     },
+}
+
+/// One prompt of a request: what the backend runs for it and, with `echo`, its text.
+struct Part {
+    req: GenerationRequest,
+    echo: Option<String>,
 }
 
 /// A request ready to submit.
@@ -66,9 +74,54 @@ struct Prepared {
     id: String,
     model: ResolvedModel,
     params: ValidParams,
-    req: GenerationRequest,
+    /// One per prompt (chat: one); prompt `i`'s choices are `i * n .. (i + 1) * n`.
+    parts: Vec<Part>,
     record_request: serde_json::Value,
     backend: Arc<dyn Backend>,
+}
+
+impl Prepared {
+    /// Choices per prompt.
+    fn n(&self) -> usize {
+        self.params.n
+    }
+
+    /// Prompt tokens over every prompt.
+    fn prompt_tokens(&self) -> usize {
+        self.parts.iter().map(|p| p.req.prompt.len()).sum()
+    }
+
+    /// The prompt that choice `index` (over the whole response) answers.
+    fn part_of(&self, index: usize) -> &Part {
+        &self.parts[index / self.n()]
+    }
+}
+
+/// Every prompt's admitted events, tagged with the prompt index, and the queue slots they hold
+/// until dropped (dropping also tells the scheduler the client is gone).
+struct Events {
+    stream: BoxStream<'static, (usize, GenerationEvent)>,
+    _permits: Vec<OwnedSemaphorePermit>,
+}
+
+impl Events {
+    fn new(admissions: Vec<Admission>) -> Self {
+        let mut permits = Vec::with_capacity(admissions.len());
+        let mut streams = Vec::with_capacity(admissions.len());
+        for (part, a) in admissions.into_iter().enumerate() {
+            permits.push(a.permit);
+            streams.push(UnboundedReceiverStream::new(a.events).map(move |ev| (part, ev)));
+        }
+        Events {
+            stream: futures_util::stream::select_all(streams).boxed(),
+            _permits: permits,
+        }
+    }
+
+    /// The next event of any prompt; `None` once every prompt's events ended.
+    async fn next(&mut self) -> Option<(usize, GenerationEvent)> {
+        self.stream.next().await
+    }
 }
 
 /// Per-request facts for the log line, known as early as possible.
@@ -227,26 +280,17 @@ async fn prepare_chat(
     let max_tokens = validation::fit_context(
         prompt.len(),
         params.max_tokens,
-        backend.info().context_length - model.prefix_len().min(backend.info().context_length),
+        context_left(backend.as_ref(), &model),
         limits,
         "messages",
     )?;
-    let req = GenerationRequest {
-        prompt,
-        max_tokens,
-        n: params.n,
-        sampling: params.sampling.clone(),
-        stop: params.stop.clone(),
-        logprobs,
-        prompt_logprobs: false,
-        adapter: model.adapter.clone(),
-    };
+    let req = generation_request(prompt, max_tokens, &params, &model, logprobs, false);
     Ok(Prepared {
         endpoint: Endpoint::Chat { logprobs },
         id: crate::random_id("chatcmpl-"),
         model,
         params,
-        req,
+        parts: vec![Part { req, echo: None }],
         record_request,
         backend,
     })
@@ -278,86 +322,165 @@ async fn prepare_completion(
             "`suffix` is not supported by this model",
         ));
     }
-    enum One {
-        Text(String),
-        Ids(Vec<i64>),
+    let (prompts, record_request) = prompts_of(p.fields.prompt, limits.max_prompts)?;
+    if prompts.len() * params.n > limits.max_batch_size {
+        return Err(ApiError::invalid(
+            "n",
+            format!(
+                "{} prompts × n = {} makes {} sequences; at most {} run together",
+                prompts.len(),
+                params.n,
+                prompts.len() * params.n,
+                limits.max_batch_size
+            ),
+        ));
     }
-    let one = match p.fields.prompt {
-        PromptField::Text(t) => One::Text(t),
-        PromptField::Tokens(ids) => One::Ids(ids),
-        PromptField::Texts(mut v) if v.len() == 1 => One::Text(v.remove(0)),
-        PromptField::TokenLists(mut v) if v.len() == 1 => One::Ids(v.remove(0)),
-        _ => {
-            return Err(ApiError::invalid(
-                "prompt",
-                "exactly one prompt per request is supported",
-            ))
-        }
-    };
+    let many = prompts.len() > 1;
     let vocab = backend.info().vocab_size;
-    let record_request;
     let b = Arc::clone(&backend);
-    let (prompt, prompt_text) = match one {
-        One::Text(text) => {
-            record_request = serde_json::Value::String(text.clone());
-            let ids = blocking(move || b.encode(&text).map(|ids| (ids, text)))
-                .await?
-                .map_err(|e| prompt_err(e, "prompt"))?;
-            ids
-        }
-        One::Ids(raw) => {
-            record_request = serde_json::json!(raw);
-            let mut ids = Vec::with_capacity(raw.len());
-            for (i, &id) in raw.iter().enumerate() {
-                match u32::try_from(id) {
-                    Ok(v) if (v as usize) < vocab => ids.push(v),
-                    _ => {
-                        return Err(ApiError::invalid(
-                            format!("prompt[{i}]"),
-                            format!("token id {id} is outside the vocabulary of {vocab}"),
-                        ))
+    let encoded = blocking(move || {
+        prompts
+            .into_iter()
+            .enumerate()
+            .map(|(i, one)| {
+                let param = |rest: &str| match many {
+                    true => format!("prompt[{i}]{rest}"),
+                    false => format!("prompt{rest}"),
+                };
+                match one {
+                    One::Text(text) => b
+                        .encode(&text)
+                        .map(|ids| (ids, text))
+                        .map_err(|e| prompt_err(e, &param(""))),
+                    One::Ids(raw) => {
+                        let ids = raw
+                            .iter()
+                            .enumerate()
+                            .map(|(j, &id)| match u32::try_from(id) {
+                                Ok(v) if (v as usize) < vocab => Ok(v),
+                                _ => Err(ApiError::invalid(
+                                    param(&format!("[{j}]")),
+                                    format!("token id {id} is outside the vocabulary of {vocab}"),
+                                )),
+                            })
+                            .collect::<Result<Vec<u32>, ApiError>>()?;
+                        let text = b.decode(&ids).map_err(|e| prompt_err(e, &param("")))?;
+                        Ok((ids, text))
                     }
                 }
-            }
-            let decode_ids = ids.clone();
-            let text = blocking(move || b.decode(&decode_ids))
-                .await?
-                .map_err(|e| prompt_err(e, "prompt"))?;
-            (ids, text)
+            })
+            .collect::<Result<Vec<_>, ApiError>>()
+    })
+    .await??;
+    let context = context_left(backend.as_ref(), &model);
+    let mut parts = Vec::with_capacity(encoded.len());
+    for (i, (prompt, text)) in encoded.into_iter().enumerate() {
+        let param = match many {
+            true => format!("prompt[{i}]"),
+            false => "prompt".to_string(),
+        };
+        if prompt.is_empty() {
+            return Err(ApiError::invalid(param, "a prompt must not be empty"));
         }
-    };
-    if prompt.is_empty() {
-        return Err(ApiError::invalid("prompt", "`prompt` must not be empty"));
+        let max_tokens =
+            validation::fit_context(prompt.len(), params.max_tokens, context, limits, &param)?;
+        let req = generation_request(
+            prompt,
+            max_tokens,
+            &params,
+            &model,
+            logprobs.is_some(),
+            echo && logprobs.is_some(),
+        );
+        parts.push(Part {
+            req,
+            echo: echo.then_some(text),
+        });
     }
-    let max_tokens = validation::fit_context(
-        prompt.len(),
-        params.max_tokens,
-        backend.info().context_length - model.prefix_len().min(backend.info().context_length),
-        limits,
-        "prompt",
-    )?;
-    let req = GenerationRequest {
+    Ok(Prepared {
+        endpoint: Endpoint::Completions { echo, logprobs },
+        id: crate::random_id("cmpl-"),
+        model,
+        params,
+        parts,
+        record_request,
+        backend,
+    })
+}
+
+/// Context tokens a prompt and its completion may use: the model's, less the adapter's prefix.
+fn context_left(backend: &dyn Backend, model: &ResolvedModel) -> usize {
+    let context = backend.info().context_length;
+    context - model.prefix_len().min(context)
+}
+
+/// What the backend runs for one prompt.
+fn generation_request(
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    params: &ValidParams,
+    model: &ResolvedModel,
+    logprobs: bool,
+    prompt_logprobs: bool,
+) -> GenerationRequest {
+    GenerationRequest {
         prompt,
         max_tokens,
         n: params.n,
         sampling: params.sampling.clone(),
         stop: params.stop.clone(),
-        logprobs: logprobs.is_some(),
-        prompt_logprobs: echo && logprobs.is_some(),
+        logprobs,
+        prompt_logprobs,
         adapter: model.adapter.clone(),
+    }
+}
+
+/// One prompt of `/v1/completions` as sent.
+enum One {
+    Text(String),
+    Ids(Vec<i64>),
+}
+
+/// The prompts of a `prompt` field (1..=`max`), and what the record keeps of them: the one
+/// prompt itself, or the list as sent.
+fn prompts_of(field: PromptField, max: usize) -> Result<(Vec<One>, serde_json::Value), ApiError> {
+    let (prompts, record) = match field {
+        PromptField::Text(t) => {
+            let record = serde_json::json!(&t);
+            (vec![One::Text(t)], record)
+        }
+        PromptField::Tokens(ids) => {
+            let record = serde_json::json!(&ids);
+            (vec![One::Ids(ids)], record)
+        }
+        PromptField::Texts(v) => {
+            let record = match v.as_slice() {
+                [one] => serde_json::json!(one),
+                _ => serde_json::json!(v),
+            };
+            (v.into_iter().map(One::Text).collect(), record)
+        }
+        PromptField::TokenLists(v) => {
+            let record = match v.as_slice() {
+                [one] => serde_json::json!(one),
+                _ => serde_json::json!(v),
+            };
+            (v.into_iter().map(One::Ids).collect(), record)
+        }
     };
-    Ok(Prepared {
-        endpoint: Endpoint::Completions {
-            echo: echo.then_some(prompt_text),
-            logprobs,
-        },
-        id: crate::random_id("cmpl-"),
-        model,
-        params,
-        req,
-        record_request,
-        backend,
-    })
+    if prompts.is_empty() {
+        return Err(ApiError::invalid(
+            "prompt",
+            "`prompt` must not be an empty list",
+        ));
+    }
+    if prompts.len() > max {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!("at most {max} prompts per request, got {}", prompts.len()),
+        ));
+    }
+    Ok((prompts, record))
 }
 
 /// One choice as it accumulates.
@@ -372,28 +495,43 @@ struct ChoiceAcc {
 
 /// Applies backend events to the choices and feeds the latency metrics.
 struct Collector {
+    /// Every prompt's choices, prompt by prompt.
     choices: Vec<ChoiceAcc>,
-    prompt_lps: Option<Vec<TokenLogprob>>,
+    /// Choices per prompt.
+    n: usize,
+    /// Per prompt, once prefilled (with `echo` and `logprobs`).
+    prompt_lps: Vec<Option<Vec<TokenLogprob>>>,
     first_token_at: Option<Instant>,
     started: Instant,
     state: Arc<AppState>,
 }
 
 impl Collector {
-    fn new(n: usize, started: Instant, state: Arc<AppState>) -> Self {
+    fn new(p: &Prepared, started: Instant, state: Arc<AppState>) -> Self {
         Collector {
-            choices: vec![ChoiceAcc::default(); n],
-            prompt_lps: None,
+            choices: vec![ChoiceAcc::default(); p.parts.len() * p.n()],
+            n: p.n(),
+            prompt_lps: vec![None; p.parts.len()],
             first_token_at: None,
             started,
             state,
         }
     }
 
-    /// Applies one event; an `Err` is a failure inside the engine.
-    fn apply(&mut self, ev: &GenerationEvent) -> Result<(), String> {
+    /// Applies one event of prompt `part`; an `Err` is a failure inside the engine.
+    fn apply(&mut self, part: usize, ev: &GenerationEvent) -> Result<(), String> {
+        let index = |choice: usize| match choice < self.n {
+            true => Ok(part * self.n + choice),
+            false => Err("event for an unknown choice".to_string()),
+        };
         match ev {
-            GenerationEvent::PromptLogprobs(lps) => self.prompt_lps = Some(lps.clone()),
+            GenerationEvent::PromptLogprobs(lps) => {
+                let slot = self
+                    .prompt_lps
+                    .get_mut(part)
+                    .ok_or("event for an unknown prompt")?;
+                *slot = Some(lps.clone());
+            }
             GenerationEvent::Token {
                 choice,
                 token,
@@ -410,7 +548,7 @@ impl Collector {
                 }
                 let c = self
                     .choices
-                    .get_mut(*choice)
+                    .get_mut(index(*choice)?)
                     .ok_or("event for an unknown choice")?;
                 if let Some(prev) = c.last_token_at {
                     self.state
@@ -432,7 +570,7 @@ impl Collector {
             } => {
                 let c = self
                     .choices
-                    .get_mut(*choice)
+                    .get_mut(index(*choice)?)
                     .ok_or("event for an unknown choice")?;
                 c.text.push_str(text);
                 c.finish = Some(*reason);
@@ -459,34 +597,36 @@ impl Collector {
 
 /// Submits and answers, streaming or not.
 async fn respond(state: Arc<AppState>, p: Prepared, log: LogCtx) -> Response {
-    let admission = match p.backend.submit(p.req.clone()) {
-        Ok(a) => a,
-        Err(SubmitError::Overloaded) => {
-            return refuse(
-                &state,
-                ApiError::Overloaded {
-                    retry_after_secs: state.config.limits.retry_after_secs,
-                },
-                &log,
-            )
+    // All prompts or none: a refusal drops the admissions made so far, freeing their slots.
+    let mut admissions = Vec::with_capacity(p.parts.len());
+    for part in &p.parts {
+        match p.backend.submit(part.req.clone()) {
+            Ok(a) => admissions.push(a),
+            Err(SubmitError::Overloaded) => {
+                return refuse(
+                    &state,
+                    ApiError::Overloaded {
+                        retry_after_secs: state.config.limits.retry_after_secs,
+                    },
+                    &log,
+                )
+            }
+            Err(SubmitError::Stopped) => {
+                return refuse(
+                    &state,
+                    ApiError::Unavailable("the scheduler is not running".into()),
+                    &log,
+                )
+            }
         }
-        Err(SubmitError::Stopped) => {
-            return refuse(
-                &state,
-                ApiError::Unavailable("the scheduler is not running".into()),
-                &log,
-            )
-        }
-    };
-    state
-        .metrics
-        .prompt_tokens
-        .inc_by(p.req.prompt.len() as u64);
+    }
+    let events = Events::new(admissions);
+    state.metrics.prompt_tokens.inc_by(p.prompt_tokens() as u64);
     let version = p.model.version_label.clone();
     let mut response = if p.params.stream {
-        stream(state, p, log, admission).into_response()
+        stream(state, p, log, events).into_response()
     } else {
-        whole(state, p, log, admission).await
+        whole(state, p, log, events).await
     };
     if let Ok(v) = HeaderValue::from_str(&version) {
         response
@@ -523,7 +663,7 @@ fn finish_request(
         model = %log.model,
         adapter = %p.model.version_label,
         status,
-        prompt_tokens = p.req.prompt.len(),
+        prompt_tokens = p.prompt_tokens(),
         completion_tokens,
         ttft_ms = (c.ttft_secs() * 1000.0) as u64,
         duration_ms = (duration * 1000.0) as u64,
@@ -546,17 +686,19 @@ fn finish_request(
         endpoint,
         request: p.record_request.clone(),
         params: serde_json::json!({
-            "max_tokens": p.req.max_tokens, "n": p.req.n, "temperature": s.temperature, "top_p": s.top_p,
-            "top_k": s.top_k, "seed": s.seed, "stop": p.req.stop, "presence_penalty": s.presence_penalty,
+            "max_tokens": p.parts.iter().map(|part| part.req.max_tokens).max(), "n": p.n(),
+            "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "seed": s.seed,
+            "stop": p.params.stop, "presence_penalty": s.presence_penalty,
             "frequency_penalty": s.frequency_penalty, "repetition_penalty": s.repetition_penalty,
         }),
-        prompt_tokens: p.req.prompt.clone(),
+        prompt_tokens: p.parts.iter().map(|part| part.req.prompt.clone()).collect(),
         choices: c
             .choices
             .iter()
             .enumerate()
             .map(|(index, ch)| RecordedChoice {
                 index,
+                prompt_index: index / p.n(),
                 text: ch.text.clone(),
                 token_ids: ch.tokens.clone(),
                 finish_reason: ch.finish.map(finish_str).unwrap_or("length").to_string(),
@@ -578,16 +720,11 @@ async fn recorded(ack: Option<RecordAck>) -> Result<(), ApiError> {
 }
 
 /// Collects everything, then answers with one JSON body.
-async fn whole(
-    state: Arc<AppState>,
-    p: Prepared,
-    log: LogCtx,
-    mut admission: Admission,
-) -> Response {
-    let mut c = Collector::new(p.req.n, log.started, Arc::clone(&state));
+async fn whole(state: Arc<AppState>, p: Prepared, log: LogCtx, mut events: Events) -> Response {
+    let mut c = Collector::new(&p, log.started, Arc::clone(&state));
     let mut failure = None;
-    while let Some(ev) = admission.events.recv().await {
-        if let Err(m) = c.apply(&ev) {
+    while let Some((part, ev)) = events.next().await {
+        if let Err(m) = c.apply(part, &ev) {
             failure = Some(m);
             break;
         }
@@ -609,7 +746,7 @@ async fn whole(
         r.extensions_mut().insert(LoggedByHandler);
         return r;
     }
-    let usage = Usage::new(p.req.prompt.len(), c.completion_tokens());
+    let usage = Usage::new(p.prompt_tokens(), c.completion_tokens());
     let fingerprint = p.model.version_label.clone();
     match &p.endpoint {
         Endpoint::Chat { logprobs } => {
@@ -644,14 +781,15 @@ async fn whole(
                 .iter()
                 .enumerate()
                 .map(|(index, ch)| {
+                    let part = p.part_of(index);
                     let lps = logprobs.map(|_| {
                         let mut out = CompletionLogprobs::default();
                         let mut offset = 0;
-                        if echo.is_some() {
-                            if let Some(prompt_lps) = &c.prompt_lps {
+                        if *echo {
+                            if let Some(prompt_lps) = &c.prompt_lps[index / p.n()] {
                                 push_prompt_logprobs(
                                     p.backend.as_ref(),
-                                    &p.req.prompt,
+                                    &part.req.prompt,
                                     prompt_lps,
                                     &mut out,
                                     &mut offset,
@@ -663,7 +801,7 @@ async fn whole(
                         }
                         out
                     });
-                    let text = match echo {
+                    let text = match &part.echo {
                         Some(prompt) => format!("{prompt}{}", ch.text),
                         None => ch.text.clone(),
                     };
@@ -772,10 +910,10 @@ fn stream(
     state: Arc<AppState>,
     p: Prepared,
     log: LogCtx,
-    admission: Admission,
+    events: Events,
 ) -> Sse<ReceiverStream<Result<Event, Infallible>>> {
     let (tx, rx) = tokio::sync::mpsc::channel(SSE_BUFFER);
-    tokio::spawn(drive_stream(state, p, log, admission, tx));
+    tokio::spawn(drive_stream(state, p, log, events, tx));
     Sse::new(ReceiverStream::new(rx))
 }
 
@@ -785,10 +923,10 @@ async fn drive_stream(
     state: Arc<AppState>,
     p: Prepared,
     log: LogCtx,
-    mut admission: Admission,
+    mut events: Events,
     tx: tokio::sync::mpsc::Sender<Result<Event, Infallible>>,
 ) {
-    let mut c = Collector::new(p.req.n, log.started, Arc::clone(&state));
+    let mut c = Collector::new(&p, log.started, Arc::clone(&state));
     let chunks = ChunkMaker {
         p: &p,
         created: log.created,
@@ -805,15 +943,15 @@ async fn drive_stream(
         }
     }
     while !gone {
-        let Some(ev) = admission.events.recv().await else {
+        let Some((part, ev)) = events.next().await else {
             failure = Some("generation ended unexpectedly".into());
             break;
         };
-        if let Err(m) = c.apply(&ev) {
+        if let Err(m) = c.apply(part, &ev) {
             failure = Some(m);
             break;
         }
-        if let Some(out) = chunks.for_event(&ev) {
+        if let Some(out) = chunks.for_event(part, &ev) {
             if !send(out).await {
                 gone = true;
                 break;
@@ -840,10 +978,10 @@ async fn drive_stream(
         return;
     }
     if p.params.include_usage {
-        let _ = send(chunks.usage(Usage::new(p.req.prompt.len(), c.completion_tokens()))).await;
+        let _ = send(chunks.usage(Usage::new(p.prompt_tokens(), c.completion_tokens()))).await;
     }
     let _ = send(Event::default().data("[DONE]")).await;
-    drop(admission);
+    drop(events);
 }
 
 /// Builds the stream's chunks for one request.
@@ -885,7 +1023,7 @@ impl ChunkMaker<'_> {
     /// log-probs are wanted, then it comes with them after prefill).
     fn opening(&self) -> Vec<Event> {
         match &self.p.endpoint {
-            Endpoint::Chat { .. } => (0..self.p.req.n)
+            Endpoint::Chat { .. } => (0..self.p.n())
                 .map(|index| {
                     self.chat(
                         vec![ChatChunkChoice {
@@ -902,13 +1040,14 @@ impl ChunkMaker<'_> {
                 })
                 .collect(),
             Endpoint::Completions {
-                echo: Some(prompt), ..
-            } if !self.p.req.prompt_logprobs => (0..self.p.req.n)
+                echo: true,
+                logprobs: None,
+            } => (0..self.p.parts.len() * self.p.n())
                 .map(|index| {
                     self.completion(
                         vec![CompletionChoice {
                             index,
-                            text: prompt.clone(),
+                            text: self.p.part_of(index).echo.clone().unwrap_or_default(),
                             logprobs: None,
                             finish_reason: None,
                         }],
@@ -920,22 +1059,22 @@ impl ChunkMaker<'_> {
         }
     }
 
-    fn for_event(&self, ev: &GenerationEvent) -> Option<Event> {
+    /// The chunk for event `ev` of prompt `part`, if it shows anything.
+    fn for_event(&self, part: usize, ev: &GenerationEvent) -> Option<Event> {
         let backend = self.p.backend.as_ref();
+        let n = self.p.n();
+        // Choice indices run over the whole response, prompt by prompt.
+        let index = |choice: &usize| part * n + choice;
         match (&self.p.endpoint, ev) {
-            (
-                Endpoint::Completions {
-                    echo: Some(prompt), ..
-                },
-                GenerationEvent::PromptLogprobs(lps),
-            ) => {
+            (Endpoint::Completions { echo: true, .. }, GenerationEvent::PromptLogprobs(lps)) => {
+                let this = &self.p.parts[part];
                 let mut out = CompletionLogprobs::default();
                 let mut offset = 0;
-                push_prompt_logprobs(backend, &self.p.req.prompt, lps, &mut out, &mut offset);
-                let choices = (0..self.p.req.n)
+                push_prompt_logprobs(backend, &this.req.prompt, lps, &mut out, &mut offset);
+                let choices = (part * n..(part + 1) * n)
                     .map(|index| CompletionChoice {
                         index,
-                        text: prompt.clone(),
+                        text: this.echo.clone().unwrap_or_default(),
                         logprobs: Some(out.clone()),
                         finish_reason: None,
                     })
@@ -961,7 +1100,7 @@ impl ChunkMaker<'_> {
                     .map(|lp| chat_logprobs(backend, std::slice::from_ref(lp)));
                 Some(self.chat(
                     vec![ChatChunkChoice {
-                        index: *choice,
+                        index: index(choice),
                         delta: ChatDelta {
                             role: None,
                             content: Some(text.clone()),
@@ -981,7 +1120,7 @@ impl ChunkMaker<'_> {
                 },
             ) => Some(self.chat(
                 vec![ChatChunkChoice {
-                    index: *choice,
+                    index: index(choice),
                     delta: ChatDelta {
                         role: None,
                         content: (!text.is_empty()).then(|| text.clone()),
@@ -1011,7 +1150,7 @@ impl ChunkMaker<'_> {
                 });
                 Some(self.completion(
                     vec![CompletionChoice {
-                        index: *choice,
+                        index: index(choice),
                         text: text.clone(),
                         logprobs: lps,
                         finish_reason: None,
@@ -1028,7 +1167,7 @@ impl ChunkMaker<'_> {
                 },
             ) => Some(self.completion(
                 vec![CompletionChoice {
-                    index: *choice,
+                    index: index(choice),
                     text: text.clone(),
                     logprobs: None,
                     finish_reason: Some(finish_str(*reason)),
