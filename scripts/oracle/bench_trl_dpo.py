@@ -17,7 +17,7 @@ import resource
 import sys
 import time
 
-from common import MODEL
+from common import MODEL, hf_trainable_model
 
 THREADS = int(os.environ.get("THREADS", "2"))
 WORDS = ("time year people way day man thing woman life child world school state family "
@@ -54,24 +54,14 @@ def run(path, steps):
     torch.set_num_threads(THREADS)
     from datasets import load_dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
     import trl
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(str(MODEL.parent), gguf_file=MODEL.name)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(MODEL.parent), gguf_file=MODEL.name,
-                                                 torch_dtype=torch.float32)
-    # transformers dequantises GGUF tensors to float32 at load but still tags the model as
-    # GGUF-quantized, which its Trainer refuses to train; the weights are plain floats.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    try:
-        model.is_quantized = False
-    except AttributeError:
-        pass
+    model = hf_trainable_model()
     ds = load_dataset("json", data_files=path, split="train")
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",

@@ -61,6 +61,25 @@ def hf_tokenizer():
     return AutoTokenizer.from_pretrained(str(MODEL.parent), gguf_file=MODEL.name)
 
 
+def hf_trainable_model():
+    """The GGUF base through transformers (dequantised to float32), made acceptable to a
+    `transformers.Trainer` (TRL's trainers): transformers still tags a GGUF model as quantized
+    after dequantising it, and its Trainer refuses to train a quantized model, although the
+    weights are plain floats."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(str(MODEL.parent), gguf_file=MODEL.name,
+                                                 dtype=torch.float32)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    try:
+        model.is_quantized = False
+    except AttributeError:
+        pass
+    return model
+
+
 def log_softmax64(logits):
     """Row-wise log-softmax in float64 (numpy array [n, vocab])."""
     import numpy as np

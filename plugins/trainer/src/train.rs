@@ -6,8 +6,10 @@
 //! rejected of a pair). One step: forward every example of the batch, sum the DPO, SFT and
 //! KTO terms ([`crate::objective`]), backward, clip the global gradient norm, AdamW with a
 //! linear warm-up then cosine learning rate. Shuffling is seeded, so a run is reproducible
-//! bit for bit on the same machine. This module does no I/O: files and JSON live in the
-//! plugin and the CLI.
+//! bit for bit on the same machine. [`Trainer::batch_gradients`] and [`Trainer::pair_logps`]
+//! give one batch's loss, gradient and log-probabilities without a step, so the objective can
+//! be checked against TRL's `DPOTrainer` (tests/trl_dpo.rs). This module does no I/O: files
+//! and JSON live in the plugin and the CLI.
 
 use std::time::Instant;
 
@@ -293,12 +295,45 @@ pub struct TrainOutput {
     pub metrics: TrainMetrics,
 }
 
+/// Summed completion log-probabilities of one preference pair.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct PairLogps {
+    /// `log π(chosen | prompt)` under the adapter being trained.
+    pub policy_chosen: f64,
+    /// `log π(rejected | prompt)` under the adapter being trained.
+    pub policy_rejected: f64,
+    /// `log π_ref(chosen | prompt)`.
+    pub reference_chosen: f64,
+    /// `log π_ref(rejected | prompt)`.
+    pub reference_rejected: f64,
+}
+
+/// The loss of one batch and its gradient, before any update.
+#[derive(Debug, Clone)]
+pub struct BatchGradients {
+    /// The batch loss, as a step's [`Progress::loss`] reports it.
+    pub loss: f64,
+    /// The gradient of every trainable variable (before clipping), under its name and in the
+    /// order of [`TrainAdapter::named_vars`].
+    pub grads: Vec<(String, Tensor)>,
+}
+
 /// A training example, by kind and index into the [`Dataset`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Example {
     Pair(usize),
     Demo(usize),
     Unpaired(usize),
+}
+
+impl Example {
+    /// Every training example of `data`: pairs, then demonstrations, then unpaired.
+    fn all(data: &Dataset) -> Vec<Example> {
+        let mut out: Vec<Example> = (0..data.pairs.len()).map(Example::Pair).collect();
+        out.extend((0..data.demonstrations.len()).map(Example::Demo));
+        out.extend((0..data.unpaired.len()).map(Example::Unpaired));
+        out
+    }
 }
 
 /// Reference log-probabilities, computed once.
@@ -386,7 +421,7 @@ impl<'m> Trainer<'m> {
         Ok(s.to_dtype(DType::F64)?.to_vec1::<f64>()?)
     }
 
-    fn pair_logps(
+    fn score_pair(
         &self,
         p: &Pair,
         adapter: Option<&TrainAdapter>,
@@ -413,7 +448,7 @@ impl<'m> Trainer<'m> {
         let r = self.reference_adapter();
         let pairs = |ps: &[Pair]| {
             ps.iter()
-                .map(|p| self.pair_logps(p, r))
+                .map(|p| self.score_pair(p, r))
                 .collect::<Result<Vec<_>, _>>()
         };
         let unpaired = data
@@ -445,7 +480,7 @@ impl<'m> Trainer<'m> {
         }
         let (mut r_acc, mut r_margin, mut l_acc, mut l_margin) = (0usize, 0.0, 0usize, 0.0);
         for (p, &(rw, rl)) in pairs.iter().zip(refs) {
-            let (w, l) = self.pair_logps(p, Some(&self.adapter))?;
+            let (w, l) = self.score_pair(p, Some(&self.adapter))?;
             let reward = (w - rw) - (l - rl);
             r_acc += usize::from(reward > 0.0);
             r_margin += reward;
@@ -559,6 +594,35 @@ impl<'m> Trainer<'m> {
         Ok((total, grads))
     }
 
+    /// Summed completion log-probabilities of `pair` under the adapter as it is now and under
+    /// the reference.
+    pub fn pair_logps(&self, pair: &Pair) -> Result<PairLogps, TrainerError> {
+        let (policy_chosen, policy_rejected) = self.score_pair(pair, Some(&self.adapter))?;
+        let (reference_chosen, reference_rejected) =
+            self.score_pair(pair, self.reference_adapter())?;
+        Ok(PairLogps {
+            policy_chosen,
+            policy_rejected,
+            reference_chosen,
+            reference_rejected,
+        })
+    }
+
+    /// The loss of every training example of `data` taken as one batch, and its gradient,
+    /// with the adapter as it is now and nothing updated: what the first step of
+    /// [`Trainer::run`] optimises (before clipping) when its batch is the whole data set. It
+    /// lets the objective be checked against another implementation on the same batch.
+    pub fn batch_gradients(&self, data: &Dataset) -> Result<BatchGradients, TrainerError> {
+        data.validate()?;
+        let refs = self.reference_cache(data)?;
+        let (names, vars): (Vec<String>, Vec<Var>) = self.adapter.named_vars().into_iter().unzip();
+        let (loss, grads) = self.batch_grads(data, &refs, &Example::all(data), &vars)?;
+        Ok(BatchGradients {
+            loss,
+            grads: names.into_iter().zip(grads).collect(),
+        })
+    }
+
     /// Runs the whole training. `on_progress` is called after every step; `cancelled` is
     /// polled before every step and stops the run with [`TrainerError::Cancelled`].
     pub fn run(
@@ -577,9 +641,7 @@ impl<'m> Trainer<'m> {
         };
         let eval_before = self.evaluate(eval_set, eval_refs)?;
 
-        let mut examples: Vec<Example> = (0..data.pairs.len()).map(Example::Pair).collect();
-        examples.extend((0..data.demonstrations.len()).map(Example::Demo));
-        examples.extend((0..data.unpaired.len()).map(Example::Unpaired));
+        let examples = Example::all(data);
         let mut rng = ChaCha8Rng::seed_from_u64(self.params.seed);
         let mut order: Vec<Example> = Vec::new();
 
