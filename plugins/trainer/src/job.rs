@@ -13,6 +13,7 @@ use prefix_rft_engine::gguf::GgufFile;
 use prefix_rft_engine::model::{Llama, LoadOptions, Proj};
 use prefix_rft_engine::train::{LoraConfig, PrefixConfig, TrainModel, TrainOptions};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::error::TrainerError;
 use crate::train::{
@@ -220,6 +221,43 @@ impl From<RawJob> for Job {
     }
 }
 
+impl Job {
+    /// Reads a plugin `run` request. The host adds the `[[plugins]]` entry's `config` table (a
+    /// [`JobConfig`]: the operator's defaults) as `config`; the request's own fields win over
+    /// it, field by field inside `lora`, `prefix` and `params`.
+    pub fn from_request(request: Value) -> Result<Job, serde_json::Error> {
+        let Value::Object(mut fields) = request else {
+            return serde_json::from_value(request);
+        };
+        match fields.remove("config") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(defaults)) => {
+                // A typo in the operator's table is refused like one in the request.
+                serde_json::from_value::<JobConfig>(Value::Object(defaults.clone()))?;
+                for (key, default) in defaults {
+                    match (fields.get_mut(&key), default) {
+                        (Some(Value::Object(own)), Value::Object(default)) => {
+                            for (k, v) in default {
+                                own.entry(k).or_insert(v);
+                            }
+                        }
+                        (Some(_), _) => {}
+                        (None, default) => {
+                            fields.insert(key, default);
+                        }
+                    }
+                }
+            }
+            Some(other) => {
+                return Err(serde::de::Error::custom(format!(
+                    "`config` must be an object of job defaults, got {other}"
+                )))
+            }
+        }
+        serde_json::from_value(Value::Object(fields))
+    }
+}
+
 /// What a finished job reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct JobOutput {
@@ -402,4 +440,63 @@ pub fn run(
     job.config.validate()?;
     let model = load_model(&job.base_model, job.config.quantized_base)?;
     run_on_model(&model, job, on_progress, cancelled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn request() -> Value {
+        json!({
+            "base_model": "m.gguf",
+            "params": {"steps": 3, "lr": 0.001},
+            "lora": {"rank": 4},
+            "data": {},
+            "out_dir": "out",
+        })
+    }
+
+    #[test]
+    fn plugin_config_fills_what_the_request_leaves_unset() {
+        let mut r = request();
+        r["config"] = json!({
+            "kind": "lora",
+            "lora": {"rank": 32, "alpha": 8.0},
+            "params": {"steps": 99, "beta": 0.5},
+            "quantized_base": false,
+        });
+        let job = Job::from_request(r).expect("parses");
+        assert_eq!(job.config.kind, Some(AdapterKind::Lora));
+        assert_eq!(
+            (job.config.lora.rank, job.config.lora.alpha),
+            (4, Some(8.0))
+        );
+        assert_eq!(job.config.params.steps, Some(3));
+        assert_eq!(job.config.params.lr, 0.001);
+        assert_eq!(job.config.params.beta, 0.5);
+        assert!(!job.config.quantized_base);
+    }
+
+    #[test]
+    fn a_bad_plugin_config_is_refused_naming_the_field() {
+        for config in [
+            json!({"lora": {"rank": 4, "rnak": 8}}),
+            json!({"epochz": 1}),
+            json!(3),
+        ] {
+            let mut r = request();
+            r["config"] = config.clone();
+            let e = Job::from_request(r).expect_err("refused");
+            assert!(
+                ["rnak", "epochz", "config"]
+                    .iter()
+                    .any(|w| e.to_string().contains(w)),
+                "{config}: {e}"
+            );
+        }
+        let mut r = request();
+        r["config"] = Value::Null;
+        assert!(Job::from_request(r).is_ok(), "null config is no config");
+    }
 }

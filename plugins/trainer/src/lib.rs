@@ -19,7 +19,9 @@ use serde_json::{json, Value};
 /// The trainer plugin: stateless; each `run` loads the base, trains and writes PEFT files.
 ///
 /// Request: a [`job::Job`] as JSON (`base_model`, optional `parent`, `kind`, `lora`, `prefix`,
-/// `params`, `quantized_base`, `data` with token ids, `out_dir`). Reply: a [`job::JobOutput`].
+/// `params`, `quantized_base`, `data` with token ids, `out_dir`), plus the `[[plugins]]`
+/// entry's `config` table as defaults ([`job::Job::from_request`]). Reply: a
+/// [`job::JobOutput`].
 /// Progress: one report per step, `{step, total, loss, lr, grad_norm, pairs_per_s, ...}`.
 #[derive(Debug, Default)]
 pub struct TrainerPlugin;
@@ -66,7 +68,7 @@ impl Plugin for TrainerPlugin {
         // Training yields the cores to serving: lowest priority, and never the serving
         // forward's compute pool (candle's own threads are lowered by the host).
         prefix_rft_engine::quant::background_thread();
-        let job: job::Job = serde_json::from_value(request)
+        let job = job::Job::from_request(request)
             .map_err(|e| PluginError::invalid_request(e.to_string()))?;
         let mut report = |p: &train::Progress| {
             let detail = serde_json::to_value(p).unwrap_or(Value::Null);
