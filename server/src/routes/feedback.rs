@@ -211,9 +211,10 @@ pub async fn submit(
             ApiError::invalid_body(r.body_text())
         }
     })?;
+    let tenant = principal.require_tenant()?;
     let fb = parse_feedback(
         &body,
-        principal.tenant_label(),
+        &tenant,
         &headers,
         state.config.feedback.max_text_bytes,
     )?;
@@ -245,10 +246,9 @@ pub async fn stats(
     Extension(principal): Extension<Principal>,
     query: Result<Query<AdapterQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let tenant = principal.require_tenant()?;
     let adapter = adapter_param(query)?;
-    let s = store(&state)?
-        .stats(principal.tenant_label(), &adapter)
-        .await?;
+    let s = store(&state)?.stats(&tenant, &adapter).await?;
     let mut body = serde_json::to_value(&s).map_err(|e| ApiError::Internal(e.to_string()))?;
     if let Value::Object(o) = &mut body {
         o.insert("object".into(), json!("feedback.stats"));
@@ -263,10 +263,9 @@ pub async fn export(
     Extension(principal): Extension<Principal>,
     query: Result<Query<AdapterQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let tenant = principal.require_tenant()?;
     let adapter = adapter_param(query)?;
-    let ex = store(&state)?
-        .training_examples(principal.tenant_label(), &adapter)
-        .await?;
+    let ex = store(&state)?.training_examples(&tenant, &adapter).await?;
     let (lines, _skipped) = trl::export_lines(&ex.pairs);
     Ok(([(header::CONTENT_TYPE, "application/jsonl")], lines).into_response())
 }

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -14,6 +15,7 @@ use serde_json::{json, Map, Value};
 
 use crate::auth::Principal;
 use crate::error::ApiError;
+use crate::routes::inference::body_bytes;
 use crate::state::AppState;
 use crate::training::{self, Overrides, Trigger};
 
@@ -122,9 +124,10 @@ fn parse_request(body: &[u8]) -> Result<(String, Overrides), ApiError> {
 pub async fn create(
     State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Principal>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let tenant = principal.require_tenant()?;
+    let body = body_bytes(body, state.config.limits.max_body_bytes)?;
     let (adapter, overrides) = parse_request(&body)?;
     let job = training::submit(&state, &tenant, &adapter, &overrides, Trigger::Manual).await?;
     Ok((StatusCode::ACCEPTED, Json(job)).into_response())
