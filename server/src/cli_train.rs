@@ -131,6 +131,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             ..TrainParams::default()
         },
         quantized_base: !args.dequantize,
+        rft: None,
     };
     let job = Job {
         base_model: args.base.clone(),
@@ -177,6 +178,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let out = job::run_on_model(
         &model,
         &job,
+        None,
         &mut |p| {
             bar.set_length(p.total as u64);
             bar.set_position(p.step as u64);

@@ -143,6 +143,25 @@ pub struct TrainingSection {
     pub keep_jobs: usize,
     /// Hyper-parameters of every job unless its request overrides them.
     pub params: prefix_rft_trainer::train::TrainParams,
+    /// Adapters whose jobs add prefix-guided RFT, each with its reward plugin.
+    pub rewards: Vec<RewardEntry>,
+    /// Hyper-parameters of the RFT term (the model's end-of-turn tokens are added as stop
+    /// tokens).
+    pub rft: prefix_rft_trainer::rft::RftParams,
+}
+
+/// `[[training.rewards]]`: an adapter trained with prefix-guided RFT on its demonstrations.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewardEntry {
+    /// `tenant/adapter`.
+    pub adapter: String,
+    /// A `[[plugins]]` entry of kind `reward`.
+    pub plugin: String,
+    /// What the plugin scores by for this adapter (reward-rules: `rules`); the `[[plugins]]`
+    /// entry's `config` when unset.
+    #[serde(default)]
+    pub config: serde_json::Value,
 }
 
 impl Default for TrainingSection {
@@ -162,6 +181,8 @@ impl Default for TrainingSection {
                 lr: 1e-4,
                 ..Default::default()
             },
+            rewards: Vec::new(),
+            rft: Default::default(),
         }
     }
 }
@@ -404,6 +425,34 @@ impl Config {
                 "training.trainer `{}` is neither `builtin` nor a [[plugins]] entry of kind trainer",
                 t.trainer
             ));
+        }
+        let mut rewarded = std::collections::HashSet::new();
+        for r in &t.rewards {
+            let known = r.adapter.split_once('/').is_some_and(|(tenant, name)| {
+                !name.is_empty() && self.tenants.iter().any(|x| x.id == tenant)
+            });
+            if !known {
+                return invalid(format!(
+                    "training.rewards: `{}` is not `tenant/adapter` with a configured tenant",
+                    r.adapter
+                ));
+            }
+            if !rewarded.insert(r.adapter.as_str()) {
+                return invalid(format!("training.rewards: `{}` is listed twice", r.adapter));
+            }
+            if !self
+                .plugins
+                .iter()
+                .any(|p| p.name == r.plugin && p.kind == prefix_rft_plugin_abi::PluginKind::Reward)
+            {
+                return invalid(format!(
+                    "training.rewards: `{}` is not a [[plugins]] entry of kind reward",
+                    r.plugin
+                ));
+            }
+        }
+        if let Err(e) = t.rft.validate() {
+            return invalid(format!("training.{e}"));
         }
         if l.max_n > l.max_batch_size {
             return invalid("limits.max_n must not exceed limits.max_batch_size".into());

@@ -29,7 +29,7 @@ use prefix_rft_adapters::peft::PeftFiles;
 use prefix_rft_adapters::store::{NewVersion, Source, Status};
 use prefix_rft_adapters::AdapterError;
 use prefix_rft_engine::chat_template::ChatMessage;
-use prefix_rft_plugin_abi::host::{CallOptions, PluginHandle, ProgressSink};
+use prefix_rft_plugin_abi::host::{CallOptions, HostService, PluginHandle, ProgressSink};
 use prefix_rft_trainer::job::{CompletionIds, JobData, PairIds};
 use prefix_rft_trainer::train::TrainParams;
 use serde::{Deserialize, Serialize};
@@ -38,7 +38,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 use crate::backend::Backend;
-use crate::config::{Config, TrainingSection};
+use crate::config::{Config, RewardEntry, TrainingSection};
 use crate::error::ApiError;
 use crate::feedback::{ExampleKey, Prompt, TrainingExamples};
 use crate::plugins::Plugins;
@@ -157,6 +157,9 @@ pub struct JobMetrics {
     pub train_seconds: Option<f64>,
     /// Preference pairs per second of training.
     pub pairs_per_s: Option<f64>,
+    /// Mean reward of each step's RFT rollouts (adapters with a reward plugin).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rft_rewards: Vec<f64>,
 }
 
 /// One training job, as `GET /v1/training/jobs/{id}` shows it.
@@ -274,6 +277,14 @@ pub struct Training {
 }
 
 impl Training {
+    /// The reward of `tenant`'s `adapter`, when `[[training.rewards]]` gives it one.
+    fn reward_of(&self, tenant: &str, adapter: &str) -> Option<&RewardEntry> {
+        self.config
+            .rewards
+            .iter()
+            .find(|r| r.adapter.split_once('/') == Some((tenant, adapter)))
+    }
+
     /// The trainer of `config` (built in, or the loaded `[[plugins]]` entry) and the job
     /// records found in `<data_dir>/training` (jobs a restart cut short are marked failed).
     pub fn new(config: &Config, plugins: &Plugins) -> Training {
@@ -798,6 +809,61 @@ fn gate(before: Option<&Value>, after: Option<&Value>, kl: f64, max_kl: f64) -> 
     None
 }
 
+/// The host's `reward` service of a job on a rewarded adapter: decodes the trainer's token
+/// ids (a rollout's final stop token dropped), asks the reward plugin with the adapter's
+/// config, and checks its answer (one finite score in `[0, 1]` per completion) so a garbage
+/// or hung plugin fails the job with the plugin's name and what it did.
+fn reward_service(
+    backend: Arc<dyn Backend>,
+    plugin: PluginHandle,
+    entry: RewardEntry,
+) -> HostService {
+    let stop = backend.info().stop_tokens.clone();
+    Arc::new(move |service, request| {
+        if service != "reward" {
+            return Err(format!("the server offers no `{service}` service"));
+        }
+        let ids = |v: &Value| -> Result<Vec<u32>, String> {
+            serde_json::from_value(v.clone()).map_err(|e| format!("bad token ids: {e}"))
+        };
+        let decode = |mut t: Vec<u32>| -> Result<String, String> {
+            if t.last().is_some_and(|x| stop.contains(x)) {
+                t.pop();
+            }
+            backend.decode(&t).map_err(|e| e.to_string())
+        };
+        let prompt = decode(ids(&request["prompt"])?)?;
+        let completions = request["completions"]
+            .as_array()
+            .ok_or("`completions` must be a list")?
+            .iter()
+            .map(|c| decode(ids(c)?))
+            .collect::<Result<Vec<String>, String>>()?;
+        let mut call = json!({"prompt": prompt, "completions": completions});
+        if !entry.config.is_null() {
+            call["config"] = entry.config.clone();
+        }
+        let name = &entry.plugin;
+        let reply = plugin
+            .run(&call, CallOptions::default())
+            .map_err(|e| format!("the reward plugin `{name}` failed: {e}"))?;
+        let scores = reply
+            .get("scores")
+            .and_then(Value::as_array)
+            .and_then(|s| s.iter().map(Value::as_f64).collect::<Option<Vec<f64>>>())
+            .filter(|s| s.len() == completions.len() && s.iter().all(|x| (0.0..=1.0).contains(x)))
+            .ok_or_else(|| {
+                let mut shown = reply.to_string();
+                shown.truncate(200);
+                format!(
+                    "the reward plugin `{name}` returned {shown}; expected `scores`: {} numbers in [0, 1]",
+                    completions.len()
+                )
+            })?;
+        Ok(json!({ "scores": scores }))
+    })
+}
+
 async fn execute(state: &Arc<AppState>, entry: &Arc<Entry>) -> Result<Published, Stop> {
     let training = &state.training;
     let trainer = training.trainer.clone().map_err(Stop::Failed)?;
@@ -842,7 +908,7 @@ async fn execute(state: &Arc<AppState>, entry: &Arc<Entry>) -> Result<Published,
 
     let out = out_dir(&training.dir, &id);
     let _ = std::fs::remove_dir_all(&out);
-    let request = json!({
+    let mut request = json!({
         "base_model": state.config.model.path,
         "base_model_name": state.config.model.id,
         "parent": parent_dir,
@@ -850,6 +916,32 @@ async fn execute(state: &Arc<AppState>, entry: &Arc<Entry>) -> Result<Published,
         "data": split.data,
         "out_dir": out,
     });
+    let reward = match training.reward_of(&tenant, &adapter) {
+        Some(entry) => {
+            let handle = state.plugins.get(&entry.plugin).cloned().ok_or_else(|| {
+                Stop::Failed(format!(
+                    "the reward plugin `{}` is not loaded (see GET /v1/plugins)",
+                    entry.plugin
+                ))
+            })?;
+            if !entry.config.is_null() {
+                let (h, c) = (handle.clone(), entry.config.clone());
+                crate::routes::inference::blocking(move || h.validate_config(&c))
+                    .await?
+                    .map_err(|e| {
+                        Stop::Failed(format!(
+                            "the reward config of `{}` is refused by `{}`: {e}",
+                            entry.adapter, entry.plugin
+                        ))
+                    })?;
+            }
+            let mut rft = training.config.rft.clone();
+            rft.stop_tokens.extend(&backend.info().stop_tokens);
+            request["rft"] = serde_json::to_value(&rft).unwrap_or(Value::Null);
+            Some(reward_service(Arc::clone(&backend), handle, entry.clone()))
+        }
+        None => None,
+    };
     let sink_entry = Arc::clone(entry);
     let sink_metrics = state.metrics.clone();
     let progress: ProgressSink = Arc::new(move |p| {
@@ -874,6 +966,7 @@ async fn execute(state: &Arc<AppState>, entry: &Arc<Entry>) -> Result<Published,
         timeout: None,
         cancel: Some(Arc::clone(&entry.cancel)),
         progress: Some(progress),
+        host: reward,
     };
     let reply = crate::routes::inference::blocking(move || trainer.run(&request, options)).await?;
     if entry.cancel.load(Ordering::SeqCst) {
@@ -891,6 +984,9 @@ async fn execute(state: &Arc<AppState>, entry: &Arc<Entry>) -> Result<Published,
         job.metrics.pairs_per_s = get("pairs_per_s").and_then(|v| v.as_f64());
         if let Some(losses) = get("losses").and_then(|v| serde_json::from_value(v).ok()) {
             job.metrics.loss = losses;
+        }
+        if let Some(r) = get("rft_rewards").and_then(|v| serde_json::from_value(v).ok()) {
+            job.metrics.rft_rewards = r;
         }
     }
 

@@ -568,3 +568,99 @@ async fn hostile_trainer_plugins_fail_jobs_and_the_server_keeps_serving() {
     assert!(reason.to_lowercase().contains("abi"), "{plugins}");
     assert!(!api.answer(ACME_KEY, MODEL, "Hi").await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewarded_adapters_train_with_rft_and_bad_reward_plugins_fail_their_jobs() {
+    let config = format!(
+        r#"{}
+[[training.rewards]]
+adapter = "acme/greeter"
+plugin = "rules"
+config = {{ rules = [{{ kind = "must_contain", text = "Hello" }}] }}
+
+[[training.rewards]]
+adapter = "acme/stuck"
+plugin = "hang"
+
+[[training.rewards]]
+adapter = "acme/noise"
+plugin = "garbage"
+
+[[plugins]]
+name = "rules"
+path = "libprefix_rft_reward_rules.so"
+kind = "reward"
+
+[[plugins]]
+name = "hang"
+path = "libprefix_rft_test_hang.so"
+kind = "reward"
+timeout_secs = 2
+
+[[plugins]]
+name = "garbage"
+path = "libprefix_rft_test_garbage.so"
+kind = "reward"
+"#,
+        training_config(&[
+            ("group = 4", "group = 3"),
+            ("max_new_tokens = 32", "max_new_tokens = 8")
+        ])
+    );
+    let libs = [
+        "libprefix_rft_reward_rules.so",
+        "libprefix_rft_test_hang.so",
+        "libprefix_rft_test_garbage.so",
+    ];
+    let config = with_plugin_dir(&config, &plugin_dir(&libs));
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start_in(Some(&config), data.path());
+    let api = Api::new(&server);
+    let one_step = |adapter: &str| json!({"adapter": adapter, "steps": 1, "batch_size": 8});
+    for name in ["greeter", "stuck", "noise"] {
+        api.create_adapter(ACME_KEY, name, 4).await;
+        api.teach_greeting(name, &TOPICS[..8], 1).await;
+    }
+
+    // The rules plugin scores the rollouts: the prefix-guided one starts with the greeting.
+    let job = api.start_job(ACME_KEY, one_step("greeter")).await;
+    let job = api.wait_job(ACME_KEY, job["id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let rewards: Vec<f64> = job["metrics"]["rft_rewards"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no rft_rewards: {job}"))
+        .iter()
+        .filter_map(Value::as_f64)
+        .collect();
+    assert_eq!(rewards.len(), 1, "{job}");
+    assert!(
+        rewards[0] > 0.0 && rewards[0] < 1.0,
+        "some rollouts greet, some not: {job}"
+    );
+
+    // A reward plugin that hangs: the call times out (2 s) and the job fails saying so.
+    let job = api.start_job(ACME_KEY, one_step("stuck")).await;
+    let job = api.wait_job(ACME_KEY, job["id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let reason = job["reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains("`hang`") && reason.contains("did not finish"),
+        "{job}"
+    );
+
+    // One that answers garbage: the job fails naming it; nothing is published.
+    let job = api.start_job(ACME_KEY, one_step("noise")).await;
+    let job = api.wait_job(ACME_KEY, job["id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert!(
+        job["reason"].as_str().unwrap_or("").contains("garbage"),
+        "{job}"
+    );
+    for name in ["stuck", "noise"] {
+        let adapter = api
+            .ok("GET", &format!("/adapters/{name}"), ACME_KEY, None)
+            .await;
+        assert_eq!(adapter["current"], 1, "{adapter}");
+    }
+    assert!(!api.answer(ACME_KEY, "greeter", "Hi").await.is_empty());
+}

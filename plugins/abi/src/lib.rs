@@ -115,6 +115,6 @@ pub mod host;
 
 pub use ffi::ABI_VERSION;
 pub use plugin::{
-    describe_reply, CallContext, DescribeReply, Description, Method, NativeProgress, Plugin,
-    PluginError, PluginKind,
+    describe_reply, CallContext, DescribeReply, Description, Method, NativeHost, NativeProgress,
+    Plugin, PluginError, PluginKind,
 };

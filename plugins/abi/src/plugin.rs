@@ -204,6 +204,10 @@ pub fn describe_reply<P: Plugin>(plugin: &P) -> DescribeReply {
 /// A progress listener the in-process host passes to a plugin: `(fraction, json detail)`.
 pub type NativeProgress<'a> = &'a (dyn Fn(f64, &[u8]) + Sync);
 
+/// Services the in-process host offers a running plugin: `(service, request) → reply`, e.g.
+/// `reward` for a trainer scoring rollouts with the adapter's reward plugin.
+pub type NativeHost<'a> = &'a (dyn Fn(&str, &Value) -> Result<Value, String> + Sync);
+
 /// What a running call can do besides compute: report progress and notice cancellation.
 pub struct CallContext<'a> {
     inner: ContextInner<'a>,
@@ -214,6 +218,7 @@ enum ContextInner<'a> {
     Native {
         cancel: &'a AtomicBool,
         progress: Option<NativeProgress<'a>>,
+        host: Option<NativeHost<'a>>,
     },
 }
 
@@ -226,14 +231,40 @@ impl<'a> CallContext<'a> {
             inner: ContextInner::Native {
                 cancel: &NEVER_CANCELLED,
                 progress: None,
+                host: None,
             },
         }
     }
 
     /// A context backed by Rust values, used by the host's in-process variant.
-    pub fn native(cancel: &'a AtomicBool, progress: Option<NativeProgress<'a>>) -> CallContext<'a> {
+    pub fn native(
+        cancel: &'a AtomicBool,
+        progress: Option<NativeProgress<'a>>,
+        host: Option<NativeHost<'a>>,
+    ) -> CallContext<'a> {
         CallContext {
-            inner: ContextInner::Native { cancel, progress },
+            inner: ContextInner::Native {
+                cancel,
+                progress,
+                host,
+            },
+        }
+    }
+
+    /// Asks the host for `service` (e.g. `reward`). Only the in-process host offers services:
+    /// ABI 1 has no way back into a host from a library, so a loaded plugin gets an error.
+    pub fn host_call(&self, service: &str, request: &Value) -> Result<Value, PluginError> {
+        match &self.inner {
+            ContextInner::Raw(_) => Err(PluginError::new(format!(
+                "the host offers no `{service}` service to library plugins (ABI {})",
+                crate::ABI_VERSION
+            ))),
+            ContextInner::Native { host: None, .. } => Err(PluginError::new(format!(
+                "the host offers no `{service}` service to this call"
+            ))),
+            ContextInner::Native { host: Some(f), .. } => {
+                f(service, request).map_err(PluginError::new)
+            }
         }
     }
 

@@ -168,7 +168,7 @@ mod tests {
     #[test]
     fn cancellation_stops_scoring() {
         let cancel = std::sync::atomic::AtomicBool::new(true);
-        let ctx = CallContext::native(&cancel, None);
+        let ctx = CallContext::native(&cancel, None, None);
         let err = RewardRules::default()
             .run(
                 json!({"config": {"rules": [{"kind": "valid_json"}]}, "completions": ["{}"]}),

@@ -35,6 +35,9 @@ pub enum TrainerError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    /// The reward plugin failed or answered something unusable.
+    #[error("reward: {0}")]
+    Reward(String),
     /// The caller asked to stop.
     #[error("cancelled at step {step} of {total}")]
     Cancelled { step: usize, total: usize },

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::TrainerError;
+use crate::rft::{Rewarder, RftParams};
 use crate::train::{
     Dataset, Demonstration, Pair, Progress, TrainMetrics, TrainParams, Trainer, Unpaired,
 };
@@ -71,6 +72,9 @@ pub struct JobConfig {
     pub params: TrainParams,
     /// Keep the base quantized (less memory, CPU only) instead of an f32 copy.
     pub quantized_base: bool,
+    /// Prefix-guided RFT on the demonstrations, scored by the adapter's reward (the caller
+    /// supplies it: the host's `reward` service in the plugin).
+    pub rft: Option<RftParams>,
 }
 
 impl Default for JobConfig {
@@ -81,6 +85,7 @@ impl Default for JobConfig {
             prefix: None,
             params: TrainParams::default(),
             quantized_base: true,
+            rft: None,
         }
     }
 }
@@ -194,6 +199,8 @@ struct RawJob {
     params: TrainParams,
     #[serde(default = "default_quantized_base")]
     quantized_base: bool,
+    #[serde(default)]
+    rft: Option<RftParams>,
     data: JobData,
     out_dir: PathBuf,
 }
@@ -214,6 +221,7 @@ impl From<RawJob> for Job {
                 prefix: r.prefix,
                 params: r.params,
                 quantized_base: r.quantized_base,
+                rft: r.rft,
             },
             data: r.data,
             out_dir: r.out_dir,
@@ -275,6 +283,9 @@ impl JobConfig {
     /// Checks everything that does not need the model.
     pub fn validate(&self) -> Result<(), TrainerError> {
         self.params.validate()?;
+        if let Some(rft) = &self.rft {
+            rft.validate()?;
+        }
         if let Some(kind) = self.kind {
             self.lora_config(kind, 0)?;
             self.prefix_config(kind, 0)?;
@@ -375,10 +386,12 @@ pub fn load_model(path: &Path, quantized_base: bool) -> Result<TrainModel, Train
     Ok(TrainModel::from_llama(&llama, &Device::Cpu, opts)?)
 }
 
-/// Runs `job` on an already loaded `model` (the CLI and tests reuse one model).
+/// Runs `job` on an already loaded `model` (the CLI and tests reuse one model); `rewarder`
+/// scores the RFT rollouts when the job asks for RFT.
 pub fn run_on_model(
     model: &TrainModel,
     job: &Job,
+    rewarder: Option<&dyn Rewarder>,
     on_progress: &mut dyn FnMut(&Progress),
     cancelled: &dyn Fn() -> bool,
 ) -> Result<JobOutput, TrainerError> {
@@ -408,6 +421,15 @@ pub fn run_on_model(
             (t, kind)
         }
     };
+    let trainer = match (&cfg.rft, rewarder) {
+        (None, _) => trainer,
+        (Some(rft), Some(rewarder)) => trainer.with_rft(rft.clone(), rewarder)?,
+        (Some(_), None) => {
+            return Err(TrainerError::Reward(
+                "the job asks for RFT but nothing scores its rollouts".into(),
+            ))
+        }
+    };
     let out = trainer.run(&data, on_progress, cancelled)?;
     let name = job
         .base_model_name
@@ -434,12 +456,13 @@ pub fn run_on_model(
 /// Loads the base model and runs `job`.
 pub fn run(
     job: &Job,
+    rewarder: Option<&dyn Rewarder>,
     on_progress: &mut dyn FnMut(&Progress),
     cancelled: &dyn Fn() -> bool,
 ) -> Result<JobOutput, TrainerError> {
     job.config.validate()?;
     let model = load_model(&job.base_model, job.config.quantized_base)?;
-    run_on_model(&model, job, on_progress, cancelled)
+    run_on_model(&model, job, rewarder, on_progress, cancelled)
 }
 
 #[cfg(test)]

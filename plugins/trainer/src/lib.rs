@@ -6,6 +6,7 @@
 pub mod error;
 pub mod job;
 pub mod objective;
+pub mod rft;
 pub mod train;
 
 pub use error::TrainerError;
@@ -74,8 +75,36 @@ impl Plugin for TrainerPlugin {
             let detail = serde_json::to_value(p).unwrap_or(Value::Null);
             ctx.progress(p.step as f64 / p.total.max(1) as f64, &detail);
         };
-        let out = job::run(&job, &mut report, &|| ctx.is_cancelled()).map_err(to_plugin_error)?;
+        let rewarder = HostRewarder { ctx };
+        let out = job::run(&job, Some(&rewarder), &mut report, &|| ctx.is_cancelled())
+            .map_err(to_plugin_error)?;
         serde_json::to_value(&out).map_err(|e| PluginError::new(format!("reply: {e}")))
+    }
+}
+
+/// Scores RFT rollouts with the host's `reward` service: request `{"prompt": [ids],
+/// "completions": [[ids], ...]}`, reply `{"scores": [f64, ...]}` (the host decodes the ids and
+/// asks the adapter's reward plugin).
+struct HostRewarder<'c, 'a> {
+    ctx: &'c CallContext<'a>,
+}
+
+impl rft::Rewarder for HostRewarder<'_, '_> {
+    fn score(&self, prompt: &[u32], completions: &[Vec<u32>]) -> Result<Vec<f64>, String> {
+        let reply = self
+            .ctx
+            .host_call(
+                "reward",
+                &json!({"prompt": prompt, "completions": completions}),
+            )
+            .map_err(|e| e.message)?;
+        reply
+            .get("scores")
+            .and_then(Value::as_array)
+            .and_then(|s| s.iter().map(Value::as_f64).collect::<Option<Vec<f64>>>())
+            .ok_or_else(|| {
+                format!("the host's reward reply has no `scores` list of numbers: {reply}")
+            })
     }
 }
 

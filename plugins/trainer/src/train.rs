@@ -23,6 +23,7 @@ use serde::Serialize;
 
 use crate::error::TrainerError;
 use crate::objective::{self, KtoParams};
+use crate::rft::{self, Rewarder, RftParams};
 
 /// A preference pair: the same prompt answered well (`chosen`) and badly (`rejected`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -284,6 +285,8 @@ pub struct TrainMetrics {
     pub pairs_per_s: f64,
     /// Training examples: pairs, demonstrations, unpaired.
     pub examples: (usize, usize, usize),
+    /// Mean reward of the RFT rollouts of every step that had any (empty without a reward).
+    pub rft_rewards: Vec<f64>,
 }
 
 /// A trained adapter and its metrics.
@@ -350,6 +353,15 @@ pub struct Trainer<'m> {
     adapter: TrainAdapter,
     reference: Reference,
     params: TrainParams,
+    /// Prefix-guided RFT on demonstrations, when the adapter has a reward.
+    rft: Option<(RftParams, &'m dyn Rewarder)>,
+}
+
+/// Where a step is in its run (the RFT prefix schedule and rollout seeds depend on it).
+#[derive(Debug, Clone, Copy)]
+struct StepAt {
+    step: usize,
+    total: usize,
 }
 
 impl<'m> Trainer<'m> {
@@ -366,7 +378,19 @@ impl<'m> Trainer<'m> {
             adapter,
             reference,
             params,
+            rft: None,
         })
+    }
+
+    /// Adds prefix-guided RFT ([`crate::rft`]) on every demonstration, scored by `rewarder`.
+    pub fn with_rft(
+        mut self,
+        params: RftParams,
+        rewarder: &'m dyn Rewarder,
+    ) -> Result<Self, TrainerError> {
+        params.validate()?;
+        self.rft = Some((params, rewarder));
+        Ok(self)
     }
 
     /// A first version: a freshly initialised adapter, compared against the bare base.
@@ -508,6 +532,8 @@ impl<'m> Trainer<'m> {
         refs: &ReferenceCache,
         batch: &[Example],
         vars: &[Var],
+        at: StepAt,
+        rewards: &mut Vec<f64>,
     ) -> Result<(f64, Vec<Tensor>), TrainerError> {
         let a = Some(&self.adapter);
         let device = self.model.device();
@@ -526,6 +552,10 @@ impl<'m> Trainer<'m> {
                 _ => 0,
             })
             .sum();
+        let n_demos = batch
+            .iter()
+            .filter(|e| matches!(e, Example::Demo(_)))
+            .count();
         let mut total = 0.0;
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut accumulate = |loss: Tensor| -> Result<(), TrainerError> {
@@ -557,14 +587,21 @@ impl<'m> Trainer<'m> {
                     )?;
                     accumulate(loss.sum_all()?.affine(1.0 / n_pairs as f64, 0.0)?)?;
                 }
-                Example::Demo(i) if self.params.alpha > 0.0 => {
+                Example::Demo(i) => {
                     let d = &data.demonstrations[i];
-                    let s = self.score(&d.prompt, &[&d.completion], a)?;
-                    let sft = objective::sft_loss(&s, demo_tokens)?;
-                    accumulate(sft.affine(self.params.alpha, 0.0)?)?;
+                    if self.params.alpha > 0.0 {
+                        let s = self.score(&d.prompt, &[&d.completion], a)?;
+                        let sft = objective::sft_loss(&s, demo_tokens)?;
+                        accumulate(sft.affine(self.params.alpha, 0.0)?)?;
+                    }
+                    if let Some(group) = self.rft_group(d, i, at)? {
+                        rewards.extend(&group.rewards);
+                        if let Some(loss) = group.loss {
+                            let weight = self.rft.as_ref().map_or(0.0, |(p, _)| p.weight);
+                            accumulate(loss.affine(weight / n_demos as f64, 0.0)?)?;
+                        }
+                    }
                 }
-                // Only demonstrations with α = 0 contribute nothing.
-                Example::Demo(_) => {}
                 Example::Unpaired(i) => {
                     let u = &data.unpaired[i];
                     un.push(self.score(&u.prompt, &[&u.completion], a)?);
@@ -594,6 +631,56 @@ impl<'m> Trainer<'m> {
         Ok((total, grads))
     }
 
+    /// The scored RFT group of demonstration `index` at `at`, when the run has a reward: the
+    /// rollouts are seeded by the run's seed, the step and the example, so a run repeats.
+    fn rft_group(
+        &self,
+        d: &Demonstration,
+        index: usize,
+        at: StepAt,
+    ) -> Result<Option<rft::GroupLoss>, TrainerError> {
+        let Some((params, rewarder)) = &self.rft else {
+            return Ok(None);
+        };
+        let seed = self.params.seed ^ ((at.step as u64) << 32) ^ index as u64;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let lower = params.lower_at(at.step, at.total);
+        let prefix = params.prefix_len(d.completion.len(), lower, &mut rng);
+        let rollouts = rft::sample_group(
+            self.model,
+            &self.adapter,
+            &d.prompt,
+            &d.completion,
+            prefix,
+            params,
+            &mut rng,
+        )?;
+        let tokens: Vec<Vec<u32>> = rollouts.iter().map(|r| r.tokens.clone()).collect();
+        let rewards = rewarder
+            .score(&d.prompt, &tokens)
+            .map_err(TrainerError::Reward)?;
+        if rewards.len() != tokens.len() {
+            return Err(TrainerError::Reward(format!(
+                "{} scores for {} completions",
+                rewards.len(),
+                tokens.len()
+            )));
+        }
+        if let Some(bad) = rewards.iter().find(|r| !(0.0..=1.0).contains(*r)) {
+            return Err(TrainerError::Reward(format!(
+                "score {bad} is outside [0, 1]"
+            )));
+        }
+        Ok(Some(rft::group_loss(
+            self.model,
+            &self.adapter,
+            &d.prompt,
+            &rollouts,
+            rewards,
+            params,
+        )?))
+    }
+
     /// Summed completion log-probabilities of `pair` under the adapter as it is now and under
     /// the reference.
     pub fn pair_logps(&self, pair: &Pair) -> Result<PairLogps, TrainerError> {
@@ -616,7 +703,9 @@ impl<'m> Trainer<'m> {
         data.validate()?;
         let refs = self.reference_cache(data)?;
         let (names, vars): (Vec<String>, Vec<Var>) = self.adapter.named_vars().into_iter().unzip();
-        let (loss, grads) = self.batch_grads(data, &refs, &Example::all(data), &vars)?;
+        let at = StepAt { step: 0, total: 1 };
+        let (loss, grads) =
+            self.batch_grads(data, &refs, &Example::all(data), &vars, at, &mut Vec::new())?;
         Ok(BatchGradients {
             loss,
             grads: names.into_iter().zip(grads).collect(),
@@ -647,7 +736,7 @@ impl<'m> Trainer<'m> {
 
         let vars = self.adapter.vars();
         let mut opt = AdamW::new(&vars, self.params.weight_decay)?;
-        let (mut losses, mut norms, mut lrs) = (vec![], vec![], vec![]);
+        let (mut losses, mut norms, mut lrs, mut rft_rewards) = (vec![], vec![], vec![], vec![]);
         let (mut pairs_done, mut examples_done) = (0usize, 0usize);
         let start = Instant::now();
         for step in 0..total {
@@ -670,7 +759,13 @@ impl<'m> Trainer<'m> {
                     batch.push(ex);
                 }
             }
-            let (loss_value, mut grads) = self.batch_grads(data, &refs, &batch, &vars)?;
+            let mut rewards = Vec::new();
+            let at = StepAt { step, total };
+            let (loss_value, mut grads) =
+                self.batch_grads(data, &refs, &batch, &vars, at, &mut rewards)?;
+            if !rewards.is_empty() {
+                rft_rewards.push(rewards.iter().sum::<f64>() / rewards.len() as f64);
+            }
             if !loss_value.is_finite() {
                 return Err(TrainerError::Diverged {
                     step,
@@ -726,6 +821,7 @@ impl<'m> Trainer<'m> {
                     data.demonstrations.len(),
                     data.unpaired.len(),
                 ),
+                rft_rewards,
             },
         })
     }

@@ -62,7 +62,7 @@ fn run(request: Value, cancel: &AtomicBool) -> (Result<Value, PluginError>, Vec<
             s.push((f, v));
         }
     };
-    let ctx = CallContext::native(cancel, Some(&progress));
+    let ctx = CallContext::native(cancel, Some(&progress), None);
     let out = TrainerPlugin.run(request, &ctx);
     (out, seen.into_inner().unwrap_or_default())
 }
@@ -160,7 +160,7 @@ fn cancellation_returns_the_cancelled_code() {
             }
         }
     };
-    let ctx = CallContext::native(&cancel, Some(&progress));
+    let ctx = CallContext::native(&cancel, Some(&progress), None);
     let err = TrainerPlugin
         .run(request(&model, &out, json!({})), &ctx)
         .expect_err("cancelled");
@@ -219,4 +219,85 @@ fn refuses_bad_requests_and_configs() {
         .expect_err("prefix without virtual tokens");
     assert_eq!(err.code.as_deref(), Some(PluginError::INVALID_CONFIG));
     assert!(p.validate_config(&json!({"params": {"nope": 1}})).is_err());
+}
+
+/// The host's `reward` service of these tests: the share of each completion's tokens below 20
+/// (the "low ids" the chosen answers use), or `garbage` when asked to misbehave.
+fn reward_service(garbage: bool) -> impl Fn(&str, &Value) -> Result<Value, String> + Sync {
+    move |service, request| {
+        assert_eq!(service, "reward");
+        let completions = request["completions"].as_array().ok_or("no completions")?;
+        if garbage {
+            return Ok(json!({"scores": [0.5]}));
+        }
+        let scores: Vec<f64> = completions
+            .iter()
+            .map(|c| {
+                let ids: Vec<u64> = c
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_u64)
+                    .collect();
+                ids.iter().filter(|&&t| t < 20).count() as f64 / ids.len().max(1) as f64
+            })
+            .collect();
+        Ok(json!({ "scores": scores }))
+    }
+}
+
+fn rft_request(model: &Path, out: &Path) -> Value {
+    request(
+        model,
+        out,
+        json!({"rft": {"group": 3, "max_new_tokens": 4, "stop_tokens": [2]},
+               "params": {"steps": 4, "batch_size": 4, "lr": 0.005, "beta": 0.5, "seed": 1}}),
+    )
+}
+
+#[test]
+fn rft_scores_rollouts_through_the_hosts_reward_service() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = write_model(dir.path());
+    let never = AtomicBool::new(false);
+    let service = reward_service(false);
+    let ctx = CallContext::native(&never, None, Some(&service));
+    let reply = TrainerPlugin
+        .run(rft_request(&model, &dir.path().join("out")), &ctx)
+        .expect("run");
+    let rewards: Vec<f64> = reply["metrics"]["rft_rewards"]
+        .as_array()
+        .expect("rft_rewards")
+        .iter()
+        .filter_map(Value::as_f64)
+        .collect();
+    assert!(
+        !rewards.is_empty(),
+        "the demonstration was trained with RFT: {reply}"
+    );
+    assert!(
+        rewards.iter().all(|r| (0.0..=1.0).contains(r)),
+        "{rewards:?}"
+    );
+}
+
+#[test]
+fn rft_fails_the_run_with_the_reason_when_the_reward_is_unusable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = write_model(dir.path());
+    let never = AtomicBool::new(false);
+    let garbage = reward_service(true);
+    for (host, expect) in [
+        (
+            Some(&garbage as &(dyn Fn(&str, &Value) -> Result<Value, String> + Sync)),
+            "1 scores for 3 completions",
+        ),
+        (None, "no `reward` service"),
+    ] {
+        let ctx = CallContext::native(&never, None, host);
+        let e = TrainerPlugin
+            .run(rft_request(&model, &dir.path().join("out")), &ctx)
+            .expect_err("the run fails");
+        assert!(e.message.contains(expect), "{}", e.message);
+    }
 }

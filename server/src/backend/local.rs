@@ -40,6 +40,7 @@ impl LocalBackend {
             id,
             context_length: cfg.max_position_embeddings,
             vocab_size: cfg.vocab_size.min(model.tokenizer.vocab_size().max(1)),
+            stop_tokens: model.tokenizer.eos_ids().to_vec(),
             created: crate::unix_now(),
         };
         let sched_cfg = SchedulerConfig {

@@ -23,6 +23,8 @@ pub struct ModelInfo {
     pub context_length: usize,
     /// Vocabulary size (token ids must be below it).
     pub vocab_size: usize,
+    /// Tokens that end a turn (EOS and end-of-turn), as generation stops on them.
+    pub stop_tokens: Vec<u32>,
     /// Unix seconds the model was loaded.
     pub created: u64,
 }

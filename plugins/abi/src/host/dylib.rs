@@ -10,7 +10,7 @@ use std::sync::atomic::AtomicBool;
 use super::worker::Executor;
 use super::HostError;
 use crate::ffi::{EntryFn, PluginV1, RawCallContext, ABI_VERSION, ENTRY_SYMBOL};
-use crate::plugin::{Method, NativeProgress, PluginKind};
+use crate::plugin::{Method, NativeHost, NativeProgress, PluginKind};
 
 /// A library whose version has been checked, with the facts from its table.
 pub(crate) struct OpenedLibrary {
@@ -113,6 +113,8 @@ impl Executor for DylibExecutor {
         input: &[u8],
         cancel: &AtomicBool,
         progress: Option<NativeProgress<'_>>,
+        // ABI 1 has no host calls; the plugin's `host_call` answers with an error.
+        _host: Option<NativeHost<'_>>,
     ) -> Result<Vec<u8>, String> {
         let t = self.table;
         // Safety: the table passed the version check; input and context outlive the call.

@@ -19,10 +19,10 @@ use super::{confine, HostError};
 use crate::export::dispatch;
 use crate::ffi::PluginV1;
 use crate::plugin::{
-    CallContext, DescribeReply, Method, NativeProgress, Plugin, PluginError, PluginKind,
+    CallContext, DescribeReply, Method, NativeHost, NativeProgress, Plugin, PluginError, PluginKind,
 };
 
-use super::worker::ProgressSink;
+use super::worker::{HostService, ProgressSink};
 
 /// How long `describe` may take when a plugin is loaded.
 const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -71,6 +71,8 @@ pub struct CallOptions {
     pub cancel: Option<Arc<AtomicBool>>,
     /// Receives the call's progress reports.
     pub progress: Option<ProgressSink>,
+    /// Services the plugin may ask of the host during the call (in-process plugins only).
+    pub host: Option<HostService>,
 }
 
 impl std::fmt::Debug for CallOptions {
@@ -79,6 +81,7 @@ impl std::fmt::Debug for CallOptions {
             .field("timeout", &self.timeout)
             .field("cancel", &self.cancel)
             .field("progress", &self.progress.as_ref().map(|_| "<sink>"))
+            .field("host", &self.host.as_ref().map(|_| "<service>"))
             .finish()
     }
 }
@@ -121,8 +124,9 @@ impl<P: Plugin> Executor for InProcessExecutor<P> {
         input: &[u8],
         cancel: &AtomicBool,
         progress: Option<NativeProgress<'_>>,
+        host: Option<NativeHost<'_>>,
     ) -> Result<Vec<u8>, String> {
-        let ctx = CallContext::native(cancel, progress);
+        let ctx = CallContext::native(cancel, progress, host);
         Ok(dispatch(|| &self.plugin, method, input, &ctx))
     }
 }
@@ -223,6 +227,7 @@ impl PluginHandle {
             options.timeout.unwrap_or(self.inner.timeout),
             options.cancel.unwrap_or_default(),
             options.progress,
+            options.host,
         )?;
         decode_reply(&self.inner.info.name, method, raw)
     }
@@ -239,6 +244,7 @@ fn describe_on(
         Vec::new(),
         DESCRIBE_TIMEOUT,
         Arc::default(),
+        None,
         None,
     )?;
     let value = decode_reply(name, Method::Describe, raw)?;

@@ -18,7 +18,7 @@ pub use config::{PluginConfig, DEFAULT_REWARD_TIMEOUT_SECS, DEFAULT_TRAINER_TIME
 pub use error::HostError;
 pub use handle::{CallOptions, PluginHandle, PluginHost, PluginInfo, PluginSource};
 pub use path::confine;
-pub use worker::{Progress, ProgressSink};
+pub use worker::{HostService, Progress, ProgressSink};
 
 #[cfg(test)]
 mod tests;

@@ -52,6 +52,7 @@ impl Plugin for Scripted {
                 }
                 Ok(json!("done"))
             }
+            "host" => ctx.host_call("double", &request["x"]),
             "sleep" => {
                 sleep_ms(request["ms"].as_u64().unwrap_or(0));
                 Ok(json!("slept"))
@@ -378,4 +379,37 @@ fn handles_and_hosts_can_be_shared_across_threads() {
 fn a_host_refuses_a_missing_plugin_directory() {
     let err = PluginHost::new("/definitely/not/here").unwrap_err();
     assert!(matches!(err, HostError::PluginDir { .. }), "{err}");
+}
+
+#[test]
+fn an_in_process_plugin_calls_the_hosts_services_during_run() {
+    let (h, _) = handle();
+    let service: HostService = Arc::new(|name, request| match name {
+        "double" => Ok(json!(request.as_f64().unwrap_or(0.0) * 2.0)),
+        _ => Err(format!("no service {name}")),
+    });
+    let with_host = CallOptions {
+        host: Some(service),
+        ..CallOptions::default()
+    };
+    assert_eq!(
+        h.run(&json!({"op": "host", "x": 21}), with_host).unwrap(),
+        json!(42.0)
+    );
+    // Without a service the plugin's call fails with a reason, and so does its run.
+    match h.run(&json!({"op": "host", "x": 1}), CallOptions::default()) {
+        Err(HostError::Plugin { message, .. }) => assert!(message.contains("double"), "{message}"),
+        other => panic!("expected the plugin's error, got {other:?}"),
+    }
+    let panicking: HostService = Arc::new(|_, _| panic!("service bug"));
+    let options = CallOptions {
+        host: Some(panicking),
+        ..CallOptions::default()
+    };
+    match h.run(&json!({"op": "host", "x": 1}), options) {
+        Err(HostError::Plugin { message, .. }) => {
+            assert!(message.contains("panicked"), "{message}")
+        }
+        other => panic!("expected the plugin's error, got {other:?}"),
+    }
 }

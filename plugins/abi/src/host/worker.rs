@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::HostError;
-use crate::plugin::{Method, NativeProgress};
+use crate::plugin::{Method, NativeHost, NativeProgress};
 
 /// One progress report from a running call.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,6 +33,10 @@ pub struct Progress {
 /// (update a job record, send on a channel). Reports after the call timed out are dropped.
 pub type ProgressSink = Arc<dyn Fn(Progress) + Send + Sync>;
 
+/// Services a call may ask of the host while it runs ([`crate::CallContext::host_call`]):
+/// `(service, request) → reply`. Runs on the plugin's worker thread.
+pub type HostService = Arc<dyn Fn(&str, &Value) -> Result<Value, String> + Send + Sync>;
+
 /// Runs one call of a plugin and returns the raw reply bytes, or why there are none.
 pub(crate) trait Executor: Send + 'static {
     fn execute(
@@ -41,6 +45,7 @@ pub(crate) trait Executor: Send + 'static {
         input: &[u8],
         cancel: &AtomicBool,
         progress: Option<NativeProgress<'_>>,
+        host: Option<NativeHost<'_>>,
     ) -> Result<Vec<u8>, String>;
 }
 
@@ -50,6 +55,7 @@ struct Job {
     input: Vec<u8>,
     cancel: Arc<AtomicBool>,
     progress: Option<ProgressSink>,
+    host: Option<HostService>,
     reply: mpsc::SyncSender<Result<Vec<u8>, String>>,
 }
 
@@ -113,6 +119,7 @@ impl Worker {
         timeout: Duration,
         cancel: Arc<AtomicBool>,
         progress: Option<ProgressSink>,
+        host: Option<HostService>,
     ) -> Result<Result<Vec<u8>, String>, HostError> {
         if let Some(stall) = &lock(&self.state).stalled {
             return Err(HostError::Stalled {
@@ -129,6 +136,7 @@ impl Worker {
             input,
             cancel: Arc::clone(&cancel),
             progress,
+            host,
             reply,
         };
         self.tx.send(job).map_err(|_| HostError::WorkerGone {
@@ -194,8 +202,17 @@ fn run_job(executor: &dyn Executor, state: &Mutex<State>, job: Job) {
     } else {
         None
     };
+    let service = job.host.clone();
+    let host_fn = move |name: &str, request: &Value| -> Result<Value, String> {
+        let Some(service) = &service else {
+            return Err(format!("the host offers no `{name}` service to this call"));
+        };
+        panic::catch_unwind(AssertUnwindSafe(|| service(name, request)))
+            .unwrap_or_else(|_| Err(format!("the host's `{name}` service panicked")))
+    };
+    let host: Option<NativeHost<'_>> = job.host.as_ref().map(|_| &host_fn as NativeHost<'_>);
     let out = panic::catch_unwind(AssertUnwindSafe(|| {
-        executor.execute(job.method, &job.input, cancel, progress)
+        executor.execute(job.method, &job.input, cancel, progress, host)
     }))
     .unwrap_or_else(|_| Err("the host side of the call panicked".to_string()));
     {
