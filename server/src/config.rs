@@ -65,6 +65,10 @@ pub struct LimitsSection {
     pub max_n: usize,
     /// Most prompts in one `/v1/completions` request.
     pub max_prompts: usize,
+    /// Sequences one tenant may have admitted at once.
+    pub tenant_max_sequences: usize,
+    /// Tokens (prompt + `max_tokens`, per sequence) one tenant may have admitted at once.
+    pub tenant_max_tokens: usize,
     /// Sequences decoded together.
     pub max_batch_size: usize,
     /// Requests waiting for a slot before 429.
@@ -85,6 +89,8 @@ impl Default for LimitsSection {
             max_prompt_tokens: 8192,
             max_n: 8,
             max_prompts: 16,
+            tenant_max_sequences: 64,
+            tenant_max_tokens: 262144,
             max_batch_size: 32,
             max_queue: 64,
             step_token_budget: 256,
@@ -363,6 +369,8 @@ impl Config {
             ("max_prompt_tokens", l.max_prompt_tokens),
             ("max_n", l.max_n),
             ("max_prompts", l.max_prompts),
+            ("tenant_max_sequences", l.tenant_max_sequences),
+            ("tenant_max_tokens", l.tenant_max_tokens),
             ("max_batch_size", l.max_batch_size),
             ("step_token_budget", l.step_token_budget),
             ("prefill_chunk", l.prefill_chunk),
@@ -456,6 +464,9 @@ impl Config {
         }
         if l.max_n > l.max_batch_size {
             return invalid("limits.max_n must not exceed limits.max_batch_size".into());
+        }
+        if l.max_n > l.tenant_max_sequences {
+            return invalid("limits.max_n must not exceed limits.tenant_max_sequences".into());
         }
         Ok(())
     }

@@ -47,6 +47,12 @@ pub enum ApiError {
     /// The queue is full; retry after the given seconds.
     #[error("the server is at capacity; retry after {retry_after_secs} s")]
     Overloaded { retry_after_secs: u64 },
+    /// The tenant has as much admitted as its limits allow; retry after the given seconds.
+    #[error("{message}")]
+    TenantLimit {
+        message: String,
+        retry_after_secs: u64,
+    },
     /// The model is loading or the server is draining.
     #[error("{0}")]
     Unavailable(String),
@@ -113,7 +119,9 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } | ApiError::FieldTooLarge { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
-            ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Overloaded { .. } | ApiError::TenantLimit { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -149,6 +157,9 @@ impl ApiError {
                 Some("request_too_large"),
             ),
             ApiError::Overloaded { .. } => ("rate_limit_error", None, Some("server_overloaded")),
+            ApiError::TenantLimit { .. } => {
+                ("rate_limit_error", None, Some("tenant_limit_exceeded"))
+            }
             ApiError::Unavailable(_) => ("service_unavailable_error", None, None),
             ApiError::Conflict(_) => ("conflict_error", None, Some("conflict")),
             ApiError::Unprocessable(_) => ("invalid_request_error", None, Some("invalid_adapter")),
@@ -194,7 +205,11 @@ impl IntoResponse for ApiError {
             tracing::error!(%detail, "internal error");
         }
         let mut response = (self.status(), axum::Json(self.body())).into_response();
-        if let ApiError::Overloaded { retry_after_secs } = self {
+        if let ApiError::Overloaded { retry_after_secs }
+        | ApiError::TenantLimit {
+            retry_after_secs, ..
+        } = self
+        {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod openai;
 pub mod openapi;
 pub mod plugins;
+pub mod quota;
 pub mod recorder;
 pub mod routes;
 pub mod state;

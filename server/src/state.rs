@@ -13,6 +13,7 @@ use crate::error::ApiError;
 use crate::feedback::FeedbackStore;
 use crate::metrics::Metrics;
 use crate::plugins::Plugins;
+use crate::quota::TenantQuotas;
 use crate::recorder::{CompletionRecorder, InMemoryRecorder};
 use crate::training::Training;
 
@@ -73,6 +74,8 @@ pub struct AppState {
     pub plugins: Plugins,
     /// Training jobs and the trainer.
     pub training: Training,
+    /// Per-tenant admission limits.
+    pub quotas: Arc<TenantQuotas>,
     lifecycle: AtomicU8,
 }
 
@@ -106,6 +109,10 @@ impl AppState {
     ) -> Result<Arc<Self>, prometheus::Error> {
         let plugins = Plugins::load(&config.server.plugin_dir, &config.plugins);
         let training = Training::new(&config, &plugins);
+        let quotas = TenantQuotas::new(
+            config.limits.tenant_max_sequences,
+            config.limits.tenant_max_tokens,
+        );
         Ok(Arc::new(AppState {
             keys: Arc::new(KeyTable::from_config(&config)),
             config: Arc::new(config),
@@ -116,6 +123,7 @@ impl AppState {
             adapters: OnceLock::new(),
             plugins,
             training,
+            quotas,
             lifecycle: AtomicU8::new(Lifecycle::Loading as u8),
         }))
     }

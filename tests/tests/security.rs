@@ -275,3 +275,77 @@ async fn the_base_model_is_served_to_every_key_and_no_other() {
         assert_eq!(r.status, want, "{caller:?}: {}", r.text);
     }
 }
+
+/// Opens a streaming chat as `key` and returns the response once its first chunk arrived.
+async fn open_stream(base: &str, key: &str) -> reqwest::Response {
+    let mut r = reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(
+            &json!({"model": MODEL, "stream": true, "max_tokens": 400, "temperature": 0.7,
+                      "messages": [{"role": "user", "content": "Tell me a very long story."}]}),
+        )
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(r.status(), 200);
+    r.chunk().await.expect("first chunk").expect("a chunk");
+    r
+}
+
+#[tokio::test]
+async fn a_tenant_over_its_limit_gets_429_while_another_is_served() {
+    let config = prefix_rft_e2e::repo_config()
+        .replacen("tenant_max_sequences = 64", "tenant_max_sequences = 2", 1)
+        .replacen("max_n = 8", "max_n = 2", 1);
+    assert!(config.contains("tenant_max_sequences = 2") && config.contains("max_n = 2"));
+    let data = tempfile::tempdir().expect("tmp");
+    let server = prefix_rft_e2e::Server::start_in(Some(&config), data.path());
+    let base = &server.base;
+    let streams = [
+        open_stream(base, ACME_KEY).await,
+        open_stream(base, ACME_KEY).await,
+    ];
+    let body = json!({"model": MODEL, "max_tokens": 2, "prompt": "hi"});
+    let post = |key: &'static str| {
+        let body = body.clone();
+        async move {
+            reqwest::Client::new()
+                .post(format!("{base}/v1/completions"))
+                .bearer_auth(key)
+                .json(&body)
+                .send()
+                .await
+                .expect("request")
+        }
+    };
+    let over = post(ACME_KEY).await;
+    assert_eq!(over.status(), 429);
+    assert!(over.headers().contains_key("retry-after"));
+    let e: Value = over.json().await.expect("json");
+    assert_eq!(e["error"]["code"], "tenant_limit_exceeded", "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("acme"),
+        "{e}"
+    );
+    // Another tenant is admitted meanwhile.
+    assert_eq!(post(GLOBEX_KEY).await.status(), 200);
+    // Closing the streams gives the slots back.
+    drop(streams);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let s = post(ACME_KEY).await.status();
+        if s == 200 {
+            break;
+        }
+        assert_eq!(s, 429);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "acme's slots never came back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

@@ -32,6 +32,7 @@ use crate::openai::response::{
     ChatMessageOut, ChatTokenLogprob, ChatTopLogprob, Completion, CompletionChoice,
     CompletionLogprobs, Usage,
 };
+use crate::quota::QuotaLease;
 use crate::recorder::{CompletionRecord, RecordAck, RecordedChoice};
 use crate::state::{AppState, ResolvedModel};
 use crate::validation::{self, ValidParams};
@@ -102,10 +103,11 @@ impl Prepared {
 struct Events {
     stream: BoxStream<'static, (usize, GenerationEvent)>,
     _permits: Vec<OwnedSemaphorePermit>,
+    _quota: QuotaLease,
 }
 
 impl Events {
-    fn new(admissions: Vec<Admission>) -> Self {
+    fn new(admissions: Vec<Admission>, quota: QuotaLease) -> Self {
         let mut permits = Vec::with_capacity(admissions.len());
         let mut streams = Vec::with_capacity(admissions.len());
         for (part, a) in admissions.into_iter().enumerate() {
@@ -115,6 +117,7 @@ impl Events {
         Events {
             stream: futures_util::stream::select_all(streams).boxed(),
             _permits: permits,
+            _quota: quota,
         }
     }
 
@@ -597,6 +600,26 @@ impl Collector {
 
 /// Submits and answers, streaming or not.
 async fn respond(state: Arc<AppState>, p: Prepared, log: LogCtx) -> Response {
+    // The tenant's own limits first, then the shared queue.
+    let sequences = p.parts.len() * p.n();
+    let tokens: usize = p
+        .parts
+        .iter()
+        .map(|part| (part.req.prompt.len() + part.req.max_tokens) * p.n())
+        .sum();
+    let quota = match state.quotas.try_admit(&log.tenant, sequences, tokens) {
+        Ok(q) => q,
+        Err(e) => {
+            return refuse(
+                &state,
+                ApiError::TenantLimit {
+                    message: e.to_string(),
+                    retry_after_secs: state.config.limits.retry_after_secs,
+                },
+                &log,
+            )
+        }
+    };
     // All prompts or none: a refusal drops the admissions made so far, freeing their slots.
     let mut admissions = Vec::with_capacity(p.parts.len());
     for part in &p.parts {
@@ -620,7 +643,7 @@ async fn respond(state: Arc<AppState>, p: Prepared, log: LogCtx) -> Response {
             }
         }
     }
-    let events = Events::new(admissions);
+    let events = Events::new(admissions, quota);
     state.metrics.prompt_tokens.inc_by(p.prompt_tokens() as u64);
     let version = p.model.version_label.clone();
     let mut response = if p.params.stream {
