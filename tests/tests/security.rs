@@ -198,6 +198,7 @@ async fn every_route_answers_each_caller_as_api_md_says() {
         (Method::GET, "/ready".into(), Body::Empty, [200, 200, 200, 200, 200, 200]),
         (Method::GET, "/metrics".into(), Body::Empty, [200, 200, 200, 200, 200, 200]),
         (Method::GET, "/openapi.json".into(), Body::Empty, [200, 200, 200, 200, 200, 200]),
+        (Method::GET, "/console".into(), Body::Empty, [200, 200, 200, 200, 200, 200]),
     ];
     let mut wrong = Vec::new();
     for (method, path, body, expected) in &rows {

@@ -2,6 +2,7 @@
 //! in one file per concern; this file holds only wiring and the request counter.
 
 pub mod adapters;
+pub mod console;
 pub mod feedback;
 pub mod inference;
 pub mod models;
@@ -71,6 +72,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/ready", get(ops::ready))
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(ops::openapi))
+        // The console's static files need no key; the page sends one to `/v1` itself.
+        .merge(console::router())
         .merge(v1)
         .route_layer(middleware::from_fn_with_state(Arc::clone(&state), observe))
         .layer(DefaultBodyLimit::max(state.config.limits.max_body_bytes))
