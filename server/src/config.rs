@@ -348,6 +348,13 @@ impl Config {
             if t.id.trim().is_empty() || !seen_ids.insert(t.id.as_str()) {
                 return invalid(format!("tenant id `{}` is empty or repeated", t.id));
             }
+            // Tenant ids name directories of the adapter store; `admin` labels admin requests.
+            if let Err(e) = prefix_rft_adapters::store::check_name("tenant id", &t.id) {
+                return invalid(e.to_string());
+            }
+            if t.id == "admin" {
+                return invalid("tenant id `admin` is reserved for admin keys".into());
+            }
             for k in &t.api_keys {
                 if k.is_empty() || !seen_keys.insert(k.as_str()) {
                     return invalid(format!(
@@ -460,7 +467,10 @@ impl Config {
             }
         }
         if let Err(e) = t.rft.validate() {
-            return invalid(format!("training.{e}"));
+            return invalid(match e {
+                prefix_rft_trainer::TrainerError::Params(m) => format!("training.{m}"),
+                other => other.to_string(),
+            });
         }
         if l.max_n > l.max_batch_size {
             return invalid("limits.max_n must not exceed limits.max_batch_size".into());
@@ -518,6 +528,45 @@ mod tests {
             .expect_err("typo must fail")
             .to_string();
         assert!(err.contains("dequantise"), "{err}");
+    }
+
+    #[test]
+    fn refuses_tenant_ids_the_store_cannot_hold_and_the_admin_label() {
+        for bad in ["a/b", "..", "admin", "has space"] {
+            let text = EMBEDDED_DEFAULT.replace("id = \"globex\"", &format!("id = {bad:?}"));
+            let err = Config::parse(&text, "t").expect_err(bad).to_string();
+            assert!(err.contains("tenant id"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn refuses_bad_reward_entries() {
+        let base = format!(
+            "{EMBEDDED_DEFAULT}\n[[plugins]]\nname = \"rules\"\npath = \"r.so\"\nkind = \"reward\"\n"
+        );
+        let with = |entry: &str| format!("{base}\n[[training.rewards]]\n{entry}\n");
+        assert!(
+            Config::parse(&with("adapter = \"acme/support\"\nplugin = \"rules\""), "t").is_ok()
+        );
+        for (entry, expect) in [
+            (
+                "adapter = \"nobody/support\"\nplugin = \"rules\"",
+                "tenant/adapter",
+            ),
+            ("adapter = \"acme\"\nplugin = \"rules\"", "tenant/adapter"),
+            (
+                "adapter = \"acme/support\"\nplugin = \"missing\"",
+                "kind reward",
+            ),
+        ] {
+            let err = Config::parse(&with(entry), "t")
+                .expect_err(entry)
+                .to_string();
+            assert!(err.contains(expect), "{entry}: {err}");
+        }
+        let bad_rft = EMBEDDED_DEFAULT.replace("group = 4", "group = 1");
+        let err = Config::parse(&bad_rft, "t").expect_err("group").to_string();
+        assert!(err.contains("rft.group"), "{err}");
     }
 
     #[test]
