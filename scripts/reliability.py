@@ -193,7 +193,7 @@ def fairness_case(binary, tenant_limit, flooders, probes):
                     key = "admitted" if status == 200 else "throttled" if status == 429 else "other"
                     counts[key] += 1
                 if status == 429:
-                    time.sleep(0.05)
+                    time.sleep(1.0)  # Retry-After, as the OpenAI clients honour it
 
         threads = [threading.Thread(target=flood, daemon=True) for _ in range(flooders)]
         for t in threads:
@@ -381,7 +381,7 @@ def main():
     p.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "prefix-rft"))
     p.add_argument("--seconds", type=int, default=1800, help="soak duration")
     p.add_argument("--flooders", type=int, default=16, help="fairness: tenant A's clients")
-    p.add_argument("--probes", type=int, default=20, help="fairness: tenant B's requests per phase")
+    p.add_argument("--probes", type=int, default=40, help="fairness: tenant B's requests per phase")
     args = p.parse_args()
     if not os.path.exists(args.bin):
         raise SystemExit(f"{args.bin} is missing: cargo build --release -p prefix-rft-server")

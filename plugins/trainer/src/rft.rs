@@ -131,6 +131,15 @@ impl RftParams {
     }
 }
 
+/// The policy being trained: the frozen base with the adapter as it is at this step.
+#[derive(Clone, Copy)]
+pub struct Policy<'a> {
+    /// The base model.
+    pub model: &'a TrainModel,
+    /// The adapter being trained.
+    pub adapter: &'a TrainAdapter,
+}
+
 /// One sampled completion.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rollout {
@@ -174,8 +183,7 @@ pub fn top_entropy(entropies: &[f64], share: f64) -> Vec<usize> {
 /// first `prefix` tokens of `demo` forced), then `group − 1` free ones, each until a stop
 /// token or `max_new_tokens` sampled tokens.
 pub fn sample_group(
-    model: &TrainModel,
-    adapter: &TrainAdapter,
+    policy: Policy<'_>,
     prompt: &[u32],
     demo: &[u32],
     prefix: usize,
@@ -193,7 +201,7 @@ pub fn sample_group(
         })
         .collect();
     let mut live: Vec<usize> = (0..rollouts.len()).collect();
-    let context = model.config().max_position_embeddings;
+    let context = policy.model.config().max_position_embeddings;
     for _ in 0..params.max_new_tokens {
         live.retain(|&i| {
             let r = &rollouts[i];
@@ -211,7 +219,7 @@ pub fn sample_group(
             .map(|&i| [prompt, &rollouts[i].tokens].concat())
             .collect();
         let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-        let logits = model.forward(&refs, Some(adapter))?.detach();
+        let logits = policy.model.forward(&refs, Some(policy.adapter))?.detach();
         for (row, &i) in live.iter().enumerate() {
             let last = seqs[row].len() - 1;
             let l: Vec<f32> = logits
@@ -253,8 +261,7 @@ fn sample(logits: &[f32], temperature: f64, rng: &mut impl Rng) -> Result<u32, T
 /// Policy entropy (nats) of the next-token distribution before each of the hybrid's forced
 /// tokens.
 fn forced_entropies(
-    model: &TrainModel,
-    adapter: &TrainAdapter,
+    policy: Policy<'_>,
     prompt: &[u32],
     hybrid: &Rollout,
 ) -> Result<Vec<f64>, TrainerError> {
@@ -262,7 +269,10 @@ fn forced_entropies(
         return Ok(Vec::new());
     }
     let seq = [prompt, &hybrid.tokens[..hybrid.forced]].concat();
-    let logits = model.forward(&[&seq], Some(adapter))?.detach();
+    let logits = policy
+        .model
+        .forward(&[&seq], Some(policy.adapter))?
+        .detach();
     // Positions prompt_len − 1 .. prompt_len − 1 + forced predict the forced tokens.
     let rows = logits
         .get(0)?
@@ -286,8 +296,7 @@ fn candle_nn_log_softmax(x: &Tensor) -> Result<Tensor, TrainerError> {
 /// advantage. Free rollouts train every token; the hybrid trains its sampled continuation and
 /// the top-entropy share of its forced prefix.
 pub fn group_loss(
-    model: &TrainModel,
-    adapter: &TrainAdapter,
+    policy: Policy<'_>,
     prompt: &[u32],
     rollouts: &[Rollout],
     rewards: Vec<f64>,
@@ -314,7 +323,7 @@ pub fn group_loss(
         let keep_forced = match r.forced {
             0 => Vec::new(),
             _ => top_entropy(
-                &forced_entropies(model, adapter, prompt, r)?,
+                &forced_entropies(policy, prompt, r)?,
                 params.prefix_entropy_share,
             ),
         };
@@ -328,7 +337,7 @@ pub fn group_loss(
         }
     }
     let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-    let lp = model.token_logprobs(&refs, Some(adapter))?;
+    let lp = policy.model.token_logprobs(&refs, Some(policy.adapter))?;
     let a = Tensor::from_vec(weights.clone(), (rollouts.len(), t - 1), lp.device())?
         .to_dtype(lp.dtype())?;
     let mask = Tensor::from_vec(

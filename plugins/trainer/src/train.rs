@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use crate::error::TrainerError;
 use crate::objective::{self, KtoParams};
-use crate::rft::{self, Rewarder, RftParams};
+use crate::rft::{self, Policy, Rewarder, RftParams};
 
 /// A preference pair: the same prompt answered well (`chosen`) and badly (`rejected`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -357,6 +357,13 @@ pub struct Trainer<'m> {
     rft: Option<(RftParams, &'m dyn Rewarder)>,
 }
 
+/// One batch's loss, its gradient per variable, and the rewards of its RFT rollouts.
+struct BatchOut {
+    loss: f64,
+    grads: Vec<Tensor>,
+    rewards: Vec<f64>,
+}
+
 /// Where a step is in its run (the RFT prefix schedule and rollout seeds depend on it).
 #[derive(Debug, Clone, Copy)]
 struct StepAt {
@@ -533,8 +540,8 @@ impl<'m> Trainer<'m> {
         batch: &[Example],
         vars: &[Var],
         at: StepAt,
-        rewards: &mut Vec<f64>,
-    ) -> Result<(f64, Vec<Tensor>), TrainerError> {
+    ) -> Result<BatchOut, TrainerError> {
+        let mut rewards = Vec::new();
         let a = Some(&self.adapter);
         let device = self.model.device();
         let dtype = self.model.dtype();
@@ -628,7 +635,11 @@ impl<'m> Trainer<'m> {
                 None => Ok(v.as_tensor().zeros_like()?),
             })
             .collect::<Result<Vec<_>, TrainerError>>()?;
-        Ok((total, grads))
+        Ok(BatchOut {
+            loss: total,
+            grads,
+            rewards,
+        })
     }
 
     /// The scored RFT group of demonstration `index` at `at`, when the run has a reward: the
@@ -646,15 +657,12 @@ impl<'m> Trainer<'m> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let lower = params.lower_at(at.step, at.total);
         let prefix = params.prefix_len(d.completion.len(), lower, &mut rng);
-        let rollouts = rft::sample_group(
-            self.model,
-            &self.adapter,
-            &d.prompt,
-            &d.completion,
-            prefix,
-            params,
-            &mut rng,
-        )?;
+        let policy = Policy {
+            model: self.model,
+            adapter: &self.adapter,
+        };
+        let rollouts =
+            rft::sample_group(policy, &d.prompt, &d.completion, prefix, params, &mut rng)?;
         let tokens: Vec<Vec<u32>> = rollouts.iter().map(|r| r.tokens.clone()).collect();
         let rewards = rewarder
             .score(&d.prompt, &tokens)
@@ -672,12 +680,7 @@ impl<'m> Trainer<'m> {
             )));
         }
         Ok(Some(rft::group_loss(
-            self.model,
-            &self.adapter,
-            &d.prompt,
-            &rollouts,
-            rewards,
-            params,
+            policy, &d.prompt, &rollouts, rewards, params,
         )?))
     }
 
@@ -704,8 +707,8 @@ impl<'m> Trainer<'m> {
         let refs = self.reference_cache(data)?;
         let (names, vars): (Vec<String>, Vec<Var>) = self.adapter.named_vars().into_iter().unzip();
         let at = StepAt { step: 0, total: 1 };
-        let (loss, grads) =
-            self.batch_grads(data, &refs, &Example::all(data), &vars, at, &mut Vec::new())?;
+        let BatchOut { loss, grads, .. } =
+            self.batch_grads(data, &refs, &Example::all(data), &vars, at)?;
         Ok(BatchGradients {
             loss,
             grads: names.into_iter().zip(grads).collect(),
@@ -759,10 +762,12 @@ impl<'m> Trainer<'m> {
                     batch.push(ex);
                 }
             }
-            let mut rewards = Vec::new();
             let at = StepAt { step, total };
-            let (loss_value, mut grads) =
-                self.batch_grads(data, &refs, &batch, &vars, at, &mut rewards)?;
+            let BatchOut {
+                loss: loss_value,
+                mut grads,
+                rewards,
+            } = self.batch_grads(data, &refs, &batch, &vars, at)?;
             if !rewards.is_empty() {
                 rft_rewards.push(rewards.iter().sum::<f64>() / rewards.len() as f64);
             }

@@ -7,7 +7,7 @@ use prefix_rft_engine::quant::GgmlDType;
 use prefix_rft_engine::testing::{tiny_weights, write_tiny_gguf, TinySpec};
 use prefix_rft_engine::train::{LoraConfig, TrainAdapter, TrainModel};
 use prefix_rft_trainer::job::load_model;
-use prefix_rft_trainer::rft::{group_loss, sample_group, RftParams, Rollout};
+use prefix_rft_trainer::rft::{group_loss, sample_group, Policy, RftParams, Rollout};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -43,8 +43,15 @@ fn the_hybrid_forces_the_prefix_and_free_rollouts_sample() {
         max_new_tokens: 5,
         ..RftParams::default()
     };
-    let mut rng = ChaCha8Rng::seed_from_u64(1);
-    let group = sample_group(&m, &a, &PROMPT, &DEMO, 3, &params, &mut rng).expect("group");
+    let policy = Policy {
+        model: &m,
+        adapter: &a,
+    };
+    let sample = |seed: u64| {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        sample_group(policy, &PROMPT, &DEMO, 3, &params, &mut rng).expect("group")
+    };
+    let group = sample(1);
     assert_eq!(group.len(), 4);
     assert_eq!(group[0].forced, 3);
     assert_eq!(&group[0].tokens[..3], &DEMO[..3]);
@@ -58,23 +65,15 @@ fn the_hybrid_forces_the_prefix_and_free_rollouts_sample() {
         assert!(r.tokens.iter().all(|&t| (t as usize) < 96));
     }
     // Seeded: the same rng seed gives the same group.
-    let again = sample_group(
-        &m,
-        &a,
-        &PROMPT,
-        &DEMO,
-        3,
-        &params,
-        &mut ChaCha8Rng::seed_from_u64(1),
-    )
-    .expect("group");
+    let again = sample(1);
     assert_eq!(group, again);
     // Every token is a stop token: each free rollout ends after its first sampled token.
     let stop_all = RftParams {
         stop_tokens: (0..96).collect(),
         ..params
     };
-    let short = sample_group(&m, &a, &PROMPT, &DEMO, 2, &stop_all, &mut rng).expect("group");
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let short = sample_group(policy, &PROMPT, &DEMO, 2, &stop_all, &mut rng).expect("group");
     assert_eq!(
         short[0].tokens.len(),
         3,
@@ -111,9 +110,29 @@ fn a_step_on_the_loss_favours_the_rewarded_rollout() {
     ];
     let before: Vec<f64> = rollouts.iter().map(|r| logp(&m, &a, &r.tokens)).collect();
     // Equal rewards: nothing to learn.
-    let flat = group_loss(&m, &a, &PROMPT, &rollouts, vec![0.5; 3], &params).expect("loss");
+    let flat = group_loss(
+        Policy {
+            model: &m,
+            adapter: &a,
+        },
+        &PROMPT,
+        &rollouts,
+        vec![0.5; 3],
+        &params,
+    )
+    .expect("loss");
     assert!(flat.loss.is_none());
-    let g = group_loss(&m, &a, &PROMPT, &rollouts, vec![1.0, 0.0, 0.0], &params).expect("loss");
+    let g = group_loss(
+        Policy {
+            model: &m,
+            adapter: &a,
+        },
+        &PROMPT,
+        &rollouts,
+        vec![1.0, 0.0, 0.0],
+        &params,
+    )
+    .expect("loss");
     let loss = g.loss.expect("a loss");
     let grads = loss.backward().expect("backward");
     let vars = a.vars();
