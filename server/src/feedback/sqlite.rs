@@ -126,6 +126,37 @@ fn open_connection(path: &Path) -> Result<Connection, FeedbackError> {
     Ok(conn)
 }
 
+/// An exclusive advisory lock (`flock`) on `<database>.open-lock`, held while a process opens
+/// and migrates the database; released when dropped (or when the process dies).
+struct StartupLock {
+    _file: std::fs::File,
+}
+
+impl StartupLock {
+    fn take(db: &Path) -> Result<StartupLock, FeedbackError> {
+        let mut name = db.as_os_str().to_owned();
+        name.push(".open-lock");
+        let path = PathBuf::from(name);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| FeedbackError::Storage(format!("{}: {e}", path.display())))?;
+        use std::os::fd::AsRawFd;
+        // Safety: `file` is open for the duration of the call; flock only reads the fd.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(FeedbackError::Storage(format!(
+                "locking {}: {e}",
+                path.display()
+            )));
+        }
+        Ok(StartupLock { _file: file })
+    }
+}
+
 impl SqliteFeedbackStore {
     /// Opens (creating and migrating) the database and starts the writer thread.
     pub fn open(opts: StoreOptions) -> Result<Self, FeedbackError> {
@@ -133,8 +164,14 @@ impl SqliteFeedbackStore {
             std::fs::create_dir_all(dir)
                 .map_err(|e| FeedbackError::Storage(format!("creating {}: {e}", dir.display())))?;
         }
-        let mut conn = open_connection(&opts.path)?;
-        schema::migrate(&mut conn)?;
+        let conn = {
+            // Servers starting together on a fresh file take turns: switching it to WAL can
+            // answer "database is locked" at once instead of waiting for the busy timeout.
+            let _turn = StartupLock::take(&opts.path)?;
+            let mut conn = open_connection(&opts.path)?;
+            schema::migrate(&mut conn)?;
+            conn
+        };
         let (sender, receiver) = mpsc::channel();
         let retention = opts.retention;
         let writer = std::thread::Builder::new()
@@ -1018,6 +1055,30 @@ mod tests {
 
     fn run<T: Send + 'static>(f: StoreFuture<T>) -> Result<T, FeedbackError> {
         SqliteFeedbackStore::blocking(f)
+    }
+
+    #[test]
+    fn threads_opening_one_fresh_file_together_all_succeed() {
+        for _ in 0..10 {
+            let dir = tempfile::tempdir().expect("tmp");
+            let path = dir.path().join("feedback.sqlite");
+            let handles: Vec<_> = (0..6)
+                .map(|_| {
+                    let path = path.clone();
+                    std::thread::spawn(move || {
+                        SqliteFeedbackStore::open(StoreOptions {
+                            path,
+                            retention: None,
+                        })
+                        .map(|_| ())
+                    })
+                })
+                .collect();
+            for h in handles {
+                let r = h.join().expect("thread");
+                assert!(r.is_ok(), "{r:?}");
+            }
+        }
     }
 
     #[test]
