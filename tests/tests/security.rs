@@ -64,14 +64,20 @@ async fn call(caller: Caller, method: Method, path: &str, body: &Body) -> Reply 
         Caller::AdminAsOwner => req.bearer_auth(ADMIN_KEY).header("X-Tenant", "globex"),
     };
     req = match body {
-        // The server refuses a caller before it reads an upload and closes the connection, so
-        // a client still writing a large body may fail before it reads the answer. The caller
-        // alone decides those cells: they send the small config file only.
-        Body::Upload(config, _) if !matches!(caller, Caller::Owner | Caller::AdminAsOwner) => req
-            .multipart(reqwest::multipart::Form::new().part(
+        // A missing or wrong key, or an admin key without a tenant, is refused before the
+        // upload is read, and a client still writing a large body may then fail before it reads
+        // the answer. The caller alone decides those cells: they send the small config file.
+        Body::Upload(config, _)
+            if matches!(
+                caller,
+                Caller::NoKey | Caller::WrongKey | Caller::AdminWithoutTenant
+            ) =>
+        {
+            req.multipart(reqwest::multipart::Form::new().part(
                 "adapter_config.json",
                 reqwest::multipart::Part::bytes(config.clone()).file_name("adapter_config.json"),
-            )),
+            ))
+        }
         Body::Empty => req,
         Body::Json(v) => req.json(v),
         Body::Upload(config, weights) => req.multipart(

@@ -305,9 +305,8 @@ pub async fn upload_version(
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<Response, ApiError> {
     let tenant = principal.require_tenant()?;
-    // An unknown adapter is refused before reading what may be a large body.
-    let (t, n) = (tenant.clone(), name.clone());
-    with_registry(&state, move |r| r.store().current(&t, &n)).await?;
+    // The body is read before the adapter is looked up: answering 404 with a large upload
+    // still unread makes clients fail writing it (a broken pipe) before they see the answer.
     let mut multipart = multipart.map_err(|e| ApiError::invalid_body(e.body_text()))?;
     let (mut config, mut weights) = (None, None);
     let mut activate = true;
