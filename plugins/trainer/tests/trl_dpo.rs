@@ -58,8 +58,9 @@ struct FixtureTensor {
     dot_init: f64,
 }
 
-/// How closely each quantity must agree with TRL.
-#[derive(Debug, Clone, Copy)]
+/// How closely each quantity must agree with TRL (as a bound), or how closely it did (the
+/// worst error seen, printed so the bounds can be re-derived).
+#[derive(Debug, Default, Clone, Copy)]
 struct Tolerances {
     /// |Δ| of a sequence's summed log-probability, in nats.
     logp: f64,
@@ -191,17 +192,8 @@ fn initial_value(trainer: &Trainer<'_>, name: &str) -> Vec<f64> {
     to_f64(var.as_tensor())
 }
 
-/// Worst errors seen, printed so the tolerances can be re-derived.
-#[derive(Debug, Default)]
-struct Worst {
-    logp: f64,
-    margin: f64,
-    loss: f64,
-    grad_norm_rel: f64,
-    tensor_norm_rel: f64,
-    dot_rel: f64,
-    full_rel: f64,
-}
+/// The worst errors seen, in the same units as the bounds.
+type Worst = Tolerances;
 
 fn check_logps(f: &Fixture, ours: &[PairLogps], tol: Tolerances, worst: &mut Worst) {
     assert_eq!(ours.len(), f.pairs.len());
