@@ -176,6 +176,19 @@ impl QMatrix {
         dequantize(self.dtype, self.row_bytes_slice(row), out)
     }
 
+    /// Dequantizes `out.len() / cols` consecutive rows starting at `first` into `out`.
+    pub fn dequantize_rows(&self, first: usize, out: &mut [f32]) -> Result<(), QuantError> {
+        let n = out.len() / self.cols.max(1);
+        if out.len() != n * self.cols || first.checked_add(n).is_none_or(|end| end > self.rows) {
+            return Err(QuantError::RowOutOfRange {
+                row: first.saturating_add(n),
+                rows: self.rows,
+            });
+        }
+        let bytes = &self.bytes[first * self.row_bytes..(first + n) * self.row_bytes];
+        dequantize(self.dtype, bytes, out)
+    }
+
     /// The whole matrix as row-major f32 (`rows * cols`).
     pub fn to_f32(&self) -> Vec<f32> {
         let mut v = vec![0f32; self.rows * self.cols];

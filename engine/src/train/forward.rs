@@ -13,6 +13,7 @@ use candle_core::{CustomOp1, DType, Device, Tensor};
 
 use super::adapter::TrainAdapter;
 use super::error::TrainError;
+use super::fused::{self, CausalSoftmax, LogSoftmaxGather, Rope, SwiGlu};
 use super::ops::{self, RopeTables};
 use super::qmatmul::QMatMulOp;
 use crate::model::weights::{Fused, Linear};
@@ -156,6 +157,8 @@ pub struct TrainModel {
     norm: Tensor,
     lm_head: BaseLinear,
     inv_freq: Vec<f32>,
+    /// Use the fused CPU ops of [`fused`] (the compositions of [`ops`] elsewhere).
+    fused: bool,
 }
 
 impl TrainModel {
@@ -218,6 +221,7 @@ impl TrainModel {
             norm: vec(&weights.norm)?,
             lm_head: BaseLinear::new(&[&head], opts, device)?,
             inv_freq,
+            fused: device.is_cpu(),
         })
     }
 
@@ -355,9 +359,19 @@ impl TrainModel {
                 mask[i * t + j] = 1.0;
             }
         }
-        let ids = Tensor::from_vec(ids, (b, t), &self.device)?;
         let mask = tensor(mask, (b, t), self.dtype, &self.device)?;
-        Ok((ops::gather_logprobs(&logits.contiguous()?, &ids)? * mask)?)
+        let logp = if self.fused {
+            let vocab = logits.dim(2)?;
+            logits
+                .contiguous()?
+                .reshape((b * t, vocab))?
+                .apply_op1(LogSoftmaxGather::new(ids))?
+                .reshape((b, t))?
+        } else {
+            let ids = Tensor::from_vec(ids, (b, t), &self.device)?;
+            ops::gather_logprobs(&logits.contiguous()?, &ids)?
+        };
+        Ok((logp * mask)?)
     }
 
     /// The adapter's virtual keys/values as the past every sequence starts from.
@@ -433,13 +447,20 @@ impl TrainModel {
         let ctx = AttnContext {
             b,
             t,
-            rope: RopeTables::new(&self.inv_freq, past.len, t, self.dtype, &self.device)?,
-            mask: ops::causal_mask(t, past.len, self.dtype, &self.device)?,
+            past: past.len,
+            rope: if self.fused {
+                Positions::Fused(Rope::new(&self.inv_freq, past.len, t))
+            } else {
+                Positions::Composed {
+                    rope: RopeTables::new(&self.inv_freq, past.len, t, self.dtype, &self.device)?,
+                    mask: ops::causal_mask(t, past.len, self.dtype, &self.device)?,
+                }
+            },
         };
         let eps = cfg.rms_norm_eps as f64;
         let mut kv = Vec::with_capacity(self.layers.len());
         for (li, layer) in self.layers.iter().enumerate() {
-            let normed = ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let normed = self.rms_norm(&x, &layer.attn_norm, eps)?;
             let (attn, layer_kv) =
                 self.attention(li, layer, &normed, &ctx, adapter, past.kv.get(li))?;
             kv.push(layer_kv);
@@ -447,19 +468,31 @@ impl TrainModel {
             add_lora(&mut o, adapter, li, Proj::O, &attn)?;
             x = (x + o)?;
 
-            let normed = ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+            let normed = self.rms_norm(&x, &layer.ffn_norm, eps)?;
             let inter = cfg.intermediate_size;
             let gu = layer.gate_up.forward(&normed)?;
             let mut gate = gu.narrow(1, 0, inter)?;
             let mut up = gu.narrow(1, inter, inter)?;
             add_lora(&mut gate, adapter, li, Proj::Gate, &normed)?;
             add_lora(&mut up, adapter, li, Proj::Up, &normed)?;
-            let act = (ops::silu(&gate)? * up)?;
+            let act = if self.fused {
+                gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)?
+            } else {
+                (ops::silu(&gate)? * up)?
+            };
             let mut down = layer.down.forward(&act)?;
             add_lora(&mut down, adapter, li, Proj::Down, &act)?;
             x = (x + down)?;
         }
-        Ok((ops::rms_norm(&x, &self.norm, eps)?, kv))
+        Ok((self.rms_norm(&x, &self.norm, eps)?, kv))
+    }
+
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor, TrainError> {
+        Ok(if self.fused {
+            x.contiguous()?.apply_op2(weight, fused::RmsNorm { eps })?
+        } else {
+            ops::rms_norm(x, weight, eps)?
+        })
     }
 
     /// Causal self-attention of one layer: `normed` `[b·t, hidden]` → `[b·t, q_dim]`, after
@@ -488,8 +521,14 @@ impl TrainModel {
         let heads = |x: Tensor, n: usize| -> Result<Tensor, TrainError> {
             Ok(x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = ops::rope(&heads(q, nh)?, &ctx.rope)?;
-        let mut k = ops::rope(&heads(k, kvh)?, &ctx.rope)?;
+        let rope = |x: Tensor| -> Result<Tensor, TrainError> {
+            Ok(match &ctx.rope {
+                Positions::Fused(r) => x.apply_op1(r.clone())?,
+                Positions::Composed { rope, .. } => ops::rope(&x, rope)?,
+            })
+        };
+        let q = rope(heads(q, nh)?)?;
+        let mut k = rope(heads(k, kvh)?)?;
         let mut v = heads(v, kvh)?;
         if let Some((pk, pv)) = past {
             // A past shared by the whole batch (prefix, prompt) is stored once and broadcast.
@@ -504,11 +543,16 @@ impl TrainModel {
         let kr = ops::repeat_kv(&k, group)?;
         let vr = ops::repeat_kv(&v, group)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = q
-            .matmul(&kr.transpose(2, 3)?.contiguous()?)?
-            .affine(scale, 0.0)?
-            .broadcast_add(&ctx.mask)?;
-        let probs = ops::softmax_last_dim(&scores)?;
+        let scores = q.matmul(&kr.transpose(2, 3)?.contiguous()?)?;
+        let probs = match &ctx.rope {
+            Positions::Fused(_) => scores.apply_op1(CausalSoftmax {
+                scale,
+                past: ctx.past,
+            })?,
+            Positions::Composed { mask, .. } => {
+                ops::softmax_last_dim(&scores.affine(scale, 0.0)?.broadcast_add(mask)?)?
+            }
+        };
         let out = probs
             .matmul(&vr)?
             .transpose(1, 2)?
@@ -521,8 +565,17 @@ impl TrainModel {
 struct AttnContext {
     b: usize,
     t: usize,
-    rope: RopeTables,
-    mask: Tensor,
+    /// Keys before the first query (prefix and prompt).
+    past: usize,
+    rope: Positions,
+}
+
+/// Rotary tables and the causal mask of a forward, for the fused or the composed ops.
+enum Positions {
+    /// The fused rotary op; the fused softmax masks by position itself.
+    Fused(Rope),
+    /// Rotary tables and an additive causal mask for the composed ops.
+    Composed { rope: RopeTables, mask: Tensor },
 }
 
 /// Keys/values every sequence of a forward attends to before its own tokens: per layer

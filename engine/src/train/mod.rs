@@ -6,6 +6,7 @@
 mod adapter;
 mod error;
 mod forward;
+pub mod fused;
 mod lora;
 pub mod ops;
 mod prefix;

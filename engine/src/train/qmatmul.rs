@@ -3,17 +3,27 @@
 //! candle's `QMatMul` has no backward, and dequantising a whole base model to f32 multiplies
 //! its memory by up to eight. [`QMatMulOp`] runs the forward with the serving kernel
 //! (`QMatrix::matmul`, so the arithmetic is the serving arithmetic) and the backward as
-//! `grad_x = grad_y · W`, dequantising `W` a block of rows at a time. The weight itself never
+//! `grad_x = grad_y · W`, dequantising `W` a block of rows at a time into a reused buffer and
+//! accumulating each block's product into one output with the GEMM candle uses (reading the
+//! gradient's columns in place, no copies). The weight itself never
 //! receives gradient: it is not a variable of the graph. CPU only (the forward reads host
 //! memory); on CUDA use the dense f32 base.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, Error, Layout, Result, Shape, Tensor};
+use std::cell::RefCell;
 
-use crate::quant::QMatrix;
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, Error, Layout, Result, Shape, Storage, Tensor};
+use gemm::Parallelism;
+
+use crate::quant::{num_threads, runs_inline, QMatrix};
 
 /// f32 elements of `W` dequantised at once in the backward (4 MiB).
 const BACKWARD_BLOCK_ELEMS: usize = 1 << 20;
+
+thread_local! {
+    /// The backward's dequantised block of `W`, kept between calls (no allocation per call).
+    static DEQUANTIZED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
 
 /// `y = x Wᵀ` for `x` `[.., in]` with `W` a quantized `[out, in]` matrix, differentiable in `x`.
 #[derive(Debug, Clone)]
@@ -69,24 +79,72 @@ impl CustomOp1 for QMatMulOp {
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let (rows, cols) = (self.weight.rows(), self.weight.cols());
-        let m = arg.elem_count() / cols.max(1);
-        let g = grad_res.reshape((m, rows))?;
-        let block = (BACKWARD_BLOCK_ELEMS / cols.max(1)).max(1);
-        let mut grad_x = Tensor::zeros((m, cols), grad_res.dtype(), grad_res.device())?;
-        let mut buf = Vec::new();
-        for r0 in (0..rows).step_by(block) {
-            let n = block.min(rows - r0);
-            buf.resize(n * cols, 0f32);
-            for (i, dst) in buf.chunks_exact_mut(cols).enumerate() {
-                self.weight
-                    .dequantize_row(r0 + i, dst)
-                    .map_err(Error::wrap)?;
-            }
-            let w = Tensor::from_slice(&buf, (n, cols), grad_res.device())?
-                .to_dtype(grad_res.dtype())?;
-            let g_blk = g.narrow(1, r0, n)?.contiguous()?;
-            grad_x = (grad_x + g_blk.matmul(&w)?)?;
+        let g = grad_res.contiguous()?;
+        let m = g.elem_count() / rows.max(1);
+        if m * cols != arg.elem_count() {
+            bail!("qmatmul backward: gradient of shape {:?}", g.dims());
         }
-        Ok(Some(grad_x.reshape(arg.shape())?))
+        let mut grad_x = vec![0f32; m * cols];
+        {
+            let (storage, layout) = g.storage_and_layout();
+            let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
+                bail!("qmatmul backward: f32 CPU gradient expected")
+            };
+            let Some((start, end)) = layout.contiguous_offsets() else {
+                bail!("qmatmul backward: gradient must be contiguous")
+            };
+            let g = &data[start..end];
+            let parallelism = if runs_inline() {
+                Parallelism::None
+            } else {
+                Parallelism::Rayon(num_threads())
+            };
+            let block = (BACKWARD_BLOCK_ELEMS / cols.max(1)).max(1);
+            DEQUANTIZED.with(|cell| -> Result<()> {
+                let mut fresh = Vec::new();
+                let mut cached = cell.try_borrow_mut();
+                let w = match cached.as_mut() {
+                    Ok(buf) => &mut **buf,
+                    Err(_) => &mut fresh,
+                };
+                for r0 in (0..rows).step_by(block) {
+                    let n = block.min(rows - r0);
+                    w.resize(n * cols, 0.0);
+                    self.weight
+                        .dequantize_rows(r0, &mut w[..n * cols])
+                        .map_err(Error::wrap)?;
+                    // grad_x[m, cols] += g[:, r0..r0 + n] · W[r0..r0 + n, :], reading the
+                    // gradient's columns in place.
+                    // SAFETY: every pointer/stride pair describes memory inside its buffer:
+                    // g is m × rows (row stride `rows`, columns r0..r0 + n), w holds n × cols,
+                    // grad_x m × cols; the destination overlaps neither input.
+                    unsafe {
+                        gemm::gemm(
+                            m,
+                            cols,
+                            n,
+                            grad_x.as_mut_ptr(),
+                            1,
+                            cols as isize,
+                            r0 > 0,
+                            g.as_ptr().add(r0),
+                            1,
+                            rows as isize,
+                            w.as_ptr(),
+                            1,
+                            cols as isize,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            parallelism,
+                        );
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        Ok(Some(Tensor::from_vec(grad_x, arg.shape(), arg.device())?))
     }
 }
