@@ -205,6 +205,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     println!("{:<28} {first:.4} -> {last:.4}", "loss first -> last");
     println!("{:<28} {:.2}", "pairs/s", m.pairs_per_s);
     println!("{:<28} {:.1}", "train seconds", m.train_seconds);
+    println!("{:<28} {:.1}", "reference seconds", m.reference_seconds);
     println!(
         "{:<28} {:.1}",
         "total seconds",

@@ -155,6 +155,9 @@ pub struct JobMetrics {
     pub kl_to_base: Option<f64>,
     /// Seconds the trainer spent in optimiser steps.
     pub train_seconds: Option<f64>,
+    /// Seconds the trainer spent computing reference log-probabilities before the first step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference_seconds: Option<f64>,
     /// Preference pairs per second of training.
     pub pairs_per_s: Option<f64>,
     /// Mean reward of each step's RFT rollouts (adapters with a reward plugin).
@@ -981,6 +984,7 @@ async fn execute(state: &Arc<AppState>, entry: &Arc<Entry>) -> Result<Published,
         job.metrics.eval_after = get("eval_after");
         job.metrics.eval_held_out = get("eval_held_out").and_then(|v| v.as_bool());
         job.metrics.train_seconds = get("train_seconds").and_then(|v| v.as_f64());
+        job.metrics.reference_seconds = get("reference_seconds").and_then(|v| v.as_f64());
         job.metrics.pairs_per_s = get("pairs_per_s").and_then(|v| v.as_f64());
         if let Some(losses) = get("losses").and_then(|v| serde_json::from_value(v).ok()) {
             job.metrics.loss = losses;

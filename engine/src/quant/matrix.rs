@@ -201,7 +201,26 @@ impl QMatrix {
     /// `out[m, rows] = x[m, cols] · Wᵀ` (row-major f32), parallel over output rows on the
     /// global pool. Activations are quantized to the weight's vec-dot type first, as ggml does.
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), QuantError> {
-        let (rows, cols) = (self.rows, self.cols);
+        self.matmul_rows(0..self.rows, x, m, out)
+    }
+
+    /// [`QMatrix::matmul`] with the weight rows `rows` only: `out[m, rows.len()]`, the same
+    /// numbers as those columns of the whole product (a part of a fused q/k/v matrix).
+    pub fn matmul_rows(
+        &self,
+        rows: std::ops::Range<usize>,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+    ) -> Result<(), QuantError> {
+        if rows.start > rows.end || rows.end > self.rows {
+            return Err(QuantError::RowOutOfRange {
+                row: rows.end,
+                rows: self.rows,
+            });
+        }
+        let first = rows.start;
+        let (rows, cols) = (rows.len(), self.cols);
         let x_len = m.checked_mul(cols);
         if x_len != Some(x.len()) {
             return Err(QuantError::SizeMismatch {
@@ -226,7 +245,7 @@ impl QMatrix {
                 // SAFETY: any f32 bit pattern is valid as bytes; same memory, 4x the length.
                 let xb =
                     unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, x.len() * 4) };
-                self.matmul_prepared(xb, cols * 4, m, out);
+                self.matmul_prepared(first..first + rows, xb, cols * 4, m, out);
                 Ok(())
             }
             Some(vdt) => {
@@ -240,16 +259,24 @@ impl QMatrix {
                     for (xr, ar) in x.chunks_exact(cols).zip(act.chunks_exact_mut(arb)) {
                         quantize_into(vdt, xr, ar)?;
                     }
-                    self.matmul_prepared(act, arb, m, out);
+                    self.matmul_prepared(first..first + rows, act, arb, m, out);
                     Ok(())
                 })
             }
         }
     }
 
-    /// The matmul proper on activations already in vec-dot format (`m` rows of `arb` bytes).
-    fn matmul_prepared(&self, act: &[u8], arb: usize, m: usize, out: &mut [f32]) {
-        let (rows, cols, rb) = (self.rows, self.cols, self.row_bytes);
+    /// The matmul proper over weight rows `range`, on activations already in vec-dot format
+    /// (`m` rows of `arb` bytes).
+    fn matmul_prepared(
+        &self,
+        range: std::ops::Range<usize>,
+        act: &[u8],
+        arb: usize,
+        m: usize,
+        out: &mut [f32],
+    ) {
+        let (rows, cols, rb) = (range.len(), self.cols, self.row_bytes);
         let dot = kernels().dot(self.dtype);
         // Batch invariance: the server promises the same output alone or batched, and the
         // quantized model turns a one-ulp difference into a different token. So a pair's dot
@@ -263,7 +290,7 @@ impl QMatrix {
         } else {
             (None, None)
         };
-        let w: &[u8] = &self.bytes;
+        let w: &[u8] = &self.bytes[range.start * rb..range.end * rb];
         let threads = num_threads();
         // Rows per task: a few tasks per thread balance load; tiny matrices stay on one thread.
         let chunk = if m == 1 {

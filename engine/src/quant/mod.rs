@@ -20,8 +20,7 @@ mod tests;
 pub use dequant::dequantize;
 pub use matrix::QMatrix;
 pub use pool::{
-    background_thread, lower_thread_priority, num_threads, parallel_for, runs_inline,
-    set_num_threads,
+    background_thread, lower_thread_priority, num_threads, parallel_for, set_num_threads,
 };
 pub use quantize::quantize;
 

@@ -66,12 +66,6 @@ pub fn background_thread() {
     lower_thread_priority();
 }
 
-/// True on threads whose `parallel_for` runs inline (pool workers and background threads):
-/// other parallel code (a GEMM) should stay on the calling thread there too.
-pub fn runs_inline() -> bool {
-    IS_WORKER.with(Cell::get) || IS_BACKGROUND.with(Cell::get)
-}
-
 /// Lowers the calling thread's scheduling priority to nice 10 (Linux: per thread; elsewhere a
 /// no-op). Best effort: a failure leaves the priority unchanged.
 pub fn lower_thread_priority() {

@@ -13,7 +13,7 @@ use candle_core::{CustomOp1, DType, Device, Tensor};
 
 use super::adapter::TrainAdapter;
 use super::error::TrainError;
-use super::fused::{self, CausalSoftmax, LogSoftmaxGather, Rope, SwiGlu};
+use super::fused::{self, Attention, Heads, LogSoftmaxGather, Rope, SwiGlu};
 use super::ops::{self, RopeTables};
 use super::qmatmul::QMatMulOp;
 use crate::model::weights::{Fused, Linear};
@@ -100,10 +100,70 @@ impl BaseLinear {
         Ok(BaseLinear { parts, bias })
     }
 
-    fn from_fused(f: &Fused, opts: TrainOptions, device: &Device) -> Result<Self, TrainError> {
+    /// Rows `first .. first + n` of `l` as a projection of their own.
+    fn rows(
+        l: &Linear,
+        (first, n): (usize, usize),
+        opts: TrainOptions,
+        device: &Device,
+    ) -> Result<Self, TrainError> {
+        let part = if opts.quantized_base {
+            let op: Box<dyn CustomOp1 + Send + Sync> =
+                Box::new(QMatMulOp::rows(l.weight.clone(), first, n)?);
+            BaseWeight::Quantized(Arc::new(op))
+        } else {
+            let cols = l.weight.cols();
+            let mut w = vec![0f32; n * cols];
+            l.weight.dequantize_rows(first, &mut w)?;
+            BaseWeight::Dense(tensor(w, (n, cols), opts.dtype, device)?)
+        };
+        let bias = match &l.bias {
+            Some(b) => match b.get(first..first + n) {
+                Some(b) => Some(tensor(b.to_vec(), n, opts.dtype, device)?),
+                None => {
+                    return Err(TrainError::Unsupported(format!(
+                        "a bias of {} for rows {first}+{n}",
+                        b.len()
+                    )))
+                }
+            },
+            None => None,
+        };
+        Ok(BaseLinear {
+            parts: vec![part],
+            bias,
+        })
+    }
+
+    /// The parts of a fused projection (q/k/v, gate/up) as projections of their own, with
+    /// output sizes `sizes`: each part's output then needs no split, and its gradient no
+    /// zero-padding back into the fused one.
+    fn parts(
+        f: &Fused,
+        sizes: &[usize],
+        opts: TrainOptions,
+        device: &Device,
+    ) -> Result<Vec<Self>, TrainError> {
         match f {
-            Fused::One(l) => Self::new(&[l], opts, device),
-            Fused::Split(parts) => Self::new(&parts.iter().collect::<Vec<_>>(), opts, device),
+            Fused::Split(ls) if ls.len() == sizes.len() => {
+                ls.iter().map(|l| Self::new(&[l], opts, device)).collect()
+            }
+            Fused::Split(ls) => Err(TrainError::Unsupported(format!(
+                "{} separate matrices for {} parts",
+                ls.len(),
+                sizes.len()
+            ))),
+            Fused::One(l) => {
+                let mut first = 0;
+                sizes
+                    .iter()
+                    .map(|&n| {
+                        let part = Self::rows(l, (first, n), opts, device);
+                        first += n;
+                        part
+                    })
+                    .collect()
+            }
         }
     }
 
@@ -138,10 +198,12 @@ fn tensor(
 
 struct TrainLayer {
     attn_norm: Tensor,
-    qkv: BaseLinear,
+    /// q, k and v.
+    qkv: Vec<BaseLinear>,
     o: BaseLinear,
     ffn_norm: Tensor,
-    gate_up: BaseLinear,
+    /// gate and up.
+    gate_up: Vec<BaseLinear>,
     down: BaseLinear,
 }
 
@@ -191,13 +253,14 @@ impl TrainModel {
         }
         let vec = |v: &[f32]| tensor(v.to_vec(), v.len(), opts.dtype, device);
         let mut layers = Vec::with_capacity(weights.layers.len());
+        let (q_dim, kv_dim, inter) = (cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
         for l in &weights.layers {
             layers.push(TrainLayer {
                 attn_norm: vec(&l.attn_norm)?,
-                qkv: BaseLinear::from_fused(&l.qkv, opts, device)?,
+                qkv: BaseLinear::parts(&l.qkv, &[q_dim, kv_dim, kv_dim], opts, device)?,
                 o: BaseLinear::new(&[&l.o], opts, device)?,
                 ffn_norm: vec(&l.ffn_norm)?,
-                gate_up: BaseLinear::from_fused(&l.gate_up, opts, device)?,
+                gate_up: BaseLinear::parts(&l.gate_up, &[inter, inter], opts, device)?,
                 down: BaseLinear::new(&[&l.down], opts, device)?,
             });
         }
@@ -256,7 +319,7 @@ impl TrainModel {
         for l in &self.layers {
             out.push(l.attn_norm.clone());
             out.push(l.ffn_norm.clone());
-            for p in [&l.qkv, &l.o, &l.gate_up, &l.down] {
+            for p in l.qkv.iter().chain(&l.gate_up).chain([&l.o, &l.down]) {
                 linear(p, &mut out);
             }
         }
@@ -469,10 +532,13 @@ impl TrainModel {
             x = (x + o)?;
 
             let normed = self.rms_norm(&x, &layer.ffn_norm, eps)?;
-            let inter = cfg.intermediate_size;
-            let gu = layer.gate_up.forward(&normed)?;
-            let mut gate = gu.narrow(1, 0, inter)?;
-            let mut up = gu.narrow(1, inter, inter)?;
+            let [g, u] = layer.gate_up.as_slice() else {
+                return Err(TrainError::Unsupported(
+                    "gate/up in other than two parts".into(),
+                ));
+            };
+            let mut gate = g.forward(&normed)?;
+            let mut up = u.forward(&normed)?;
             add_lora(&mut gate, adapter, li, Proj::Gate, &normed)?;
             add_lora(&mut up, adapter, li, Proj::Up, &normed)?;
             let act = if self.fused {
@@ -510,26 +576,41 @@ impl TrainModel {
         let cfg = &self.cfg;
         let (b, t) = (ctx.b, ctx.t);
         let (hd, nh, kvh) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
-        let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
-        let qkv = layer.qkv.forward(normed)?;
-        let mut q = qkv.narrow(1, 0, q_dim)?;
-        let mut k = qkv.narrow(1, q_dim, kv_dim)?;
-        let mut v = qkv.narrow(1, q_dim + kv_dim, kv_dim)?;
+        let q_dim = cfg.q_dim();
+        let [qp, kp, vp] = layer.qkv.as_slice() else {
+            return Err(TrainError::Unsupported(
+                "q/k/v in other than three parts".into(),
+            ));
+        };
+        let mut q = qp.forward(normed)?;
+        let mut k = kp.forward(normed)?;
+        let mut v = vp.forward(normed)?;
         add_lora(&mut q, adapter, li, Proj::Q, normed)?;
         add_lora(&mut k, adapter, li, Proj::K, normed)?;
         add_lora(&mut v, adapter, li, Proj::V, normed)?;
-        let heads = |x: Tensor, n: usize| -> Result<Tensor, TrainError> {
-            Ok(x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
-        };
-        let rope = |x: Tensor| -> Result<Tensor, TrainError> {
+        // Rows `[b·t, n·hd]` → heads `[b, n, t, hd]`, rotated when `rotate`.
+        let heads = |x: Tensor, n: usize, rotate: bool| -> Result<Tensor, TrainError> {
             Ok(match &ctx.rope {
-                Positions::Fused(r) => x.apply_op1(r.clone())?,
-                Positions::Composed { rope, .. } => ops::rope(&x, rope)?,
+                Positions::Fused(r) => x.contiguous()?.apply_op1(Heads {
+                    b,
+                    len: t,
+                    heads: n,
+                    hd,
+                    rope: rotate.then(|| r.clone()),
+                })?,
+                Positions::Composed { rope, .. } => {
+                    let h = x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?;
+                    if rotate {
+                        ops::rope(&h, rope)?
+                    } else {
+                        h
+                    }
+                }
             })
         };
-        let q = rope(heads(q, nh)?)?;
-        let mut k = rope(heads(k, kvh)?)?;
-        let mut v = heads(v, kvh)?;
+        let q = heads(q, nh, true)?;
+        let mut k = heads(k, kvh, true)?;
+        let mut v = heads(v, kvh, false)?;
         if let Some((pk, pv)) = past {
             // A past shared by the whole batch (prefix, prompt) is stored once and broadcast.
             let widen = |x: &Tensor| -> Result<Tensor, TrainError> {
@@ -539,24 +620,30 @@ impl TrainModel {
             k = Tensor::cat(&[&widen(pk)?, &k], 2)?;
             v = Tensor::cat(&[&widen(pv)?, &v], 2)?;
         }
-        let group = nh / kvh;
-        let kr = ops::repeat_kv(&k, group)?;
-        let vr = ops::repeat_kv(&v, group)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = q.matmul(&kr.transpose(2, 3)?.contiguous()?)?;
-        let probs = match &ctx.rope {
-            Positions::Fused(_) => scores.apply_op1(CausalSoftmax {
-                scale,
-                past: ctx.past,
-            })?,
+        let out = match &ctx.rope {
+            Positions::Fused(_) => q.apply_op3(
+                &k,
+                &v,
+                Attention {
+                    scale,
+                    past: ctx.past,
+                },
+            )?,
             Positions::Composed { mask, .. } => {
-                ops::softmax_last_dim(&scores.affine(scale, 0.0)?.broadcast_add(mask)?)?
+                let group = nh / kvh;
+                let kr = ops::repeat_kv(&k, group)?;
+                let vr = ops::repeat_kv(&v, group)?;
+                let scores = q
+                    .matmul(&kr.transpose(2, 3)?.contiguous()?)?
+                    .affine(scale, 0.0)?
+                    .broadcast_add(mask)?;
+                ops::softmax_last_dim(&scores)?
+                    .matmul(&vr)?
+                    .transpose(1, 2)?
+                    .reshape((b * t, q_dim))?
             }
         };
-        let out = probs
-            .matmul(&vr)?
-            .transpose(1, 2)?
-            .reshape((b * t, q_dim))?;
         Ok((out, (k, v)))
     }
 }
@@ -572,7 +659,7 @@ struct AttnContext {
 
 /// Rotary tables and the causal mask of a forward, for the fused or the composed ops.
 enum Positions {
-    /// The fused rotary op; the fused softmax masks by position itself.
+    /// The fused rotary op; the fused attention masks by position itself.
     Fused(Rope),
     /// Rotary tables and an additive causal mask for the composed ops.
     Composed { rope: RopeTables, mask: Tensor },

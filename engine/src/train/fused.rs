@@ -10,7 +10,8 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+    WithDType,
 };
 use num_traits::{Float, One, Zero};
 
@@ -21,7 +22,7 @@ use crate::quant::parallel_for;
 const TASK_ELEMS: usize = 1 << 14;
 
 /// A float element the fused ops compute in.
-trait Elem: WithDType + Float {}
+pub(crate) trait Elem: WithDType + Float {}
 impl Elem for f32 {}
 impl Elem for f64 {}
 
@@ -68,6 +69,14 @@ unsafe impl<T> Send for RowsPtr<T> {}
 unsafe impl<T> Sync for RowsPtr<T> {}
 
 impl<T> RowsPtr<T> {
+    /// Writes element `i`.
+    ///
+    /// # Safety
+    /// `i` must be inside the buffer, and no live slice may cover it.
+    unsafe fn write(&self, i: usize, v: T) {
+        self.0.add(i).write(v)
+    }
+
     /// Row `r` of width `w`.
     ///
     /// # Safety
@@ -318,109 +327,9 @@ impl CustomOp3 for SwiGluBackward {
     }
 }
 
-/// Causal softmax of attention scores `[.., len, keys]` (`keys = past + len`): query `i` sees
-/// keys `0..=past + i`, scaled by `scale` before the softmax; hidden keys get probability 0.
-#[derive(Debug, Clone, Copy)]
-pub struct CausalSoftmax {
-    /// Multiplies the raw scores (`1/√head_dim`).
-    pub scale: f64,
-    /// Keys before the first query (prefix and prompt), visible to every query.
-    pub past: usize,
-}
-
-impl CausalSoftmax {
-    fn geometry(&self, layout: &Layout) -> Result<(usize, usize, usize)> {
-        let dims = layout.dims();
-        if dims.len() < 2 {
-            bail!("causal softmax: scores of shape {dims:?}");
-        }
-        let (len, keys) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-        if keys != self.past + len {
-            bail!(
-                "causal softmax: {keys} keys for {len} queries after {} past",
-                self.past
-            );
-        }
-        Ok((layout.shape().elem_count() / keys.max(1), len, keys))
-    }
-}
-
-impl CustomOp1 for CausalSoftmax {
-    fn name(&self) -> &'static str {
-        "fused-causal-softmax"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (rows, len, keys) = self.geometry(layout)?;
-        with_float!(storage, self.name(), |T| {
-            let s = slice::<T>(storage, layout, self.name())?;
-            let scale: T = cast(self.scale);
-            let out = map_rows(rows, keys, keys, |r, dst: &mut [T]| {
-                let visible = self.past + r % len + 1;
-                let src = &s[r * keys..r * keys + visible];
-                let max = src
-                    .iter()
-                    .fold(T::neg_infinity(), |m, &v| Float::max(m, v * scale));
-                let mut sum = T::zero();
-                for (d, &v) in dst.iter_mut().zip(src) {
-                    *d = (v * scale - max).exp();
-                    sum += *d;
-                }
-                for d in &mut dst[..visible] {
-                    *d /= sum;
-                }
-            });
-            Ok((T::to_cpu_storage_owned(out), layout.shape().clone()))
-        })
-    }
-
-    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let g = res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBackward(self.scale))?;
-        Ok(Some(g))
-    }
-}
-
-/// `∂/∂scores` of a scaled softmax from its output `p`: `scale · p · (g − Σ p·g)` per row.
-struct SoftmaxBackward(f64);
-
-impl CustomOp2 for SoftmaxBackward {
-    fn name(&self) -> &'static str {
-        "fused-softmax-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        ps: &CpuStorage,
-        pl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (rows, n) = rows_of(pl, self.name())?;
-        with_float!(ps, self.name(), |T| {
-            let p = slice::<T>(ps, pl, self.name())?;
-            let g = slice::<T>(gs, gl, self.name())?;
-            if g.len() != p.len() {
-                bail!("{}: mismatched shapes", self.name());
-            }
-            let scale: T = cast(self.0);
-            let out = map_rows(rows, n, n, |r, dst: &mut [T]| {
-                let (pr, gr) = (&p[r * n..(r + 1) * n], &g[r * n..(r + 1) * n]);
-                let dot = pr
-                    .iter()
-                    .zip(gr)
-                    .fold(T::zero(), |a, (&pv, &gv)| a + pv * gv);
-                for ((d, &pv), &gv) in dst.iter_mut().zip(pr).zip(gr) {
-                    *d = scale * pv * (gv - dot);
-                }
-            });
-            Ok((T::to_cpu_storage_owned(out), pl.shape().clone()))
-        })
-    }
-}
-
-/// Rotate-half rotary embedding of `x` `[.., len, head_dim]` for positions
-/// `start .. start + len`: `(x₁, x₂) ↦ (x₁ cos − x₂ sin, x₂ cos + x₁ sin)`, with angles formed
-/// in f64 and rounded once to the compute type, as the serving table is.
+/// The rotary table [`Heads`] rotates by, for positions `start .. start + len`:
+/// `(x₁, x₂) ↦ (x₁ cos − x₂ sin, x₂ cos + x₁ sin)`, with angles formed in f64 and rounded
+/// once to the compute type, as the serving table is.
 #[derive(Debug, Clone)]
 pub struct Rope {
     len: usize,
@@ -453,54 +362,133 @@ impl Rope {
             sin,
         }
     }
+}
 
-    /// The inverse rotation (the backward of this one).
-    fn inverse(&self) -> Self {
-        Rope {
-            sin: self.sin.iter().map(|s| -s).collect(),
-            ..self.clone()
+/// Rows `[b · len, heads · hd]` (a projection's output) → heads `[b, heads, len, hd]`,
+/// rotated by `rope` when given: the reshape, transpose, copy and rotation of the
+/// composition in one pass each way.
+#[derive(Debug, Clone)]
+pub struct Heads {
+    /// Sequences.
+    pub b: usize,
+    /// Positions per sequence.
+    pub len: usize,
+    /// Heads in a row.
+    pub heads: usize,
+    /// Width of a head.
+    pub hd: usize,
+    /// The rotary table for the `len` positions (queries and keys), or none (values).
+    pub rope: Option<Rope>,
+}
+
+impl Heads {
+    fn check(&self, dims: &[usize], want: &[usize]) -> Result<()> {
+        if dims != want {
+            bail!("heads: input {dims:?}, expected {want:?}");
         }
+        if let Some(r) = &self.rope {
+            if r.len != self.len || 2 * r.half != self.hd {
+                bail!(
+                    "heads: rotary table for {} positions of {}",
+                    r.len,
+                    2 * r.half
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies head `src` to `dst`, rotated for position `p` (inversely when `inverse`).
+    fn place<T: Elem>(
+        &self,
+        tables: &Option<(Vec<T>, Vec<T>)>,
+        p: usize,
+        src: &[T],
+        dst: &mut [T],
+        inverse: bool,
+    ) {
+        let Some((cos, sin)) = tables else {
+            dst.copy_from_slice(src);
+            return;
+        };
+        let h = self.hd / 2;
+        let (c, s) = (&cos[p * h..(p + 1) * h], &sin[p * h..(p + 1) * h]);
+        let (x1, x2) = src.split_at(h);
+        let (lo, hi) = dst.split_at_mut(h);
+        for i in 0..h {
+            let si = if inverse { -s[i] } else { s[i] };
+            lo[i] = x1[i] * c[i] - x2[i] * si;
+            hi[i] = x2[i] * c[i] + x1[i] * si;
+        }
+    }
+
+    fn tables<T: Elem>(&self) -> Option<(Vec<T>, Vec<T>)> {
+        self.rope.as_ref().map(|r| {
+            (
+                r.cos.iter().map(|&v| cast(v)).collect(),
+                r.sin.iter().map(|&v| cast(v)).collect(),
+            )
+        })
     }
 }
 
-impl CustomOp1 for Rope {
+impl CustomOp1 for Heads {
     fn name(&self) -> &'static str {
-        "fused-rope"
+        "fused-heads"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (rows, hd) = rows_of(layout, self.name())?;
-        let dims = layout.dims();
-        if hd != 2 * self.half || dims.len() < 2 || dims[dims.len() - 2] != self.len {
-            bail!(
-                "{}: input {dims:?} for {} positions of head_dim {}",
-                self.name(),
-                self.len,
-                2 * self.half
-            );
-        }
-        let h = self.half;
+        let (b, len, heads, hd) = (self.b, self.len, self.heads, self.hd);
+        self.check(layout.dims(), &[b * len, heads * hd])?;
         with_float!(storage, self.name(), |T| {
             let x = slice::<T>(storage, layout, self.name())?;
-            let cos: Vec<T> = self.cos.iter().map(|&v| cast(v)).collect();
-            let sin: Vec<T> = self.sin.iter().map(|&v| cast(v)).collect();
-            let out = map_rows(rows, hd, hd, |r, dst: &mut [T]| {
-                let p = r % self.len;
-                let (c, s) = (&cos[p * h..(p + 1) * h], &sin[p * h..(p + 1) * h]);
-                let src = &x[r * hd..(r + 1) * hd];
-                let (x1, x2) = src.split_at(h);
-                let (lo, hi) = dst.split_at_mut(h);
-                for i in 0..h {
-                    lo[i] = x1[i] * c[i] - x2[i] * s[i];
-                    hi[i] = x2[i] * c[i] + x1[i] * s[i];
-                }
+            let tables = self.tables::<T>();
+            let out = map_rows(b * heads * len, hd, hd, |r, dst: &mut [T]| {
+                let (i, h, p) = (r / (heads * len), r / len % heads, r % len);
+                let src = &x[(i * len + p) * heads * hd + h * hd..][..hd];
+                self.place(&tables, p, src, dst, false);
             });
-            Ok((T::to_cpu_storage_owned(out), layout.shape().clone()))
+            Ok((
+                T::to_cpu_storage_owned(out),
+                Shape::from((b, heads, len, hd)),
+            ))
         })
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&self.inverse())?))
+        Ok(Some(
+            grad.contiguous()?.apply_op1_no_bwd(&HeadsBackward(self))?,
+        ))
+    }
+}
+
+/// `∂/∂rows` of [`Heads`]: heads back to rows, rotated back.
+struct HeadsBackward<'a>(&'a Heads);
+
+impl CustomOp1 for HeadsBackward<'_> {
+    fn name(&self) -> &'static str {
+        "fused-heads-backward"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let h = self.0;
+        let (b, len, heads, hd) = (h.b, h.len, h.heads, h.hd);
+        h.check(layout.dims(), &[b, heads, len, hd])?;
+        with_float!(storage, self.name(), |T| {
+            let g = slice::<T>(storage, layout, self.name())?;
+            let tables = h.tables::<T>();
+            let out = map_rows(b * len, heads * hd, heads * hd, |r, dst: &mut [T]| {
+                let (i, p) = (r / len, r % len);
+                for (hh, d) in dst.chunks_exact_mut(hd).enumerate() {
+                    let src = &g[((i * heads + hh) * len + p) * hd..][..hd];
+                    h.place(&tables, p, src, d, true);
+                }
+            });
+            Ok((
+                T::to_cpu_storage_owned(out),
+                Shape::from((b * len, heads * hd)),
+            ))
+        })
     }
 }
 
@@ -601,11 +589,502 @@ impl CustomOp2 for LogSoftmaxGatherBackward<'_> {
     }
 }
 
+/// One operand of [`gemm_into`]: the elements and their column and row strides.
+type Operand<'a, T> = (&'a [T], isize, isize);
+
+/// `dst[m, n] (+)= beta · lhs[m, k] · rhs[k, n]` (`dst` row-major; accumulates when `acc`),
+/// its rows split over the compute pool (one pool for every kernel of a step: a second one,
+/// such as rayon's, would spin against it for the same cores).
+pub(crate) fn gemm_into<T: Elem>(
+    dims: (usize, usize, usize),
+    dst: &mut [T],
+    acc: bool,
+    lhs: Operand<'_, T>,
+    rhs: Operand<'_, T>,
+    beta: T,
+) {
+    let (m, n, _) = dims;
+    let threads = crate::quant::num_threads();
+    if threads < 2 || m < 2 * GEMM_MIN_ROWS {
+        gemm_strided(dims, (dst, n), acc, lhs, rhs, beta);
+        return;
+    }
+    let rows = m.div_ceil(threads).max(GEMM_MIN_ROWS);
+    let dst_len = dst.len();
+    let ptr = RowsPtr(dst.as_mut_ptr());
+    parallel_for(m.div_ceil(rows), &|t| {
+        let (r0, r1) = (t * rows, ((t + 1) * rows).min(m));
+        let rs = lhs.2.max(0) as usize;
+        // SAFETY: tasks take disjoint row ranges r0..r1 of `dst` (n elements per row, checked
+        // against its length here), so their slices do not overlap.
+        assert!(r1 * n <= dst_len, "gemm destination too small");
+        let d = unsafe { ptr.row(t, rows * n).get_mut(..(r1 - r0) * n) }.unwrap_or_default();
+        let l = (lhs.0.get(r0 * rs..).unwrap_or_default(), lhs.1, lhs.2);
+        gemm_strided((r1 - r0, n, dims.2), (d, n), acc, l, rhs, beta);
+    });
+}
+
+/// Fewest rows worth a task of their own in [`gemm_into`].
+const GEMM_MIN_ROWS: usize = 16;
+
+/// The last element an operand of `rows × cols` with these strides addresses, checked to be
+/// inside `len` elements.
+fn check_operand(len: usize, (rows, cols): (usize, usize), cs: isize, rs: isize) {
+    let last = (rows.saturating_sub(1) as isize) * rs + (cols.saturating_sub(1) as isize) * cs;
+    assert!(
+        rows == 0 || cols == 0 || (cs >= 0 && rs >= 0 && (last as usize) < len),
+        "gemm operand out of bounds"
+    );
+}
+
+/// [`gemm_into`] on the calling thread, with a destination row stride.
+fn gemm_strided<T: Elem>(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs): (&mut [T], usize),
+    acc: bool,
+    lhs: Operand<'_, T>,
+    rhs: Operand<'_, T>,
+    beta: T,
+) {
+    check_operand(dst.len(), (m, n), 1, dst_rs as isize);
+    check_operand(lhs.0.len(), (m, k), lhs.1, lhs.2);
+    check_operand(rhs.0.len(), (k, n), rhs.1, rhs.2);
+    // SAFETY: every operand's strides address only elements inside its slice (checked
+    // above), and `dst` is a unique borrow, so it overlaps neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            acc,
+            lhs.0.as_ptr(),
+            lhs.1,
+            lhs.2,
+            rhs.0.as_ptr(),
+            rhs.1,
+            rhs.2,
+            T::one(),
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// A LoRA delta `scale · (x Aᵀ) Bᵀ` for `x` `[rows, in]`, `A` `[r, in]`, `B` `[out, r]`, as one
+/// op: two GEMMs forward, four backward, instead of two matmul, two transpose and one scale
+/// nodes each with a zeroed gradient buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct LoraDelta {
+    /// `alpha / r` (or `alpha / √r`).
+    pub scale: f64,
+}
+
+impl LoraDelta {
+    fn dims(&self, x: &[usize], a: &[usize], b: &[usize]) -> Result<(usize, usize, usize, usize)> {
+        match (x, a, b) {
+            (&[m, i], &[r, ia], &[o, rb]) if i == ia && r == rb => Ok((m, i, r, o)),
+            _ => bail!("lora delta: x {x:?}, A {a:?}, B {b:?} do not chain"),
+        }
+    }
+}
+
+impl CustomOp3 for LoraDelta {
+    fn name(&self) -> &'static str {
+        "fused-lora-delta"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        as_: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, i, r, o) = self.dims(xl.dims(), al.dims(), bl.dims())?;
+        with_float!(xs, self.name(), |T| {
+            let x = slice::<T>(xs, xl, self.name())?;
+            let a = slice::<T>(as_, al, self.name())?;
+            let b = slice::<T>(bs, bl, self.name())?;
+            let mut u = vec![T::zero(); m * r];
+            gemm_into(
+                (m, r, i),
+                &mut u,
+                false,
+                (x, 1, i as isize),
+                (a, i as isize, 1),
+                T::one(),
+            );
+            let mut out = vec![T::zero(); m * o];
+            let s = cast::<T>(self.scale);
+            gemm_into(
+                (m, o, r),
+                &mut out,
+                false,
+                (&u, 1, r as isize),
+                (b, r as isize, 1),
+                s,
+            );
+            Ok((T::to_cpu_storage_owned(out), Shape::from((m, o))))
+        })
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (m, i, r, o) = self.dims(x.dims(), a.dims(), b.dims())?;
+        match x.dtype() {
+            DType::F32 => self.grads::<f32>(x, a, b, grad, (m, i, r, o)),
+            DType::F64 => self.grads::<f64>(x, a, b, grad, (m, i, r, o)),
+            dt => bail!("{}: f32 or f64 expected, got {dt:?}", self.name()),
+        }
+    }
+}
+
+impl LoraDelta {
+    /// The three gradients, with `gb = g·B`: `s·gb·A` for x, `s·gbᵀ·x` for A and
+    /// `s·gᵀ·(x Aᵀ)` for B.
+    #[allow(clippy::type_complexity)]
+    fn grads<T: Elem>(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        grad: &Tensor,
+        (m, i, r, o): (usize, usize, usize, usize),
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let host = |t: &Tensor| t.flatten_all()?.to_vec1::<T>();
+        let (xv, av, bv, g) = (host(x)?, host(a)?, host(b)?, host(grad)?);
+        let (ii, ri, oi) = (i as isize, r as isize, o as isize);
+        let s = cast::<T>(self.scale);
+        let mut gb = vec![T::zero(); m * r];
+        gemm_into(
+            (m, r, o),
+            &mut gb,
+            false,
+            (&g, 1, oi),
+            (&bv, 1, ri),
+            T::one(),
+        );
+        let mut gx = vec![T::zero(); m * i];
+        gemm_into((m, i, r), &mut gx, false, (&gb, 1, ri), (&av, 1, ii), s);
+        let mut ga = vec![T::zero(); r * i];
+        gemm_into((r, i, m), &mut ga, false, (&gb, ri, 1), (&xv, 1, ii), s);
+        let mut u = vec![T::zero(); m * r];
+        gemm_into(
+            (m, r, i),
+            &mut u,
+            false,
+            (&xv, 1, ii),
+            (&av, ii, 1),
+            T::one(),
+        );
+        let mut gbb = vec![T::zero(); o * r];
+        gemm_into((o, r, m), &mut gbb, false, (&g, oi, 1), (&u, 1, ri), s);
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(gx, (m, i), dev)?),
+            Some(Tensor::from_vec(ga, (r, i), dev)?),
+            Some(Tensor::from_vec(gbb, (o, r), dev)?),
+        ))
+    }
+}
+
+/// Causal grouped-query attention as one op: `q` `[b, heads, len, hd]`, `k` and `v`
+/// `[b, kv_heads, past + len, hd]` → `[b · len, heads · hd]` (rows ready for the output
+/// projection). Query `i` sees keys `0..=past + i`; query head `h` reads key/value head
+/// `h / (heads / kv_heads)`. The backward recomputes the probabilities instead of keeping
+/// them, and sums each key/value head's gradient over its query heads.
+#[derive(Debug, Clone, Copy)]
+pub struct Attention {
+    /// `1/√hd`.
+    pub scale: f64,
+    /// Keys before the first query.
+    pub past: usize,
+}
+
+/// Shapes of one [`Attention`] call.
+#[derive(Debug, Clone, Copy)]
+struct AttnDims {
+    b: usize,
+    heads: usize,
+    kv_heads: usize,
+    len: usize,
+    keys: usize,
+    hd: usize,
+}
+
+impl AttnDims {
+    fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+    fn q_off(&self, i: usize, h: usize) -> usize {
+        (i * self.heads + h) * self.len * self.hd
+    }
+    fn kv_off(&self, i: usize, kh: usize) -> usize {
+        (i * self.kv_heads + kh) * self.keys * self.hd
+    }
+}
+
+impl Attention {
+    fn dims(&self, q: &[usize], k: &[usize], v: &[usize]) -> Result<AttnDims> {
+        match (q, k, v) {
+            (&[b, heads, len, hd], &[kb, kv_heads, keys, khd], v)
+                if v == k
+                    && kb == b
+                    && khd == hd
+                    && kv_heads > 0
+                    && heads % kv_heads == 0
+                    && keys == self.past + len =>
+            {
+                Ok(AttnDims {
+                    b,
+                    heads,
+                    kv_heads,
+                    len,
+                    keys,
+                    hd,
+                })
+            }
+            _ => bail!(
+                "attention: q {q:?}, k {k:?}, v {v:?} after {} past keys do not fit",
+                self.past
+            ),
+        }
+    }
+
+    /// Probabilities `[len, keys]` of query head `h` of sequence `i` (hidden keys 0).
+    fn probs<T: Elem>(&self, d: AttnDims, q: &[T], k: &[T], i: usize, h: usize) -> Vec<T> {
+        let (len, keys, hd) = (d.len, d.keys, d.hd);
+        let qh = &q[d.q_off(i, h)..][..len * hd];
+        let kh = &k[d.kv_off(i, h / d.group())..][..keys * hd];
+        let mut p = vec![T::zero(); len * keys];
+        let ki = hd as isize;
+        gemm_strided(
+            (len, keys, hd),
+            (&mut p, keys),
+            false,
+            (qh, 1, ki),
+            (kh, ki, 1),
+            T::one(),
+        );
+        let scale: T = cast(self.scale);
+        for (r, row) in p.chunks_exact_mut(keys).enumerate() {
+            let visible = self.past + r + 1;
+            let max = row[..visible]
+                .iter()
+                .fold(T::neg_infinity(), |m, &v| Float::max(m, v * scale));
+            let mut sum = T::zero();
+            for x in &mut row[..visible] {
+                *x = (*x * scale - max).exp();
+                sum += *x;
+            }
+            for x in &mut row[..visible] {
+                *x /= sum;
+            }
+            row[visible..].iter_mut().for_each(|x| *x = T::zero());
+        }
+        p
+    }
+
+    fn forward<T: Elem>(&self, d: AttnDims, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
+        let (len, keys, hd) = (d.len, d.keys, d.hd);
+        let width = d.heads * hd;
+        let mut out = vec![T::zero(); d.b * len * width];
+        let ptr = RowsPtr(out.as_mut_ptr());
+        parallel_for(d.b * d.heads, &|task| {
+            let (i, h) = (task / d.heads, task % d.heads);
+            let p = self.probs(d, q, k, i, h);
+            let vh = &v[d.kv_off(i, h / d.group())..][..keys * hd];
+            let mut o = vec![T::zero(); len * hd];
+            let hi = hd as isize;
+            gemm_strided(
+                (len, hd, keys),
+                (&mut o, hd),
+                false,
+                (&p, 1, keys as isize),
+                (vh, 1, hi),
+                T::one(),
+            );
+            for (r, row) in o.chunks_exact(hd).enumerate() {
+                let at = (i * len + r) * width + h * hd;
+                for (c, &x) in row.iter().enumerate() {
+                    // SAFETY: `at + c` < b·len·width; each (row, head column) element is
+                    // written by the one task owning head h of sequence i.
+                    unsafe { ptr.write(at + c, x) };
+                }
+            }
+        });
+        out
+    }
+
+    /// `(dq, dk, dv)` from the output gradient `g` `[b · len, heads · hd]`.
+    #[allow(clippy::type_complexity)]
+    fn backward<T: Elem>(
+        &self,
+        d: AttnDims,
+        (q, k, v): (&[T], &[T], &[T]),
+        g: &[T],
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let (len, keys, hd, group) = (d.len, d.keys, d.hd, d.group());
+        let width = d.heads * hd;
+        let (ki, hi, wi) = (keys as isize, hd as isize, width as isize);
+        let mut dq = vec![T::zero(); q.len()];
+        let mut dk = vec![T::zero(); k.len()];
+        let mut dv = vec![T::zero(); v.len()];
+        let (pq, pk, pv) = (
+            RowsPtr(dq.as_mut_ptr()),
+            RowsPtr(dk.as_mut_ptr()),
+            RowsPtr(dv.as_mut_ptr()),
+        );
+        let scale: T = cast(self.scale);
+        parallel_for(d.b * d.kv_heads, &|task| {
+            let (i, kh) = (task / d.kv_heads, task % d.kv_heads);
+            // SAFETY: task (i, kh) owns block `task` of dk and dv (keys·hd each) and the
+            // `group` consecutive query heads of dq that read kv head kh (group·len·hd).
+            let (dkh, dvh, dqg) = unsafe {
+                (
+                    pk.row(task, keys * hd),
+                    pv.row(task, keys * hd),
+                    pq.row(task, group * len * hd),
+                )
+            };
+            let kh_s = &k[d.kv_off(i, kh)..][..keys * hd];
+            let vh_s = &v[d.kv_off(i, kh)..][..keys * hd];
+            for gi in 0..group {
+                let h = kh * group + gi;
+                let p = self.probs(d, q, k, i, h);
+                let go = &g[i * len * width + h * hd..];
+                let qh = &q[d.q_off(i, h)..][..len * hd];
+                // dP = dO · Vᵀ
+                let mut dp = vec![T::zero(); len * keys];
+                gemm_strided(
+                    (len, keys, hd),
+                    (&mut dp, keys),
+                    false,
+                    (go, 1, wi),
+                    (vh_s, hi, 1),
+                    T::one(),
+                );
+                // dV += Pᵀ · dO
+                gemm_strided(
+                    (keys, hd, len),
+                    (dvh, hd),
+                    true,
+                    (&p, ki, 1),
+                    (go, 1, wi),
+                    T::one(),
+                );
+                // dS = scale · P ⊙ (dP − Σ P·dP), in place in dp
+                for (pr, dr) in p.chunks_exact(keys).zip(dp.chunks_exact_mut(keys)) {
+                    let dot = pr
+                        .iter()
+                        .zip(dr.iter())
+                        .fold(T::zero(), |a, (&x, &y)| a + x * y);
+                    for (x, &pv_) in dr.iter_mut().zip(pr) {
+                        *x = scale * pv_ * (*x - dot);
+                    }
+                }
+                // dQ = dS · K
+                gemm_strided(
+                    (len, hd, keys),
+                    (&mut dqg[gi * len * hd..(gi + 1) * len * hd], hd),
+                    false,
+                    (&dp, 1, ki),
+                    (kh_s, 1, hi),
+                    T::one(),
+                );
+                // dK += dSᵀ · Q
+                gemm_strided(
+                    (keys, hd, len),
+                    (dkh, hd),
+                    true,
+                    (&dp, ki, 1),
+                    (qh, 1, hi),
+                    T::one(),
+                );
+            }
+        });
+        (dq, dk, dv)
+    }
+
+    fn grads<T: Elem>(
+        &self,
+        d: AttnDims,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let host = |t: &Tensor| t.flatten_all()?.to_vec1::<T>();
+        let (qv, kv, vv, g) = (host(q)?, host(k)?, host(v)?, host(grad)?);
+        let (dq, dk, dv) = self.backward(d, (&qv, &kv, &vv), &g);
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), dev)?),
+        ))
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = self.dims(ql.dims(), kl.dims(), vl.dims())?;
+        let shape = Shape::from((d.b * d.len, d.heads * d.hd));
+        with_float!(qs, self.name(), |T| {
+            let q = slice::<T>(qs, ql, self.name())?;
+            let k = slice::<T>(ks, kl, self.name())?;
+            let v = slice::<T>(vs, vl, self.name())?;
+            Ok((T::to_cpu_storage_owned(self.forward(d, q, k, v)), shape))
+        })
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = self.dims(q.dims(), k.dims(), v.dims())?;
+        match q.dtype() {
+            DType::F32 => self.grads::<f32>(d, (q, k, v), grad),
+            DType::F64 => self.grads::<f64>(d, (q, k, v), grad),
+            dt => bail!("{}: f32 or f64 expected, got {dt:?}", self.name()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::train::ops;
-    use candle_core::{DType, Device, Var, D};
+    use candle_core::{Device, Var, D};
     use rand::{Rng, SeedableRng};
 
     fn random(shape: &[usize], seed: u64, dtype: DType) -> Var {
@@ -700,48 +1179,6 @@ mod tests {
     }
 
     #[test]
-    fn causal_softmax_matches_masked_softmax() {
-        each_dtype(|dt, tol| {
-            for past in [0, 3] {
-                let (len, scale) = (5, 0.25);
-                let s = random(&[2, 3, len, past + len], 5, dt);
-                let mask = ops::causal_mask(len, past, dt, &Device::Cpu).expect("mask");
-                check(
-                    &[s],
-                    |t| {
-                        t[0].apply_op1(CausalSoftmax { scale, past })
-                            .expect("fused")
-                    },
-                    |t| {
-                        let x = t[0]
-                            .affine(scale, 0.0)
-                            .and_then(|x| x.broadcast_add(&mask))
-                            .expect("scores");
-                        ops::softmax_last_dim(&x).expect("softmax")
-                    },
-                    tol,
-                );
-            }
-        });
-    }
-
-    #[test]
-    fn rope_matches_composition() {
-        each_dtype(|dt, tol| {
-            let inv: Vec<f32> = (0..4).map(|i| 1.0 / 10f32.powf(i as f32 / 4.0)).collect();
-            let (start, len) = (3, 6);
-            let x = random(&[2, 3, len, 8], 6, dt);
-            let tables = ops::RopeTables::new(&inv, start, len, dt, &Device::Cpu).expect("tables");
-            check(
-                &[x],
-                |t| t[0].apply_op1(Rope::new(&inv, start, len)).expect("fused"),
-                |t| ops::rope(t[0], &tables).expect("composed"),
-                tol,
-            );
-        });
-    }
-
-    #[test]
     fn log_softmax_gather_matches_composition() {
         each_dtype(|dt, tol| {
             let targets = vec![0u32, 7, 3, 9, 9, 1];
@@ -765,6 +1202,106 @@ mod tests {
     }
 
     #[test]
+    fn lora_delta_matches_composition() {
+        each_dtype(|dt, tol| {
+            let x = random(&[5, 12], 10, dt);
+            let a = random(&[3, 12], 11, dt);
+            let b = random(&[7, 3], 12, dt);
+            check(
+                &[x, a, b],
+                |t| {
+                    t[0].apply_op3(t[1], t[2], LoraDelta { scale: 0.5 })
+                        .expect("fused")
+                },
+                |t| {
+                    let composed = || -> Result<Tensor> {
+                        t[0].matmul(&t[1].t()?)?
+                            .matmul(&t[2].t()?)?
+                            .affine(0.5, 0.0)
+                    };
+                    composed().expect("composed")
+                },
+                tol,
+            );
+        });
+    }
+
+    #[test]
+    fn attention_matches_composition() {
+        each_dtype(|dt, tol| {
+            for past in [0, 4] {
+                let (b, heads, kv_heads, len, hd) = (2, 6, 2, 5, 8);
+                let keys = past + len;
+                let q = random(&[b, heads, len, hd], 13, dt);
+                let k = random(&[b, kv_heads, keys, hd], 14, dt);
+                let v = random(&[b, kv_heads, keys, hd], 15, dt);
+                let scale = 1.0 / (hd as f64).sqrt();
+                let mask = ops::causal_mask(len, past, dt, &Device::Cpu).expect("mask");
+                check(
+                    &[q, k, v],
+                    |t| {
+                        t[0].apply_op3(t[1], t[2], Attention { scale, past })
+                            .expect("fused")
+                    },
+                    |t| {
+                        let composed = || -> Result<Tensor> {
+                            let group = heads / kv_heads;
+                            let kr = ops::repeat_kv(t[1], group)?;
+                            let vr = ops::repeat_kv(t[2], group)?;
+                            let s = t[0]
+                                .matmul(&kr.transpose(2, 3)?.contiguous()?)?
+                                .affine(scale, 0.0)?
+                                .broadcast_add(&mask)?;
+                            ops::softmax_last_dim(&s)?
+                                .matmul(&vr)?
+                                .transpose(1, 2)?
+                                .reshape((b * len, heads * hd))
+                        };
+                        composed().expect("composed")
+                    },
+                    tol,
+                );
+            }
+        });
+    }
+
+    #[test]
+    fn heads_match_reshape_transpose_and_rope() {
+        each_dtype(|dt, tol| {
+            let inv: Vec<f32> = (0..4).map(|i| 1.0 / 10f32.powf(i as f32 / 4.0)).collect();
+            let (b, len, heads, hd, start) = (2, 5, 3, 8, 2);
+            let x = random(&[b * len, heads * hd], 16, dt);
+            let tables = ops::RopeTables::new(&inv, start, len, dt, &Device::Cpu).expect("tables");
+            for rotate in [false, true] {
+                let op = Heads {
+                    b,
+                    len,
+                    heads,
+                    hd,
+                    rope: rotate.then(|| Rope::new(&inv, start, len)),
+                };
+                check(
+                    std::slice::from_ref(&x),
+                    |t| t[0].apply_op1(op.clone()).expect("fused"),
+                    |t| {
+                        let h = t[0]
+                            .reshape((b, len, heads, hd))
+                            .and_then(|h| h.transpose(1, 2))
+                            .and_then(|h| h.contiguous())
+                            .expect("heads");
+                        if rotate {
+                            ops::rope(&h, &tables).expect("rope")
+                        } else {
+                            h
+                        }
+                    },
+                    tol,
+                );
+            }
+        });
+    }
+
+    #[test]
     fn bad_shapes_are_errors() {
         let x = random(&[2, 4], 8, DType::F32);
         let op = LogSoftmaxGather::new(vec![1, 9]);
@@ -777,20 +1314,31 @@ mod tests {
             x.as_tensor().apply_op1(op).is_err(),
             "one target for two rows"
         );
-        let op = CausalSoftmax {
+        let q = random(&[1, 2, 3, 4], 10, DType::F32);
+        let t = q.as_tensor();
+        let op = Attention {
             scale: 1.0,
             past: 1,
         };
-        assert!(x.as_tensor().apply_op1(op).is_err(), "keys != past + len");
+        assert!(t.apply_op3(t, t, op).is_err(), "keys != past + len");
         let w = random(&[3], 9, DType::F32);
         assert!(x
             .as_tensor()
             .apply_op2(w.as_tensor(), RmsNorm { eps: 1e-5 })
             .is_err());
-        let i = Tensor::new(&[1u32, 2], &Device::Cpu).expect("ints");
+        let op = Heads {
+            b: 1,
+            len: 1,
+            heads: 1,
+            hd: 2,
+            rope: Some(Rope::new(&[1.0], 0, 1)),
+        };
+        let wrong = random(&[1, 4], 11, DType::F32);
         assert!(
-            i.apply_op1(Rope::new(&[1.0], 0, 1)).is_err(),
-            "integer input"
+            wrong.as_tensor().apply_op1(op.clone()).is_err(),
+            "rows of the wrong width"
         );
+        let ints = Tensor::new(&[[1u32, 2]], &Device::Cpu).expect("ints");
+        assert!(ints.apply_op1(op).is_err(), "integer input");
     }
 }

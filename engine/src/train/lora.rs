@@ -6,6 +6,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::error::TrainError;
+use super::fused::LoraDelta;
 use crate::model::Proj;
 
 /// Shape and initialisation of the LoRA part of an adapter.
@@ -93,8 +94,14 @@ impl LoraLayer {
         })
     }
 
-    /// `scale · (x Aᵀ) Bᵀ` for `x` `[rows, in_features]`.
+    /// `scale · (x Aᵀ) Bᵀ` for `x` `[rows, in_features]` (one fused op on the CPU).
     pub fn delta(&self, x: &Tensor) -> Result<Tensor, TrainError> {
+        if x.device().is_cpu() {
+            let op = LoraDelta { scale: self.scale };
+            return Ok(x
+                .contiguous()?
+                .apply_op3(self.a.as_tensor(), self.b.as_tensor(), op)?);
+        }
         let low = x.matmul(&self.a.as_tensor().t()?)?;
         Ok(low
             .matmul(&self.b.as_tensor().t()?)?

@@ -4,8 +4,9 @@
 //! its memory by up to eight. [`QMatMulOp`] runs the forward with the serving kernel
 //! (`QMatrix::matmul`, so the arithmetic is the serving arithmetic) and the backward as
 //! `grad_x = grad_y · W`, dequantising `W` a block of rows at a time into a reused buffer and
-//! accumulating each block's product into one output with the GEMM candle uses (reading the
-//! gradient's columns in place, no copies). The weight itself never
+//! accumulating each block's product into one output with the gemm crate candle uses, rows
+//! split over the compute pool (reading the gradient's columns in place, no copies). The
+//! weight itself never
 //! receives gradient: it is not a variable of the graph. CPU only (the forward reads host
 //! memory); on CUDA use the dense f32 base.
 
@@ -13,9 +14,9 @@ use std::cell::RefCell;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, Error, Layout, Result, Shape, Storage, Tensor};
-use gemm::Parallelism;
 
-use crate::quant::{num_threads, runs_inline, QMatrix};
+use super::fused::gemm_into;
+use crate::quant::QMatrix;
 
 /// f32 elements of `W` dequantised at once in the backward (4 MiB).
 const BACKWARD_BLOCK_ELEMS: usize = 1 << 20;
@@ -25,16 +26,34 @@ thread_local! {
     static DEQUANTIZED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// `y = x Wᵀ` for `x` `[.., in]` with `W` a quantized `[out, in]` matrix, differentiable in `x`.
+/// `y = x Wᵀ` for `x` `[.., in]` with `W` a quantized `[out, in]` matrix (or a range of its
+/// rows), differentiable in `x`.
 #[derive(Debug, Clone)]
 pub struct QMatMulOp {
     weight: QMatrix,
+    rows: std::ops::Range<usize>,
 }
 
 impl QMatMulOp {
     /// Wraps a weight matrix (shared, not copied: the bytes are reference-counted).
     pub fn new(weight: QMatrix) -> Self {
-        QMatMulOp { weight }
+        let rows = 0..weight.rows();
+        QMatMulOp { weight, rows }
+    }
+
+    /// The product with rows `first .. first + n` of `weight` only: one part of a fused
+    /// matrix (q, k or v of a fused q/k/v) without computing the others or splitting after.
+    pub fn rows(weight: QMatrix, first: usize, n: usize) -> Result<Self> {
+        match first.checked_add(n) {
+            Some(end) if end <= weight.rows() => Ok(QMatMulOp {
+                weight,
+                rows: first..end,
+            }),
+            _ => bail!(
+                "qmatmul: rows {first}+{n} of a {}-row matrix",
+                weight.rows()
+            ),
+        }
     }
 
     /// The wrapped weight.
@@ -47,7 +66,7 @@ impl QMatMulOp {
         match dims.split_last() {
             Some((&last, lead)) if last == cols => {
                 let mut out = lead.to_vec();
-                out.push(self.weight.rows());
+                out.push(self.rows.len());
                 Ok((lead.iter().product(), Shape::from(out)))
             }
             _ => bail!(
@@ -70,15 +89,15 @@ impl CustomOp1 for QMatMulOp {
         let Some((start, end)) = layout.contiguous_offsets() else {
             bail!("qmatmul: input must be contiguous")
         };
-        let mut out = vec![0f32; m * self.weight.rows()];
+        let mut out = vec![0f32; m * self.rows.len()];
         self.weight
-            .matmul(&data[start..end], m, &mut out)
+            .matmul_rows(self.rows.clone(), &data[start..end], m, &mut out)
             .map_err(Error::wrap)?;
         Ok((CpuStorage::F32(out), shape))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let (rows, cols) = (self.weight.rows(), self.weight.cols());
+        let (rows, cols) = (self.rows.len(), self.weight.cols());
         let g = grad_res.contiguous()?;
         let m = g.elem_count() / rows.max(1);
         if m * cols != arg.elem_count() {
@@ -94,11 +113,6 @@ impl CustomOp1 for QMatMulOp {
                 bail!("qmatmul backward: gradient must be contiguous")
             };
             let g = &data[start..end];
-            let parallelism = if runs_inline() {
-                Parallelism::None
-            } else {
-                Parallelism::Rayon(num_threads())
-            };
             let block = (BACKWARD_BLOCK_ELEMS / cols.max(1)).max(1);
             DEQUANTIZED.with(|cell| -> Result<()> {
                 let mut fresh = Vec::new();
@@ -111,36 +125,18 @@ impl CustomOp1 for QMatMulOp {
                     let n = block.min(rows - r0);
                     w.resize(n * cols, 0.0);
                     self.weight
-                        .dequantize_rows(r0, &mut w[..n * cols])
+                        .dequantize_rows(self.rows.start + r0, &mut w[..n * cols])
                         .map_err(Error::wrap)?;
                     // grad_x[m, cols] += g[:, r0..r0 + n] · W[r0..r0 + n, :], reading the
                     // gradient's columns in place.
-                    // SAFETY: every pointer/stride pair describes memory inside its buffer:
-                    // g is m × rows (row stride `rows`, columns r0..r0 + n), w holds n × cols,
-                    // grad_x m × cols; the destination overlaps neither input.
-                    unsafe {
-                        gemm::gemm(
-                            m,
-                            cols,
-                            n,
-                            grad_x.as_mut_ptr(),
-                            1,
-                            cols as isize,
-                            r0 > 0,
-                            g.as_ptr().add(r0),
-                            1,
-                            rows as isize,
-                            w.as_ptr(),
-                            1,
-                            cols as isize,
-                            1.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            parallelism,
-                        );
-                    }
+                    gemm_into(
+                        (m, cols, n),
+                        &mut grad_x,
+                        r0 > 0,
+                        (&g[r0..], 1, rows as isize),
+                        (&w[..n * cols], 1, cols as isize),
+                        1.0,
+                    );
                 }
                 Ok(())
             })?;

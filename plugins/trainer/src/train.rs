@@ -281,6 +281,10 @@ pub struct TrainMetrics {
     pub eval_held_out: bool,
     /// Wall-clock seconds of the optimisation steps (reference and eval passes excluded).
     pub train_seconds: f64,
+    /// Wall-clock seconds of the reference pass (every example's reference log-probabilities,
+    /// computed once before the first step). A trainer that runs its reference inside each
+    /// step (TRL's `DPOTrainer`) counts it in its step time: compare with the sum.
+    pub reference_seconds: f64,
     /// Pairs per second over the run.
     pub pairs_per_s: f64,
     /// Training examples: pairs, demonstrations, unpaired.
@@ -725,7 +729,9 @@ impl<'m> Trainer<'m> {
     ) -> Result<TrainOutput, TrainerError> {
         data.validate()?;
         let total = self.params.total_steps(data.len());
+        let reference_start = Instant::now();
         let refs = self.reference_cache(data)?;
+        let reference_seconds = reference_start.elapsed().as_secs_f64();
         let (eval_set, eval_refs, held_out) = if data.eval_pairs.is_empty() {
             (&data.pairs, &refs.pairs, false)
         } else {
@@ -820,6 +826,7 @@ impl<'m> Trainer<'m> {
                 eval_after,
                 eval_held_out: held_out,
                 train_seconds,
+                reference_seconds,
                 pairs_per_s: pairs_done as f64 / train_seconds.max(1e-9),
                 examples: (
                     data.pairs.len(),
