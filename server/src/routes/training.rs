@@ -35,16 +35,31 @@ fn not_found(id: &str) -> ApiError {
     ApiError::NotFound(format!("training job `{id}` not found"))
 }
 
-fn positive_int(obj: &Map<String, Value>, field: &str) -> Result<Option<usize>, ApiError> {
+/// Largest `steps` a request may ask for: a job holds its adapter's training slot and one of
+/// the global ones until it ends (the trainer's `timeout_secs` stops it at the latest).
+pub const MAX_STEPS: usize = 100_000;
+/// Largest `epochs`.
+pub const MAX_EPOCHS: usize = 1_000;
+/// Largest `batch_size` (a batch never exceeds the data anyway).
+pub const MAX_BATCH_SIZE: usize = 1_024;
+
+fn positive_int(
+    obj: &Map<String, Value>,
+    field: &str,
+    max: usize,
+) -> Result<Option<usize>, ApiError> {
     match obj.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => v
             .as_u64()
-            .filter(|&n| n > 0)
             .and_then(|n| usize::try_from(n).ok())
+            .filter(|&n| (1..=max).contains(&n))
             .map(Some)
             .ok_or_else(|| {
-                ApiError::invalid(field, format!("`{field}` must be a positive integer"))
+                ApiError::invalid(
+                    field,
+                    format!("`{field}` must be an integer from 1 to {max}"),
+                )
             }),
     }
 }
@@ -106,9 +121,9 @@ fn parse_request(body: &[u8]) -> Result<(String, Overrides), ApiError> {
         None => number(&obj, "learning_rate")?,
     };
     let overrides = Overrides {
-        steps: positive_int(&obj, "steps")?,
-        epochs: positive_int(&obj, "epochs")?,
-        batch_size: positive_int(&obj, "batch_size")?,
+        steps: positive_int(&obj, "steps", MAX_STEPS)?,
+        epochs: positive_int(&obj, "epochs", MAX_EPOCHS)?,
+        batch_size: positive_int(&obj, "batch_size", MAX_BATCH_SIZE)?,
         lr,
         beta: number(&obj, "beta")?,
         sft_weight: number(&obj, "sft_weight")?,
@@ -192,6 +207,10 @@ mod tests {
             (br#"{"adapter": ""}"#, "adapter"),
             (br#"{"adapter": "a", "steps": 0}"#, "steps"),
             (br#"{"adapter": "a", "steps": -1}"#, "steps"),
+            (br#"{"adapter": "a", "steps": 100001}"#, "steps"),
+            (br#"{"adapter": "a", "epochs": 1001}"#, "epochs"),
+            (br#"{"adapter": "a", "batch_size": 1025}"#, "batch_size"),
+            (br#"{"adapter": "a", "steps": 1e30}"#, "steps"),
             (br#"{"adapter": "a", "beta": 0}"#, "beta"),
             (br#"{"adapter": "a", "lr": "fast"}"#, "lr"),
             (br#"{"adapter": "a", "stpes": 3}"#, "stpes"),
