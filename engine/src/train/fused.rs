@@ -77,6 +77,15 @@ impl<T> RowsPtr<T> {
         self.0.add(i).write(v)
     }
 
+    /// Elements `start .. start + len`.
+    ///
+    /// # Safety
+    /// `start + len` must be within the buffer, and no other live slice may overlap the span.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn span(&self, start: usize, len: usize) -> &mut [T] {
+        std::slice::from_raw_parts_mut(self.0.add(start), len)
+    }
+
     /// Row `r` of width `w`.
     ///
     /// # Safety
@@ -618,7 +627,7 @@ pub(crate) fn gemm_into<T: Elem>(
         // SAFETY: tasks take disjoint row ranges r0..r1 of `dst` (n elements per row, checked
         // against its length here), so their slices do not overlap.
         assert!(r1 * n <= dst_len, "gemm destination too small");
-        let d = unsafe { ptr.row(t, rows * n).get_mut(..(r1 - r0) * n) }.unwrap_or_default();
+        let d = unsafe { ptr.span(r0 * n, (r1 - r0) * n) };
         let l = (lhs.0.get(r0 * rs..).unwrap_or_default(), lhs.1, lhs.2);
         gemm_strided((r1 - r0, n, dims.2), (d, n), acc, l, rhs, beta);
     });
