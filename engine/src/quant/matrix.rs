@@ -26,23 +26,33 @@ thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` on a scratch buffer of `len` bytes (the thread's cached one when free).
 /// Whether the faster but batch-dependent multi-row kernels are enabled (see `matmul_prepared`).
 fn fast_batch() -> bool {
     static FAST: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *FAST.get_or_init(|| std::env::var_os("PREFIX_RFT_QUANT_FAST_BATCH").is_some())
 }
 
+/// Runs `f` on a scratch buffer of `len` bytes (the thread's cached one when free).
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+    with_buffer(&SCRATCH, len, f)
+}
+
+/// Runs `f` on the first `len` elements of the thread's buffer in `key`, grown as needed and
+/// kept for the next call; a fresh one when re-entered (a matmul inside a matmul task on this
+/// thread).
+pub(crate) fn with_buffer<T: Copy + Default, R>(
+    key: &'static std::thread::LocalKey<RefCell<Vec<T>>>,
+    len: usize,
+    f: impl FnOnce(&mut [T]) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
         Ok(mut buf) => {
             if buf.len() < len {
-                buf.resize(len, 0);
+                buf.resize(len, T::default());
             }
             f(&mut buf[..len])
         }
-        // Re-entered (a matmul inside a matmul task on this thread): use a fresh buffer.
-        Err(_) => f(&mut vec![0u8; len]),
+        Err(_) => f(&mut vec![T::default(); len]),
     })
 }
 

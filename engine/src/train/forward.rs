@@ -50,54 +50,17 @@ enum BaseWeight {
     Quantized(Arc<Box<dyn CustomOp1 + Send + Sync>>),
 }
 
-/// A frozen projection whose output is the concatenation of its parts' outputs (the fused
-/// q/k/v and gate/up projections), plus an optional bias.
+/// A frozen projection (or a row range of a fused one), plus an optional bias.
 #[derive(Clone)]
 struct BaseLinear {
-    parts: Vec<BaseWeight>,
+    weight: BaseWeight,
     bias: Option<Tensor>,
 }
 
 impl BaseLinear {
-    fn new(linears: &[&Linear], opts: TrainOptions, device: &Device) -> Result<Self, TrainError> {
-        let parts = if opts.quantized_base {
-            linears
-                .iter()
-                .map(|l| {
-                    let op: Box<dyn CustomOp1 + Send + Sync> =
-                        Box::new(QMatMulOp::new(l.weight.clone()));
-                    BaseWeight::Quantized(Arc::new(op))
-                })
-                .collect()
-        } else {
-            // One dense matrix for the fused parts: one matmul instead of several.
-            let cols = linears.first().map_or(0, |l| l.weight.cols());
-            let rows: usize = linears.iter().map(|l| l.weight.rows()).sum();
-            let mut all = Vec::with_capacity(rows * cols);
-            for l in linears {
-                all.extend(l.weight.to_f32());
-            }
-            vec![BaseWeight::Dense(tensor(
-                all,
-                (rows, cols),
-                opts.dtype,
-                device,
-            )?)]
-        };
-        let bias = if linears.iter().any(|l| l.bias.is_some()) {
-            let mut b = Vec::new();
-            for l in linears {
-                match &l.bias {
-                    Some(v) => b.extend_from_slice(v),
-                    None => b.extend(std::iter::repeat_n(0.0, l.weight.rows())),
-                }
-            }
-            let n = b.len();
-            Some(tensor(b, n, opts.dtype, device)?)
-        } else {
-            None
-        };
-        Ok(BaseLinear { parts, bias })
+    /// All of `l`.
+    fn new(l: &Linear, opts: TrainOptions, device: &Device) -> Result<Self, TrainError> {
+        Self::rows(l, (0, l.weight.rows()), opts, device)
     }
 
     /// Rows `first .. first + n` of `l` as a projection of their own.
@@ -107,7 +70,7 @@ impl BaseLinear {
         opts: TrainOptions,
         device: &Device,
     ) -> Result<Self, TrainError> {
-        let part = if opts.quantized_base {
+        let weight = if opts.quantized_base {
             let op: Box<dyn CustomOp1 + Send + Sync> =
                 Box::new(QMatMulOp::rows(l.weight.clone(), first, n)?);
             BaseWeight::Quantized(Arc::new(op))
@@ -129,10 +92,7 @@ impl BaseLinear {
             },
             None => None,
         };
-        Ok(BaseLinear {
-            parts: vec![part],
-            bias,
-        })
+        Ok(BaseLinear { weight, bias })
     }
 
     /// The parts of a fused projection (q/k/v, gate/up) as projections of their own, with
@@ -146,7 +106,7 @@ impl BaseLinear {
     ) -> Result<Vec<Self>, TrainError> {
         match f {
             Fused::Split(ls) if ls.len() == sizes.len() => {
-                ls.iter().map(|l| Self::new(&[l], opts, device)).collect()
+                ls.iter().map(|l| Self::new(l, opts, device)).collect()
             }
             Fused::Split(ls) => Err(TrainError::Unsupported(format!(
                 "{} separate matrices for {} parts",
@@ -169,16 +129,9 @@ impl BaseLinear {
 
     /// `x` `[rows, in]` → `[rows, out]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor, TrainError> {
-        let mut outs = Vec::with_capacity(self.parts.len());
-        for p in &self.parts {
-            outs.push(match p {
-                BaseWeight::Dense(w) => x.matmul(&w.t()?)?,
-                BaseWeight::Quantized(op) => x.contiguous()?.apply_op1_arc(op.clone())?,
-            });
-        }
-        let y = match outs.len() {
-            1 => outs.remove(0),
-            _ => Tensor::cat(&outs, 1)?,
+        let y = match &self.weight {
+            BaseWeight::Dense(w) => x.matmul(&w.t()?)?,
+            BaseWeight::Quantized(op) => x.contiguous()?.apply_op1_arc(op.clone())?,
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -258,10 +211,10 @@ impl TrainModel {
             layers.push(TrainLayer {
                 attn_norm: vec(&l.attn_norm)?,
                 qkv: BaseLinear::parts(&l.qkv, &[q_dim, kv_dim, kv_dim], opts, device)?,
-                o: BaseLinear::new(&[&l.o], opts, device)?,
+                o: BaseLinear::new(&l.o, opts, device)?,
                 ffn_norm: vec(&l.ffn_norm)?,
                 gate_up: BaseLinear::parts(&l.gate_up, &[inter, inter], opts, device)?,
-                down: BaseLinear::new(&[&l.down], opts, device)?,
+                down: BaseLinear::new(&l.down, opts, device)?,
             });
         }
         let head = Linear {
@@ -282,7 +235,7 @@ impl TrainModel {
             embed: weights.embed.clone(),
             layers,
             norm: vec(&weights.norm)?,
-            lm_head: BaseLinear::new(&[&head], opts, device)?,
+            lm_head: BaseLinear::new(&head, opts, device)?,
             inv_freq,
             fused: device.is_cpu(),
         })
@@ -308,10 +261,8 @@ impl TrainModel {
     pub fn frozen_tensors(&self) -> Vec<Tensor> {
         let mut out = vec![self.norm.clone()];
         let linear = |l: &BaseLinear, out: &mut Vec<Tensor>| {
-            for p in &l.parts {
-                if let BaseWeight::Dense(w) = p {
-                    out.push(w.clone());
-                }
+            if let BaseWeight::Dense(w) = &l.weight {
+                out.push(w.clone());
             }
             out.extend(l.bias.clone());
         };

@@ -16,7 +16,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, Error, Layout, Result, Shape, Storage, Tensor};
 
 use super::fused::gemm_into;
-use crate::quant::QMatrix;
+use crate::quant::{with_buffer, QMatrix};
 
 /// f32 elements of `W` dequantised at once in the backward (4 MiB).
 const BACKWARD_BLOCK_ELEMS: usize = 1 << 20;
@@ -114,18 +114,12 @@ impl CustomOp1 for QMatMulOp {
             };
             let g = &data[start..end];
             let block = (BACKWARD_BLOCK_ELEMS / cols.max(1)).max(1);
-            DEQUANTIZED.with(|cell| -> Result<()> {
-                let mut fresh = Vec::new();
-                let mut cached = cell.try_borrow_mut();
-                let w = match cached.as_mut() {
-                    Ok(buf) => &mut **buf,
-                    Err(_) => &mut fresh,
-                };
+            with_buffer(&DEQUANTIZED, block.min(rows) * cols, |w| -> Result<()> {
                 for r0 in (0..rows).step_by(block) {
                     let n = block.min(rows - r0);
-                    w.resize(n * cols, 0.0);
+                    let w = &mut w[..n * cols];
                     self.weight
-                        .dequantize_rows(self.rows.start + r0, &mut w[..n * cols])
+                        .dequantize_rows(self.rows.start + r0, w)
                         .map_err(Error::wrap)?;
                     // grad_x[m, cols] += g[:, r0..r0 + n] · W[r0..r0 + n, :], reading the
                     // gradient's columns in place.
@@ -134,7 +128,7 @@ impl CustomOp1 for QMatMulOp {
                         &mut grad_x,
                         r0 > 0,
                         (&g[r0..], 1, rows as isize),
-                        (&w[..n * cols], 1, cols as isize),
+                        (w, 1, cols as isize),
                         1.0,
                     );
                 }
