@@ -106,6 +106,18 @@ impl LoraParams {
     }
 }
 
+/// Whether `alpha / r` (`alpha / √r` with rsLoRA) is a finite f32, as the forward uses it.
+pub fn lora_scale_fits(alpha: f64, rank: usize, rslora: bool) -> bool {
+    let scale = LoraParams {
+        rank,
+        alpha,
+        rslora,
+        targets: Vec::new(),
+    }
+    .scale();
+    (scale as f32).is_finite()
+}
+
 /// A validated adapter: weights ready to serve plus what its config said.
 #[derive(Debug, Clone)]
 pub struct PeftAdapter {
@@ -379,6 +391,11 @@ fn lora_params(raw: &RawConfig, limits: &Limits) -> Result<LoraParams, AdapterEr
     let alpha = raw.lora_alpha.unwrap_or(8.0);
     if !alpha.is_finite() {
         return Err(invalid("lora_alpha is not finite"));
+    }
+    if !lora_scale_fits(alpha, rank, raw.use_rslora) {
+        return Err(invalid(format!(
+            "lora_alpha {alpha} gives a delta scale beyond f32's range"
+        )));
     }
     let targets = match &raw.target_modules {
         None => return Err(invalid("LoRA config without target_modules")),

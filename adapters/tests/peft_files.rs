@@ -98,6 +98,13 @@ fn lora_scale_follows_alpha_and_rslora() {
         c["use_rslora"] = json!(true);
     });
     assert_eq!(scale(&rs), 8.0, "rsLoRA divides by √r");
+    // Finite in f64 but not as the forward's f32 scale (found by schemathesis through
+    // POST /v1/adapters, where it was a 500): refused with the reason.
+    let huge = with_config(&files, |c| c["lora_alpha"] = json!(7.6e267));
+    let err = parse(&huge, &cfg)
+        .expect_err("a scale beyond f32")
+        .to_string();
+    assert!(err.contains("beyond f32"), "{err}");
 }
 
 #[test]

@@ -4,6 +4,9 @@
 
 use serde_json::{json, Value};
 
+/// The default model's id (config.toml), for the request examples.
+const EXAMPLE_MODEL: &str = "smollm2-135m-instruct";
+
 fn error_responses(codes: &[&str]) -> serde_json::Map<String, Value> {
     codes
         .iter()
@@ -28,7 +31,7 @@ fn describe(code: &str) -> &'static str {
     }
 }
 
-fn inference(summary: &str, request: &str, response: &str, chunk: &str) -> Value {
+fn inference(summary: &str, request: &str, example: Value, response: &str, chunk: &str) -> Value {
     let mut responses = error_responses(&["400", "401", "403", "404", "413", "429", "503"]);
     responses.insert(
         "200".into(),
@@ -44,7 +47,7 @@ fn inference(summary: &str, request: &str, response: &str, chunk: &str) -> Value
     json!({"post": {
         "summary": summary,
         "security": [{"bearer": []}],
-        "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{request}")}}}},
+        "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{request}")}, "example": example}}},
         "responses": responses
     }})
 }
@@ -223,8 +226,8 @@ pub fn document() -> Value {
         "openapi": "3.1.0",
         "info": {"title": "prefix-rft", "version": env!("CARGO_PKG_VERSION"), "description": "OpenAI-compatible serving with per-tenant Prefix-RFT adapters"},
         "paths": {
-            "/v1/chat/completions": inference("Chat completion", "ChatCompletionRequest", "ChatCompletion", "ChatCompletionChunk"),
-            "/v1/completions": inference("Text completion; `echo` with `logprobs` and `max_tokens: 0` scores a text", "CompletionRequest", "Completion", "Completion"),
+            "/v1/chat/completions": inference("Chat completion", "ChatCompletionRequest", json!({"model": EXAMPLE_MODEL, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8}), "ChatCompletion", "ChatCompletionChunk"),
+            "/v1/completions": inference("Text completion; `echo` with `logprobs` and `max_tokens: 0` scores a text", "CompletionRequest", json!({"model": EXAMPLE_MODEL, "prompt": "Once upon a time", "max_tokens": 8}), "Completion", "Completion"),
             "/v1/models": {"get": {"summary": "Models this key can use", "security": [{"bearer": []}], "responses": models_responses}},
             "/health": {"get": {"summary": "Liveness", "responses": {"200": {"description": "The process lives"}}}},
             "/ready": {"get": {"summary": "Readiness", "responses": {"200": {"description": "Model loaded"}, "503": {"description": "Loading or draining"}}}},

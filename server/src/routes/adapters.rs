@@ -12,7 +12,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use prefix_rft_adapters::peft::{CONFIG_FILE, WEIGHTS_FILE};
+use prefix_rft_adapters::peft::{self, CONFIG_FILE, WEIGHTS_FILE};
 use prefix_rft_adapters::{
     AdapterKind, AdapterListing, AdapterRegistry, Manifest, NewVersion, PeftFiles,
 };
@@ -192,10 +192,17 @@ pub async fn create(
             ));
         }
         let alpha = req.alpha.unwrap_or(2.0 * rank as f64);
+        let rslora = req.use_rslora.unwrap_or(false);
         if !alpha.is_finite() || alpha <= 0.0 {
             return Err(ApiError::invalid(
                 "alpha",
                 "alpha must be a positive number",
+            ));
+        }
+        if !peft::lora_scale_fits(alpha, rank, rslora) {
+            return Err(ApiError::invalid(
+                "alpha",
+                format!("alpha {alpha} gives a delta scale beyond f32's range"),
             ));
         }
         let targets = match &req.target_modules {
@@ -221,7 +228,7 @@ pub async fn create(
         Some(LoraConfig {
             rank,
             alpha,
-            rslora: req.use_rslora.unwrap_or(false),
+            rslora,
             targets,
             seed: req.seed.unwrap_or(0),
         })
