@@ -1,6 +1,7 @@
 //! Back-pressure and graceful shutdown, each on its own small server: a full queue answers 429
 //! with `Retry-After`; SIGTERM makes new requests and `/ready` answer 503 while the running
-//! stream finishes, then the process exits 0.
+//! stream finishes, then the process exits 0; `kill -9` mid-stream breaks the stream (it ends
+//! without `[DONE]`, it does not hang) and a server restarted on the same data starts clean.
 
 use std::time::Duration;
 
@@ -139,4 +140,57 @@ async fn body_over_the_limit_is_413() {
     let v: serde_json::Value = r.json().await.expect("json");
     assert_eq!(v["error"]["type"], "invalid_request_error");
     assert_eq!(v["error"]["code"], "request_too_large");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_while_streaming_breaks_the_stream_and_the_restart_is_clean() {
+    let data = tempfile::tempdir().unwrap();
+    let mut server = Server::start_in(None, data.path());
+    // A finished completion: acknowledged only once recorded, so it must survive the kill.
+    let r = post_small(&server).await;
+    assert_eq!(r.status(), 200);
+    let done: serde_json::Value = r.json().await.expect("json");
+    let done_id = done["id"].as_str().expect("id").to_string();
+
+    let running = start_stream(&server, 400).await;
+    let mut stream = running.bytes_stream();
+    let first = stream.next().await.expect("a first chunk").expect("chunk");
+    assert!(String::from_utf8_lossy(&first).contains("data:"));
+    server.kill9();
+    let mut rest = String::new();
+    let mut broken = false;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(bytes) => rest.push_str(&String::from_utf8_lossy(&bytes)),
+                Err(_) => {
+                    broken = true;
+                    break;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the stream must end once the server is gone");
+    assert!(
+        broken || !rest.contains("[DONE]"),
+        "a killed server cannot have finished the stream: {rest}"
+    );
+    drop(server);
+
+    let server = Server::start_in(None, data.path());
+    let r = post_small(&server).await;
+    assert_eq!(r.status(), 200, "the restarted server serves");
+    let fb = reqwest::Client::new()
+        .post(format!("{}/v1/feedback", server.base))
+        .bearer_auth(ACME_KEY)
+        .json(&json!({"completion_id": done_id, "rating": "up"}))
+        .send()
+        .await
+        .expect("feedback");
+    assert_eq!(
+        fb.status(),
+        201,
+        "the completion finished before the kill is still on record"
+    );
 }

@@ -5,6 +5,8 @@
 //!   preferred behaviour's log-prob margin rises on held-out prompts, greedy answers show it,
 //!   and the base and another tenant's adapter of the same name are untouched;
 //! - the jobs API's errors, tenant isolation, one job per adapter, and cancellation;
+//! - `kill -9` while a job trains: the restarted server lists the job failed, nothing was
+//!   published, and the adapter serves and trains again;
 //! - a trainer plugin that panics fails its job with the reason; a trainer library of another
 //!   ABI version is refused with the reason; the server keeps serving in both cases.
 
@@ -504,6 +506,95 @@ async fn the_jobs_api_refuses_bad_requests_and_cancels() {
     assert_eq!(list["data"].as_array().unwrap().len(), 2, "{list}");
     let all = api.ok("GET", "/training/jobs", ADMIN_KEY, None).await;
     assert_eq!(all["data"].as_array().unwrap().len(), 2, "{all}");
+}
+
+/// Every directory under `root` whose name starts with `prefix`.
+fn dirs_named(root: &std::path::Path, prefix: &str) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                if entry.file_name().to_string_lossy().starts_with(prefix) {
+                    found.push(path.clone());
+                }
+                stack.push(path);
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_during_training_fails_the_job_and_publishes_nothing() {
+    let data = tempfile::tempdir().unwrap();
+    let mut server = Server::start_in(None, data.path());
+    let api = Api::new(&server);
+    api.create_adapter(ACME_KEY, "cut", 4).await;
+    let before = api.answer(ACME_KEY, "cut", &question(TOPICS[0])).await;
+    api.teach_greeting("cut", &TOPICS[..6], 1).await;
+    let stats_before = api
+        .ok("GET", "/feedback/stats?adapter=cut", ACME_KEY, None)
+        .await;
+    let job = api
+        .start_job(ACME_KEY, json!({"adapter": "cut", "steps": 100000}))
+        .await;
+    let id = job["id"].as_str().unwrap().to_string();
+    // Kill it mid-step, once it has trained a little.
+    let deadline = Instant::now() + JOB_TIMEOUT;
+    loop {
+        let j = api
+            .ok("GET", &format!("/training/jobs/{id}"), ACME_KEY, None)
+            .await;
+        if j["step"].as_u64().unwrap_or(0) >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{j}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    server.kill9();
+    drop(server);
+
+    let server = Server::start_in(None, data.path());
+    let api = Api::new(&server);
+    let j = api
+        .ok("GET", &format!("/training/jobs/{id}"), ACME_KEY, None)
+        .await;
+    assert_eq!(j["status"], "failed", "{j}");
+    assert!(
+        j["reason"].as_str().unwrap_or("").contains("interrupted"),
+        "{j}"
+    );
+    assert!(j["version"].is_null(), "{j}");
+    let adapter = api.ok("GET", "/adapters/cut", ACME_KEY, None).await;
+    assert_eq!(
+        adapter["versions"].as_array().unwrap().len(),
+        1,
+        "nothing may be published by a killed job: {adapter}"
+    );
+    assert!(
+        dirs_named(data.path(), ".staging-").is_empty(),
+        "a restart leaves no half-written version behind"
+    );
+    // The adapter serves as before, its feedback is still untrained, and it can train again.
+    let c = api
+        .chat(ACME_KEY, "cut", &question(TOPICS[0]), json!({}))
+        .await;
+    assert_eq!(c["system_fingerprint"], "cut@1", "{c}");
+    assert_eq!(c["choices"][0]["message"]["content"], before.as_str());
+    let stats = api
+        .ok("GET", "/feedback/stats?adapter=cut", ACME_KEY, None)
+        .await;
+    assert_eq!(
+        stats, stats_before,
+        "a killed job marks no feedback trained"
+    );
+    let again = api
+        .start_job(ACME_KEY, json!({"adapter": "cut", "steps": 1}))
+        .await;
+    let again = api.wait_job(ACME_KEY, again["id"].as_str().unwrap()).await;
+    assert_eq!(again["status"], "succeeded", "{again}");
 }
 
 fn plugin_config(trainer_lib: &str, kind: &str) -> String {
