@@ -8,10 +8,10 @@
 //!
 //! Every stream runs requests of a 16-token prompt and 32 greedy tokens back to back; the
 //! figure is generated tokens per second over the whole run, so prefill and adapter loads are
-//! paid for (loads on a resolver thread, as the server does them off the decode loop). Usage: `adapters-bench <model.gguf> [threads] [seconds per case]`
+//! paid for. Usage: `adapters-bench <model.gguf> [threads] [seconds per case]`
 
 use std::collections::BTreeMap;
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prefix_rft_adapters::peft::{self, Limits};
@@ -90,11 +90,8 @@ struct Stream {
     generated: usize,
 }
 
-/// Generated tokens per second of `STREAMS` streams running requests back to back. Adapters
-/// are resolved on a thread of their own, as the server resolves them on a blocking-pool
-/// thread before admitting a request: a stream waiting for a cold load sits out of the batch
-/// while the others decode (the load still takes its share of the cores).
-fn run(model: &Llama, source: Source<'_>, duration: Duration) -> f64 {
+/// Generated tokens per second of `STREAMS` streams running requests back to back.
+fn run(model: &Llama, source: &mut Source<'_>, duration: Duration) -> f64 {
     let cfg = model.config();
     let vocab = cfg.vocab_size as u32;
     let prompt = |s: usize, r: usize| -> Vec<u32> {
@@ -102,86 +99,58 @@ fn run(model: &Llama, source: Source<'_>, duration: Duration) -> f64 {
             .map(|i| (((s * 977 + r * 131 + i) as u64 * 2654435761 % vocab as u64) as u32).max(3))
             .collect()
     };
-    std::thread::scope(|scope| {
-        let (want_tx, want_rx) = mpsc::channel::<usize>();
-        let (ready_tx, ready_rx) = mpsc::channel::<(usize, Option<Arc<dyn AdapterHook>>)>();
-        let mut source = source;
-        scope.spawn(move || {
-            for s in want_rx {
-                let t = Instant::now();
-                let adapter = source.next(s);
-                LEASE_NANOS.fetch_add(
-                    t.elapsed().as_nanos() as u64,
-                    std::sync::atomic::Ordering::Relaxed,
-                );
-                if ready_tx.send((s, adapter)).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut requests = 0usize;
-        let mut streams: Vec<Option<Stream>> = (0..STREAMS).map(|_| None).collect();
-        for s in 0..STREAMS {
-            want_tx.send(s).expect("resolver");
+    let mut requests = 0usize;
+    let mut start = |s: usize, source: &mut Source<'_>| {
+        requests += 1;
+        let t = Instant::now();
+        let adapter = source.next(s);
+        LEASE_NANOS.fetch_add(
+            t.elapsed().as_nanos() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        let cache = KvCache::with_adapter(cfg, adapter.as_deref());
+        Stream {
+            adapter,
+            cache,
+            pending: prompt(s, requests),
+            generated: 0,
         }
-        let t0 = Instant::now();
-        let mut tokens = 0usize;
-        while t0.elapsed() < duration {
-            // Admit every stream whose adapter is ready; wait only when none can run.
-            let mut ready: Vec<_> = ready_rx.try_iter().collect();
-            if streams.iter().all(Option::is_none) && ready.is_empty() {
-                ready.push(ready_rx.recv().expect("resolver"));
-            }
-            for (s, adapter) in ready {
-                requests += 1;
-                let cache = KvCache::with_adapter(cfg, adapter.as_deref());
-                streams[s] = Some(Stream {
-                    adapter,
-                    cache,
-                    pending: prompt(s, requests),
-                    generated: 0,
-                });
-            }
-            let active: Vec<usize> = (0..STREAMS).filter(|&s| streams[s].is_some()).collect();
-            let logits = {
-                let mut steps: Vec<SeqStep<'_>> = streams
-                    .iter_mut()
-                    .flatten()
-                    .map(|s| SeqStep {
-                        tokens: &s.pending,
-                        cache: &mut s.cache,
-                        adapter: s.adapter.as_deref(),
-                        logits: LogitsWanted::Last,
-                    })
-                    .collect();
-                model.forward(&mut steps).expect("forward")
-            };
-            for (i, &s) in active.iter().enumerate() {
-                let row = logits.last_of(i).expect("logits");
-                let next = row
-                    .iter()
-                    .enumerate()
-                    .fold(
-                        (0, f32::NEG_INFINITY),
-                        |b, (j, &v)| if v > b.1 { (j, v) } else { b },
-                    )
-                    .0 as u32;
-                tokens += 1;
-                let stream = streams[s].as_mut().expect("active");
-                stream.generated += 1;
-                stream.pending = vec![next];
-                if stream.generated == NEW_TOKENS {
-                    streams[s] = None;
-                    want_tx.send(s).expect("resolver");
-                }
+    };
+    let mut streams: Vec<Stream> = (0..STREAMS).map(|s| start(s, source)).collect();
+    let t0 = Instant::now();
+    let mut tokens = 0usize;
+    while t0.elapsed() < duration {
+        let logits = {
+            let mut steps: Vec<SeqStep<'_>> = streams
+                .iter_mut()
+                .map(|s| SeqStep {
+                    tokens: &s.pending,
+                    cache: &mut s.cache,
+                    adapter: s.adapter.as_deref(),
+                    logits: LogitsWanted::Last,
+                })
+                .collect();
+            model.forward(&mut steps).expect("forward")
+        };
+        for (i, s) in streams.iter_mut().enumerate() {
+            let row = logits.last_of(i).expect("logits");
+            let next = row
+                .iter()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |b, (j, &v)| if v > b.1 { (j, v) } else { b },
+                )
+                .0 as u32;
+            s.generated += 1;
+            tokens += 1;
+            s.pending = vec![next];
+            if s.generated == NEW_TOKENS {
+                *s = start(i, source);
             }
         }
-        let rate = tokens as f64 / t0.elapsed().as_secs_f64();
-        drop(want_tx);
-        // Leases still in flight are dropped with the channel.
-        drop(ready_rx);
-        rate
-    })
+    }
+    tokens as f64 / t0.elapsed().as_secs_f64()
 }
 
 /// A registry over the bench's store with a resident budget of `budget` bytes.
@@ -222,10 +191,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let prefixes: Vec<Option<Arc<dyn AdapterHook>>> = (0..STREAMS)
         .map(|i| Some(Arc::new(prefix(&cfg, 200 + i as u64)) as Arc<dyn AdapterHook>))
         .collect();
-    let base = run(&model, Source::Fixed(vec![None]), duration);
-    let one_lora = run(&model, Source::Fixed(vec![Some(one)]), duration);
-    let many_lora = run(&model, Source::Fixed(loras), duration);
-    let many_prefix = run(&model, Source::Fixed(prefixes), duration);
+    let base = run(&model, &mut Source::Fixed(vec![None]), duration);
+    let one_lora = run(&model, &mut Source::Fixed(vec![Some(one)]), duration);
+    let many_lora = run(&model, &mut Source::Fixed(loras), duration);
+    let many_prefix = run(&model, &mut Source::Fixed(prefixes), duration);
 
     // The store: 1,000 adapters over a few distinct files.
     let dir = std::env::temp_dir().join(format!("adapters-bench-{}", std::process::id()));
@@ -273,13 +242,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             acc
         })
         .collect();
-    let source = Source::Registry {
+    let mut source = Source::Registry {
         registry: &zipf_registry,
         zipf,
         rng: Box::new(rand::rngs::StdRng::seed_from_u64(7)),
     };
     LEASE_NANOS.store(0, std::sync::atomic::Ordering::Relaxed);
-    let thousand = run(&model, source, duration);
+    let thousand = run(&model, &mut source, duration);
     let lease_secs = LEASE_NANOS.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e9;
     let stats = zipf_registry.stats();
     let _ = std::fs::remove_dir_all(&dir);

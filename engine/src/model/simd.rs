@@ -1,9 +1,7 @@
-//! Small vector kernels of the attention step (dot product, scaled add, softmax) and of the
-//! served LoRA delta (the same two products over f16 weights), compiled for AVX2+FMA+F16C and
-//! chosen at run time so a portable build still runs them vectorised; the portable versions are
-//! the fallback elsewhere and the reference in tests.
+//! Small vector kernels of the attention step (dot product, scaled add, softmax), compiled
+//! for AVX2+FMA and chosen at run time so a portable build still runs them vectorised; the
+//! portable versions are the fallback elsewhere and the reference in tests.
 
-use half::f16;
 use std::sync::OnceLock;
 
 /// Vector kernels selected once for this CPU.
@@ -15,10 +13,6 @@ pub(crate) struct Kernels {
     pub axpy: fn(&mut [f32], f32, &[f32]),
     /// In place `x = exp(x - max)`, returning the sum of the results.
     pub exp_sum: fn(&mut [f32], f32) -> f32,
-    /// Dot product of f16 weights with f32 activations.
-    pub dot_f16: fn(&[f16], &[f32]) -> f32,
-    /// `dst += w * src` for f16 `src`.
-    pub axpy_f16: fn(&mut [f32], f32, &[f16]),
 }
 
 /// The kernels for this CPU.
@@ -30,14 +24,11 @@ pub(crate) fn kernels() -> Kernels {
             if std::env::var_os("PREFIX_RFT_QUANT_SCALAR").is_none()
                 && is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
             {
                 return Kernels {
                     dot: x86::dot,
                     axpy: x86::axpy,
                     exp_sum: x86::exp_sum,
-                    dot_f16: x86::dot_f16,
-                    axpy_f16: x86::axpy_f16,
                 };
             }
         }
@@ -45,15 +36,11 @@ pub(crate) fn kernels() -> Kernels {
             dot: portable::dot,
             axpy: portable::axpy,
             exp_sum: portable::exp_sum,
-            dot_f16: portable::dot_f16,
-            axpy_f16: portable::axpy_f16,
         }
     })
 }
 
 pub(crate) mod portable {
-    use half::f16;
-
     /// Dot product.
     pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         a.iter().zip(b).map(|(x, y)| x * y).sum()
@@ -63,18 +50,6 @@ pub(crate) mod portable {
     pub fn axpy(dst: &mut [f32], w: f32, src: &[f32]) {
         for (d, s) in dst.iter_mut().zip(src) {
             *d += w * s;
-        }
-    }
-
-    /// Dot product of f16 weights with f32 activations.
-    pub fn dot_f16(a: &[f16], x: &[f32]) -> f32 {
-        a.iter().zip(x).map(|(w, v)| w.to_f32() * v).sum()
-    }
-
-    /// `dst += w * src` for f16 `src`.
-    pub fn axpy_f16(dst: &mut [f32], w: f32, src: &[f16]) {
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d += w * s.to_f32();
         }
     }
 
@@ -91,7 +66,6 @@ pub(crate) mod portable {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use half::f16;
     use std::arch::x86_64::*;
 
     pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -109,22 +83,6 @@ mod x86 {
         unsafe { exp_sum_avx2(x, max) }
     }
 
-    pub fn dot_f16(a: &[f16], x: &[f32]) -> f32 {
-        // SAFETY: only selected after `avx2`, `fma` and `f16c` were detected at run time.
-        unsafe { dot_f16_avx2(a, x) }
-    }
-
-    pub fn axpy_f16(dst: &mut [f32], w: f32, src: &[f16]) {
-        // SAFETY: as above.
-        unsafe { axpy_f16_avx2(dst, w, src) }
-    }
-
-    /// Eight f16 (`repr(transparent)` over `u16`) from `p` widened to f32.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load8_f16(p: *const f16) -> __m256 {
-        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
-    }
-
     #[target_feature(enable = "avx2,fma")]
     unsafe fn hsum(v: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(v);
@@ -135,65 +93,55 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
-    /// Eight f32 from `p`, for the kernels generic over the weight type.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn load8_f32(p: *const f32) -> __m256 {
-        _mm256_loadu_ps(p)
+    unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut i = 0;
+        // SAFETY (all loads): `i + 16 <= n` / `i + 8 <= n` keep every load inside both slices.
+        while i + 16 <= n {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+            acc1 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i + 8)),
+                _mm256_loadu_ps(pb.add(i + 8)),
+                acc1,
+            );
+            i += 16;
+        }
+        if i + 8 <= n {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+            i += 8;
+        }
+        let mut s = hsum(_mm256_add_ps(acc0, acc1));
+        while i < n {
+            s += a[i] * b[i];
+            i += 1;
+        }
+        s
     }
 
-    /// `$dot(a: &[$t], b: &[f32]) -> f32` and `$axpy(dst: &mut [f32], w, src: &[$t])`, with
-    /// `$load` widening eight `$t` to f32.
-    macro_rules! dot_axpy {
-        ($dot:ident, $axpy:ident, $t:ty, $load:ident, $features:literal) => {
-            #[target_feature(enable = $features)]
-            unsafe fn $dot(a: &[$t], b: &[f32]) -> f32 {
-                let n = a.len().min(b.len());
-                let (pa, pb) = (a.as_ptr(), b.as_ptr());
-                let mut acc0 = _mm256_setzero_ps();
-                let mut acc1 = _mm256_setzero_ps();
-                let mut i = 0;
-                // SAFETY (all loads): `i + 16 <= n` / `i + 8 <= n` keep every load inside
-                // both slices.
-                while i + 16 <= n {
-                    acc0 = _mm256_fmadd_ps($load(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
-                    acc1 =
-                        _mm256_fmadd_ps($load(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8)), acc1);
-                    i += 16;
-                }
-                if i + 8 <= n {
-                    acc0 = _mm256_fmadd_ps($load(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
-                    i += 8;
-                }
-                let mut s = hsum(_mm256_add_ps(acc0, acc1));
-                while i < n {
-                    s += f32::from(a[i]) * b[i];
-                    i += 1;
-                }
-                s
-            }
-
-            #[target_feature(enable = $features)]
-            unsafe fn $axpy(dst: &mut [f32], w: f32, src: &[$t]) {
-                let n = dst.len().min(src.len());
-                let (pd, ps) = (dst.as_mut_ptr(), src.as_ptr());
-                let wv = _mm256_set1_ps(w);
-                let mut i = 0;
-                // SAFETY: `i + 8 <= n` keeps loads and stores inside both slices.
-                while i + 8 <= n {
-                    let d = _mm256_loadu_ps(pd.add(i));
-                    _mm256_storeu_ps(pd.add(i), _mm256_fmadd_ps(wv, $load(ps.add(i)), d));
-                    i += 8;
-                }
-                while i < n {
-                    dst[i] += w * f32::from(src[i]);
-                    i += 1;
-                }
-            }
-        };
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn axpy_avx2(dst: &mut [f32], w: f32, src: &[f32]) {
+        let n = dst.len().min(src.len());
+        let (pd, ps) = (dst.as_mut_ptr(), src.as_ptr());
+        let wv = _mm256_set1_ps(w);
+        let mut i = 0;
+        // SAFETY: `i + 8 <= n` keeps loads and stores inside both slices.
+        while i + 8 <= n {
+            let d = _mm256_loadu_ps(pd.add(i));
+            _mm256_storeu_ps(
+                pd.add(i),
+                _mm256_fmadd_ps(wv, _mm256_loadu_ps(ps.add(i)), d),
+            );
+            i += 8;
+        }
+        while i < n {
+            dst[i] += w * src[i];
+            i += 1;
+        }
     }
-
-    dot_axpy!(dot_avx2, axpy_avx2, f32, load8_f32, "avx2,fma");
-    dot_axpy!(dot_f16_avx2, axpy_f16_avx2, f16, load8_f16, "avx2,fma,f16c");
 
     /// exp(x) for x <= 0 by range reduction to 2^k · e^r with a degree-6 polynomial on
     /// |r| <= ln2/2 (relative error below 2e-7, like Cephes' expf).
@@ -272,19 +220,6 @@ mod tests {
             assert!(x1
                 .iter()
                 .zip(&x2)
-                .all(|(p, q)| (p - q).abs() <= 1e-5 * (1.0 + q.abs())));
-            let a16: Vec<f16> = a.iter().map(|&v| f16::from_f32(v)).collect();
-            let (h1, h2) = ((k.dot_f16)(&a16, &b), portable::dot_f16(&a16, &b));
-            assert!(
-                (h1 - h2).abs() <= 1e-4 * (1.0 + h2.abs()),
-                "dot f16 n={n}: {h1} vs {h2}"
-            );
-            let (mut y1, mut y2) = (b.clone(), b.clone());
-            (k.axpy_f16)(&mut y1, 0.37, &a16);
-            portable::axpy_f16(&mut y2, 0.37, &a16);
-            assert!(y1
-                .iter()
-                .zip(&y2)
                 .all(|(p, q)| (p - q).abs() <= 1e-5 * (1.0 + q.abs())));
             let max = a.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let (mut e1, mut e2) = (a.clone(), a.clone());
