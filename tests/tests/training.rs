@@ -219,6 +219,21 @@ impl Api {
         }
     }
 
+    /// The job once it has trained at least `step` steps.
+    async fn wait_step(&self, key: &str, id: &str, step: u64) -> Value {
+        let deadline = Instant::now() + JOB_TIMEOUT;
+        loop {
+            let job = self
+                .ok("GET", &format!("/training/jobs/{id}"), key, None)
+                .await;
+            if job["step"].as_u64().unwrap_or(0) >= step {
+                return job;
+            }
+            assert!(Instant::now() < deadline, "{job}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Asks `topics` through `model` and rates every answer down with the greeting version of
     /// it as the correction; `asks` answers per topic, sampled.
     async fn teach_greeting(&self, model: &str, topics: &[&str], asks: u64) {
@@ -479,18 +494,8 @@ async fn the_jobs_api_refuses_bad_requests_and_cancels() {
         .await;
     assert_eq!(s, 404);
     // Wait until it trains, then cancel it.
-    let deadline = Instant::now() + JOB_TIMEOUT;
-    loop {
-        let j = api
-            .ok("GET", &format!("/training/jobs/{id}"), ACME_KEY, None)
-            .await;
-        if j["step"].as_u64().unwrap_or(0) >= 1 {
-            assert_eq!(j["status"], "running", "{j}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "{j}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    let j = api.wait_step(ACME_KEY, &id, 1).await;
+    assert_eq!(j["status"], "running", "{j}");
     api.ok("DELETE", &format!("/training/jobs/{id}"), ACME_KEY, None)
         .await;
     let job = api.wait_job(ACME_KEY, &id).await;
@@ -542,17 +547,7 @@ async fn kill_9_during_training_fails_the_job_and_publishes_nothing() {
         .await;
     let id = job["id"].as_str().unwrap().to_string();
     // Kill it mid-step, once it has trained a little.
-    let deadline = Instant::now() + JOB_TIMEOUT;
-    loop {
-        let j = api
-            .ok("GET", &format!("/training/jobs/{id}"), ACME_KEY, None)
-            .await;
-        if j["step"].as_u64().unwrap_or(0) >= 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{j}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    api.wait_step(ACME_KEY, &id, 2).await;
     server.kill9();
     drop(server);
 
