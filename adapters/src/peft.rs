@@ -288,7 +288,7 @@ pub fn parse(
                 .collect();
         }
         let scale = p.scale() as f32;
-        for (&(layer, proj), (a_shape, a)) in &a_of {
+        for ((layer, proj), (a_shape, a)) in a_of {
             let ctx = format!("layer {layer} {}", proj.module_name());
             if !p.targets.contains(&proj) {
                 return Err(invalid(format!(
@@ -305,7 +305,7 @@ pub fn parse(
                 )));
             }
             let (in_dim, out_dim) = proj_dims(model, proj);
-            if a_shape != &[p.rank, in_dim] || b_shape != [out_dim, p.rank] {
+            if a_shape != [p.rank, in_dim] || b_shape != [out_dim, p.rank] {
                 return Err(invalid(format!(
                     "{ctx}: lora_A {a_shape:?} and lora_B {b_shape:?} do not fit r={} on a \
                      {in_dim}→{out_dim} projection (expected [{}, {in_dim}] and [{out_dim}, {}])",
@@ -315,7 +315,7 @@ pub fn parse(
             lora.insert(
                 (layer, proj),
                 LoraWeights {
-                    a: a.clone(),
+                    a,
                     b,
                     rank: p.rank,
                     in_dim,

@@ -69,6 +69,10 @@ impl AdapterHook for Lease {
     fn prefix_kv(&self, layer: usize) -> Option<(&[f32], &[f32])> {
         self.weights.prefix_kv(layer)
     }
+
+    fn weights_key(&self) -> usize {
+        self.weights.weights_key()
+    }
 }
 
 /// Counts live leases of one version; decrements on drop.

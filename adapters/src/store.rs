@@ -71,8 +71,14 @@ pub struct Manifest {
     pub status: Status,
     /// What the files carry.
     pub kind: AdapterKind,
-    /// sha256 (hex) of each PEFT file.
+    /// sha256 (hex) of each PEFT file: the files' identity, shown by the API.
     pub sha256: BTreeMap<String, String>,
+    /// xxh3-64 (hex) of each PEFT file: what every read checks, because it costs a tenth of
+    /// sha256 on large weights and a cold load is on the serving path. Neither is a signature
+    /// (the manifest sits next to the files), so both detect the same thing: corruption.
+    /// Manifests written before this field are checked by sha256.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub xxh3: BTreeMap<String, String>,
     /// The training job that made it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_id: Option<String>,
@@ -190,6 +196,18 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+fn xxh3_hex(bytes: &[u8]) -> String {
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytes))
+}
+
+/// Whether `bytes` are the `file` that `manifest` describes: by xxh3 where it has one.
+fn matches_manifest(manifest: &Manifest, file: &str, bytes: &[u8]) -> bool {
+    match manifest.xxh3.get(file) {
+        Some(want) => *want == xxh3_hex(bytes),
+        None => manifest.sha256.get(file).map(String::as_str) == Some(sha256_hex(bytes).as_str()),
+    }
 }
 
 fn write_durable(path: &Path, bytes: &[u8]) -> Result<(), AdapterError> {
@@ -443,7 +461,7 @@ impl AdapterStore {
     }
 
     /// One file of a version (`adapter_config.json`, `adapter_model.safetensors` or
-    /// `manifest.json`), with its sha256 checked against the manifest.
+    /// `manifest.json`), checked against the manifest's checksum.
     pub fn read_file(
         &self,
         tenant: &str,
@@ -461,10 +479,9 @@ impl AdapterStore {
         let bytes = fs::read(&path).map_err(AdapterError::io(&path))?;
         if file != MANIFEST_FILE {
             let manifest = read_manifest_at(&dir)?;
-            let want = manifest.sha256.get(file).map(String::as_str);
-            if want != Some(sha256_hex(&bytes).as_str()) {
+            if !matches_manifest(&manifest, file, &bytes) {
                 return Err(AdapterError::Corrupt(format!(
-                    "{} does not match its sha256 in the manifest",
+                    "{} does not match its checksum in the manifest",
                     path.display()
                 )));
             }
@@ -633,6 +650,10 @@ fn write_version(
         sha256: BTreeMap::from([
             (CONFIG_FILE.to_string(), sha256_hex(&files.config)),
             (WEIGHTS_FILE.to_string(), sha256_hex(&files.weights)),
+        ]),
+        xxh3: BTreeMap::from([
+            (CONFIG_FILE.to_string(), xxh3_hex(&files.config)),
+            (WEIGHTS_FILE.to_string(), xxh3_hex(&files.weights)),
         ]),
         job_id: new.job_id,
         data: new.data,

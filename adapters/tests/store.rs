@@ -260,6 +260,40 @@ fn leftovers_of_a_crash_are_cleared_and_the_store_loads() {
     ));
 }
 
+/// Every read checks the manifest's xxh3; a manifest written before xxh3 existed is checked by
+/// its sha256. Either way one flipped byte in the weights is caught before parsing.
+#[test]
+fn a_flipped_byte_is_caught_with_and_without_xxh3_in_the_manifest() {
+    let cfg = TinySpec::default().config();
+    for legacy in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        registry(dir.path(), usize::MAX, 10)
+            .create("acme", "a", &lora(&cfg, 0.1), serde_json::json!({}))
+            .unwrap();
+        let vdir = dir.path().join("acme/a/v1");
+        let manifest_path = vdir.join("manifest.json");
+        let mut manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+        assert_eq!(manifest["xxh3"].as_object().unwrap().len(), 2);
+        if legacy {
+            manifest.as_object_mut().unwrap().remove("xxh3");
+            std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+        }
+        let fresh = registry(dir.path(), usize::MAX, 10);
+        assert_eq!(fresh.acquire("acme", "a").unwrap().unwrap().version(), 1);
+        let weights = vdir.join("adapter_model.safetensors");
+        let mut bytes = std::fs::read(&weights).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x01;
+        std::fs::write(&weights, &bytes).unwrap();
+        let fresh = registry(dir.path(), usize::MAX, 10);
+        match fresh.acquire("acme", "a").err() {
+            Some(AdapterError::Corrupt(m)) => assert!(m.contains("checksum"), "{m}"),
+            other => panic!("legacy={legacy}: expected Corrupt, got {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn paths_are_confined_to_the_store() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,9 +1,14 @@
 //! The forward on tiny random models: both file formats agree, batching and the KV cache do
 //! not change results, bad input is an error.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use prefix_rft_engine::gguf::GgufFile;
+use prefix_rft_engine::model::adapter::proj_dims;
 use prefix_rft_engine::model::{
-    KvCache, Llama, LoadOptions, Logits, LogitsWanted, ModelError, SeqStep,
+    AdapterHook, AdapterWeights, KvCache, Llama, LoadOptions, Logits, LogitsWanted, LoraWeights,
+    ModelConfig, ModelError, Proj, ProjRows, SeqStep,
 };
 use prefix_rft_engine::quant::GgmlDType;
 use prefix_rft_engine::testing::{
@@ -81,58 +86,151 @@ fn incremental_decode_equals_one_full_forward() {
     assert_eq!(cache.len(), tokens.len());
 }
 
+/// Runs each prompt alone for `steps` steps (prefill, then one token at a time), then all of
+/// them as one batch, and asserts that every sequence's last-position logits agree.
+#[allow(clippy::needless_range_loop)] // `i` indexes sequences across several parallel vectors
+fn assert_batch_equals_alone(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    hooks: &[Option<&dyn AdapterHook>],
+    steps: usize,
+    label: &str,
+) -> Vec<Vec<Vec<f32>>> {
+    let cfg = model.config();
+    let next = |s: usize, p: &[u32]| vec![(s as u32 * 13 + p[0]) % 96];
+    let mut alone = Vec::new();
+    for (p, hook) in prompts.iter().zip(hooks) {
+        let mut cache = KvCache::with_adapter(cfg, *hook);
+        let mut rows = Vec::new();
+        let mut input = p.clone();
+        for s in 0..steps {
+            let mut step = [SeqStep {
+                tokens: &input,
+                cache: &mut cache,
+                adapter: *hook,
+                logits: LogitsWanted::Last,
+            }];
+            let out = model.forward(&mut step).expect("forward");
+            rows.push(out.last_of(0).expect("logits").to_vec());
+            input = next(s, p);
+        }
+        alone.push(rows);
+    }
+    let mut caches: Vec<KvCache> = hooks
+        .iter()
+        .map(|h| KvCache::with_adapter(cfg, *h))
+        .collect();
+    let mut inputs = prompts.to_vec();
+    for s in 0..steps {
+        let mut batch: Vec<SeqStep<'_>> = inputs
+            .iter()
+            .zip(caches.iter_mut())
+            .zip(hooks)
+            .map(|((t, c), h)| SeqStep {
+                tokens: t,
+                cache: c,
+                adapter: *h,
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        let out = model.forward(&mut batch).expect("forward");
+        for i in 0..prompts.len() {
+            let diff = max_abs_diff(out.last_of(i).expect("logits"), &alone[i][s]);
+            assert!(diff < 1e-4, "{label} seq {i} step {s}: {diff}");
+            inputs[i] = next(s, &prompts[i]);
+        }
+    }
+    alone
+}
+
 #[test]
-#[allow(clippy::needless_range_loop)] // `s` indexes steps across several parallel vectors
 fn batched_decode_equals_one_by_one() {
     let spec = TinySpec::default();
     for dtype in [GgmlDType::F32, GgmlDType::Q8_0, GgmlDType::Q4_1] {
         let (_d, model) = tiny_gguf(&spec, dtype);
         let prompts: Vec<Vec<u32>> = vec![vec![3, 4, 5], (10..27).collect(), vec![42]];
-        let steps = 6;
-        // Alone: each sequence by itself.
-        let mut alone = Vec::new();
-        for p in &prompts {
-            let mut cache = KvCache::new(model.config());
-            let mut rows = Vec::new();
-            let mut input = p.clone();
-            for s in 0..steps {
-                let mut step = [SeqStep {
-                    tokens: &input,
-                    cache: &mut cache,
-                    adapter: None,
-                    logits: LogitsWanted::Last,
-                }];
-                let out = model.forward(&mut step).expect("forward");
-                rows.push(out.last_of(0).expect("logits").to_vec());
-                input = vec![(s as u32 * 13 + p[0]) % 96];
-            }
-            alone.push(rows);
-        }
-        // Together: prefill all in one step, then decode all in one step each time.
-        let mut caches: Vec<KvCache> = prompts
-            .iter()
-            .map(|_| KvCache::new(model.config()))
-            .collect();
-        let mut inputs = prompts.clone();
-        for s in 0..steps {
-            let mut batch: Vec<SeqStep<'_>> = inputs
-                .iter()
-                .zip(caches.iter_mut())
-                .map(|(t, c)| SeqStep {
-                    tokens: t,
-                    cache: c,
-                    adapter: None,
-                    logits: LogitsWanted::Last,
-                })
-                .collect();
-            let out = model.forward(&mut batch).expect("forward");
-            for (i, p) in prompts.iter().enumerate() {
-                let diff = max_abs_diff(out.last_of(i).expect("logits"), &alone[i][s]);
-                assert!(diff < 1e-4, "{dtype:?} seq {i} step {s}: {diff}");
-                inputs[i] = vec![(s as u32 * 13 + p[0]) % 96];
-            }
+        assert_batch_equals_alone(&model, &prompts, &[None; 3], 6, &format!("{dtype:?}"));
+    }
+}
+
+/// Wraps shared weights in a hook of its own, as a server lease does.
+struct Leased(Arc<AdapterWeights>);
+
+impl AdapterHook for Leased {
+    fn add_delta(&self, rows: ProjRows<'_>) {
+        self.0.add_delta(rows)
+    }
+    fn prefix_kv(&self, layer: usize) -> Option<(&[f32], &[f32])> {
+        self.0.prefix_kv(layer)
+    }
+    fn weights_key(&self) -> usize {
+        self.0.weights_key()
+    }
+}
+
+fn tiny_lora(cfg: &ModelConfig, seed: u32) -> AdapterWeights {
+    let mut lora = BTreeMap::new();
+    for layer in 0..cfg.num_layers {
+        for (p, proj) in Proj::ALL.into_iter().enumerate() {
+            let (in_dim, out_dim) = proj_dims(cfg, proj);
+            let rank = 2 + (p % 3);
+            let val = |i: usize, salt: u32| {
+                let h =
+                    (i as u32 ^ salt.wrapping_mul(0x9E37_79B9) ^ seed.wrapping_mul(0x85EB_CA6B))
+                        .wrapping_mul(2_654_435_761);
+                (h % 2001) as f32 / 1000.0 - 1.0
+            };
+            let salt = (layer * 7 + p) as u32;
+            lora.insert(
+                (layer, proj),
+                LoraWeights {
+                    a: (0..rank * in_dim).map(|i| 0.3 * val(i, salt)).collect(),
+                    b: (0..out_dim * rank)
+                        .map(|i| 0.3 * val(i, salt + 1000))
+                        .collect(),
+                    rank,
+                    in_dim,
+                    out_dim,
+                    scale: 1.5,
+                },
+            );
         }
     }
+    AdapterWeights::new(cfg, lora, None).expect("tiny lora")
+}
+
+/// Rows of sequences that share an adapter's weights (the same hook twice, or two hooks over
+/// the same weights) run as one group; interleaved with another adapter and the base, every
+/// sequence still gets exactly the logits it gets alone, prefill (groups over 8 rows) and
+/// decode alike.
+#[test]
+fn mixed_adapter_batch_equals_each_sequence_alone() {
+    let spec = TinySpec::default();
+    let (_d, model) = tiny_gguf(&spec, GgmlDType::Q8_0);
+    let cfg = model.config().clone();
+    let shared = Arc::new(tiny_lora(&cfg, 1));
+    let other = tiny_lora(&cfg, 2);
+    let leased = Leased(shared.clone());
+    let hooks: Vec<Option<&dyn AdapterHook>> = vec![
+        Some(&*shared),
+        Some(&other),
+        None,
+        Some(&leased),
+        Some(&*shared),
+        Some(&leased),
+    ];
+    let prompts: Vec<Vec<u32>> = vec![
+        (1..12).collect(),
+        vec![3, 4, 5],
+        (10..27).collect(),
+        vec![42, 7],
+        (30..40).collect(),
+        vec![9],
+    ];
+    let alone = assert_batch_equals_alone(&model, &prompts, &hooks, 5, "mixed");
+    // The adapters matter: the shared one moves the first sequence's logits off the base.
+    let base = assert_batch_equals_alone(&model, &prompts[..1], &[None], 1, "base");
+    assert!(max_abs_diff(&base[0][0], &alone[0][0]) > 1e-2);
 }
 
 #[test]

@@ -8,7 +8,10 @@
 //!
 //! Every stream runs requests of a 16-token prompt and 32 greedy tokens back to back; the
 //! figure is generated tokens per second over the whole run, so prefill and adapter loads are
-//! paid for. Usage: `adapters-bench <model.gguf> [threads] [seconds per case]`
+//! paid for. The cases take turns in rounds (a, b, c, d, e, a, b, ...), each round a slice of
+//! the case's time, so a machine that slows down for a while slows all of them alike and the
+//! ratios stay comparable; the 1,000-adapter registry keeps its state across rounds.
+//! Usage: `adapters-bench <model.gguf> [threads] [seconds per case] [rounds]`
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -90,8 +93,8 @@ struct Stream {
     generated: usize,
 }
 
-/// Generated tokens per second of `STREAMS` streams running requests back to back.
-fn run(model: &Llama, source: &mut Source<'_>, duration: Duration) -> f64 {
+/// Generated tokens and seconds taken by `STREAMS` streams running requests back to back.
+fn run(model: &Llama, source: &mut Source<'_>, duration: Duration) -> (usize, f64) {
     let cfg = model.config();
     let vocab = cfg.vocab_size as u32;
     let prompt = |s: usize, r: usize| -> Vec<u32> {
@@ -150,7 +153,25 @@ fn run(model: &Llama, source: &mut Source<'_>, duration: Duration) -> f64 {
             }
         }
     }
-    tokens as f64 / t0.elapsed().as_secs_f64()
+    (tokens, t0.elapsed().as_secs_f64())
+}
+
+/// Tokens and seconds summed over the rounds of one case.
+#[derive(Default, Clone, Copy)]
+struct Total {
+    tokens: usize,
+    secs: f64,
+}
+
+impl Total {
+    fn add(&mut self, (tokens, secs): (usize, f64)) {
+        self.tokens += tokens;
+        self.secs += secs;
+    }
+
+    fn tok_s(self) -> f64 {
+        self.tokens as f64 / self.secs
+    }
 }
 
 /// A registry over the bench's store with a resident budget of `budget` bytes.
@@ -175,10 +196,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let path = args
         .next()
-        .ok_or("usage: adapters-bench <model.gguf> [threads] [seconds]")?;
+        .ok_or("usage: adapters-bench <model.gguf> [threads] [seconds] [rounds]")?;
     let threads: usize = args.next().map(|t| t.parse()).transpose()?.unwrap_or(2);
     let secs: f64 = args.next().map(|t| t.parse()).transpose()?.unwrap_or(20.0);
-    let duration = Duration::from_secs_f64(secs);
+    let rounds: usize = args
+        .next()
+        .map(|t| t.parse())
+        .transpose()?
+        .unwrap_or(4)
+        .max(1);
+    let slice = Duration::from_secs_f64(secs / rounds as f64);
     prefix_rft_engine::quant::set_num_threads(threads);
     let file = GgufFile::open(std::path::Path::new(&path))?;
     let model = Llama::from_gguf(&file, LoadOptions::default())?;
@@ -191,10 +218,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let prefixes: Vec<Option<Arc<dyn AdapterHook>>> = (0..STREAMS)
         .map(|i| Some(Arc::new(prefix(&cfg, 200 + i as u64)) as Arc<dyn AdapterHook>))
         .collect();
-    let base = run(&model, &mut Source::Fixed(vec![None]), duration);
-    let one_lora = run(&model, &mut Source::Fixed(vec![Some(one)]), duration);
-    let many_lora = run(&model, &mut Source::Fixed(loras), duration);
-    let many_prefix = run(&model, &mut Source::Fixed(prefixes), duration);
 
     // The store: 1,000 adapters over a few distinct files.
     let dir = std::env::temp_dir().join(format!("adapters-bench-{}", std::process::id()));
@@ -248,7 +271,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         rng: Box::new(rand::rngs::StdRng::seed_from_u64(7)),
     };
     LEASE_NANOS.store(0, std::sync::atomic::Ordering::Relaxed);
-    let thousand = run(&model, &mut source, duration);
+    let mut fixed = [
+        Source::Fixed(vec![None]),
+        Source::Fixed(vec![Some(one)]),
+        Source::Fixed(loras),
+        Source::Fixed(prefixes),
+    ];
+    let mut totals = [Total::default(); 5];
+    for _ in 0..rounds {
+        for (total, source) in totals.iter_mut().zip(fixed.iter_mut()) {
+            total.add(run(&model, source, slice));
+        }
+        totals[4].add(run(&model, &mut source, slice));
+    }
+    let [base, one_lora, many_lora, many_prefix, thousand] = totals.map(Total::tok_s);
     let lease_secs = LEASE_NANOS.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e9;
     let stats = zipf_registry.stats();
     let _ = std::fs::remove_dir_all(&dir);
@@ -256,7 +292,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = serde_json::json!({
         "streams": STREAMS, "prompt_tokens": PROMPT, "new_tokens_per_request": NEW_TOKENS,
         "lora_rank": RANK, "lora_modules": 7, "prefix_virtual_tokens": VIRTUAL_TOKENS,
-        "threads": threads, "seconds_per_case": secs,
+        "threads": threads, "seconds_per_case": secs, "rounds": rounds,
         "decode_tok_s": {
             "a_base": base, "b_one_lora": one_lora, "c_16_loras": many_lora,
             "d_16_prefixes": many_prefix, "e_1000_registered_64_resident_zipf": thousand,

@@ -246,16 +246,18 @@ impl AdapterHook for AdapterWeights {
             return;
         }
         let k = simd::kernels();
-        let mut low = vec![0f32; w.rank];
-        for r in 0..rows.rows {
-            let x = &rows.x[r * w.in_dim..(r + 1) * w.in_dim];
-            for (i, lo) in low.iter_mut().enumerate() {
-                *lo = w.scale * (k.dot)(&w.a[i * w.in_dim..(i + 1) * w.in_dim], x);
+        let (rank, in_dim, n) = (w.rank, w.in_dim, rows.rows);
+        // `A` row by row, each against every input row while it is in cache: the adapter's
+        // weights are read once for all the rows that share it, not once per row.
+        let mut low = vec![0f32; n * rank];
+        for (i, a) in w.a.chunks_exact(in_dim).enumerate() {
+            for (r, x) in rows.x[..n * in_dim].chunks_exact(in_dim).enumerate() {
+                low[r * rank + i] = w.scale * (k.dot)(a, x);
             }
+        }
+        for (r, low) in low.chunks_exact(rank).enumerate() {
             let out = &mut rows.out[r * rows.out_stride + rows.out_offset..][..w.out_dim];
-            for (i, &lo) in low.iter().enumerate() {
-                (k.axpy)(out, lo, &l.bt[i * w.out_dim..(i + 1) * w.out_dim]);
-            }
+            (k.gemv_t)(out, low, &l.bt);
         }
     }
 

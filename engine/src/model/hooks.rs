@@ -94,4 +94,11 @@ pub trait AdapterHook: Send + Sync {
     /// Key/value rows (`num_virtual_tokens × kv_dim` each) that start every sequence's cache in
     /// `layer`, for prefix tuning; `None` when the adapter has no prefix.
     fn prefix_kv(&self, layer: usize) -> Option<(&[f32], &[f32])>;
+
+    /// Names the weights behind this hook: hooks with equal keys add equal deltas, so the
+    /// forward runs their rows together and reads the weights once for all of them. A wrapper
+    /// (a lease) returns the key of the weights it wraps; the default is this object's address.
+    fn weights_key(&self) -> usize {
+        self as *const Self as *const () as usize
+    }
 }

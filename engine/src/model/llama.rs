@@ -507,7 +507,9 @@ fn run_fused(
 }
 
 /// Lets each sequence's adapter add its delta to its own rows of a (possibly fused) output.
-/// Row groups run in parallel on the compute pool: each task owns a disjoint range of rows.
+/// Rows whose adapters share weights (one adapter, or leases of one version) run together, so
+/// a step reads each adapter's weights once per task rather than once per row; the tasks run
+/// in parallel on the compute pool, each owning a disjoint set of rows.
 #[allow(clippy::too_many_arguments)]
 fn add_deltas(
     batch: &[SeqStep<'_>],
@@ -522,48 +524,78 @@ fn add_deltas(
     /// Rows per task: small enough to spread a prefill chunk over the threads.
     const ROWS_PER_TASK: usize = 8;
     let stride: usize = widths.iter().sum();
-    let mut tasks: Vec<(&dyn AdapterHook, Range<usize>)> = Vec::new();
+    // Rows grouped by the weights behind their adapter, groups in order of first appearance.
+    let mut groups: Vec<(&dyn AdapterHook, Vec<usize>)> = Vec::new();
     for (step, rows) in batch.iter().zip(row_ranges) {
         let Some(adapter) = step.adapter else {
             continue;
         };
-        let mut start = rows.start;
-        while start < rows.end {
-            let end = (start + ROWS_PER_TASK).min(rows.end);
-            tasks.push((adapter, start..end));
-            start = end;
+        let key = adapter.weights_key();
+        match groups.iter_mut().find(|(a, _)| a.weights_key() == key) {
+            Some((_, g)) => g.extend(rows.clone()),
+            None => groups.push((adapter, rows.clone().collect())),
         }
     }
+    let tasks: Vec<(&dyn AdapterHook, &[usize])> = groups
+        .iter()
+        .flat_map(|(a, rows)| rows.chunks(ROWS_PER_TASK).map(move |c| (*a, c)))
+        .collect();
     if tasks.is_empty() {
         return;
     }
-    assert!(out.len() >= row_ranges.last().map_or(0, |r| r.end) * stride);
+    let rows_total = row_ranges.last().map_or(0, |r| r.end);
+    assert!(out.len() >= rows_total * stride && x.len() >= rows_total * in_dim);
     struct OutPtr(*mut f32);
-    // SAFETY: tasks write through the pointer only to their own disjoint row ranges.
+    // SAFETY: tasks write through the pointer only to their own disjoint rows.
     unsafe impl Sync for OutPtr {}
     let out_ptr = OutPtr(out.as_mut_ptr());
     let run = |i: usize| {
-        let (adapter, rows) = &tasks[i];
-        // SAFETY: `rows` lies inside `out` (asserted above) and no two tasks share a row, so
-        // this is the only live reference to these elements while the task runs.
-        let out_rows = unsafe {
-            let p = &out_ptr;
-            std::slice::from_raw_parts_mut(p.0.add(rows.start * stride), rows.len() * stride)
+        let (adapter, rows) = tasks[i];
+        // The whole wrapper, not its raw-pointer field, is what the closure may share.
+        let out_base = &out_ptr;
+        let contiguous = rows.windows(2).all(|w| w[1] == w[0] + 1);
+        let apply = |x: &[f32], out: &mut [f32]| {
+            let mut offset = 0;
+            for (&proj, &w) in projs.iter().zip(widths) {
+                adapter.add_delta(ProjRows {
+                    layer,
+                    proj,
+                    x,
+                    in_dim,
+                    out: &mut *out,
+                    out_stride: stride,
+                    out_offset: offset,
+                    out_dim: w,
+                    rows: rows.len(),
+                });
+                offset += w;
+            }
         };
-        let mut offset = 0;
-        for (&proj, &w) in projs.iter().zip(widths) {
-            adapter.add_delta(ProjRows {
-                layer,
-                proj,
-                x: &x[rows.start * in_dim..rows.end * in_dim],
-                in_dim,
-                out: &mut *out_rows,
-                out_stride: stride,
-                out_offset: offset,
-                out_dim: w,
-                rows: rows.len(),
-            });
-            offset += w;
+        if contiguous {
+            let first = rows[0];
+            // SAFETY: the rows lie inside `out` (asserted above) and no two tasks share a
+            // row, so this is the only live reference to these elements while the task runs.
+            let out_rows = unsafe {
+                std::slice::from_raw_parts_mut(out_base.0.add(first * stride), rows.len() * stride)
+            };
+            apply(&x[first * in_dim..(first + rows.len()) * in_dim], out_rows);
+        } else {
+            // Rows of several sequences: gather them, add, and write them back.
+            let mut xs = Vec::with_capacity(rows.len() * in_dim);
+            let mut outs = Vec::with_capacity(rows.len() * stride);
+            for &r in rows {
+                xs.extend_from_slice(&x[r * in_dim..(r + 1) * in_dim]);
+                // SAFETY: as above, row `r` belongs to this task alone.
+                outs.extend_from_slice(unsafe {
+                    std::slice::from_raw_parts(out_base.0.add(r * stride), stride)
+                });
+            }
+            apply(&xs, &mut outs);
+            for (&r, row) in rows.iter().zip(outs.chunks_exact(stride)) {
+                // SAFETY: as above.
+                unsafe { std::slice::from_raw_parts_mut(out_base.0.add(r * stride), stride) }
+                    .copy_from_slice(row);
+            }
         }
     };
     quant::parallel_for(tasks.len(), &run);

@@ -11,6 +11,9 @@ pub(crate) struct Kernels {
     pub dot: fn(&[f32], &[f32]) -> f32,
     /// `dst += w * src`.
     pub axpy: fn(&mut [f32], f32, &[f32]),
+    /// `dst[j] += Σ_i w[i] · m[i · dst.len() + j]`: a row vector times a row-major
+    /// `w.len() × dst.len()` matrix, added to `dst` (`m` must hold the whole matrix).
+    pub gemv_t: fn(&mut [f32], &[f32], &[f32]),
     /// In place `x = exp(x - max)`, returning the sum of the results.
     pub exp_sum: fn(&mut [f32], f32) -> f32,
 }
@@ -28,6 +31,7 @@ pub(crate) fn kernels() -> Kernels {
                 return Kernels {
                     dot: x86::dot,
                     axpy: x86::axpy,
+                    gemv_t: x86::gemv_t,
                     exp_sum: x86::exp_sum,
                 };
             }
@@ -35,6 +39,7 @@ pub(crate) fn kernels() -> Kernels {
         Kernels {
             dot: portable::dot,
             axpy: portable::axpy,
+            gemv_t: portable::gemv_t,
             exp_sum: portable::exp_sum,
         }
     })
@@ -50,6 +55,16 @@ pub(crate) mod portable {
     pub fn axpy(dst: &mut [f32], w: f32, src: &[f32]) {
         for (d, s) in dst.iter_mut().zip(src) {
             *d += w * s;
+        }
+    }
+
+    /// `dst[j] += Σ_i w[i] · m[i · n + j]`, one scaled row at a time (the order the vector
+    /// version keeps for every element).
+    pub fn gemv_t(dst: &mut [f32], w: &[f32], m: &[f32]) {
+        let n = dst.len();
+        assert!(m.len() >= w.len() * n, "gemv_t: matrix too small");
+        for (i, &wi) in w.iter().enumerate() {
+            axpy(dst, wi, &m[i * n..(i + 1) * n]);
         }
     }
 
@@ -76,6 +91,12 @@ mod x86 {
     pub fn axpy(dst: &mut [f32], w: f32, src: &[f32]) {
         // SAFETY: as above.
         unsafe { axpy_avx2(dst, w, src) }
+    }
+
+    pub fn gemv_t(dst: &mut [f32], w: &[f32], m: &[f32]) {
+        assert!(m.len() >= w.len() * dst.len(), "gemv_t: matrix too small");
+        // SAFETY: as above; the matrix size was checked.
+        unsafe { gemv_t_avx2(dst, w, m) }
     }
 
     pub fn exp_sum(x: &mut [f32], max: f32) -> f32 {
@@ -140,6 +161,51 @@ mod x86 {
         while i < n {
             dst[i] += w * src[i];
             i += 1;
+        }
+    }
+
+    /// Keeps 32 outputs in registers while it runs down the matrix's rows, so `dst` is read
+    /// and written once instead of once per row; each element still sums in row order.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn gemv_t_avx2(dst: &mut [f32], w: &[f32], m: &[f32]) {
+        let n = dst.len();
+        let (pd, pm) = (dst.as_mut_ptr(), m.as_ptr());
+        let mut j = 0;
+        // SAFETY (all loads and stores): `j + 32 <= n` / `j + 8 <= n` keep `dst` accesses in
+        // bounds, and `m` holds `w.len() * n` values (checked by the caller), so row `i`'s
+        // columns `j..j + 32` are inside it.
+        while j + 32 <= n {
+            let mut acc = [
+                _mm256_loadu_ps(pd.add(j)),
+                _mm256_loadu_ps(pd.add(j + 8)),
+                _mm256_loadu_ps(pd.add(j + 16)),
+                _mm256_loadu_ps(pd.add(j + 24)),
+            ];
+            for (i, &wi) in w.iter().enumerate() {
+                let wv = _mm256_set1_ps(wi);
+                let row = pm.add(i * n + j);
+                for (k, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row.add(8 * k)), *a);
+                }
+            }
+            for (k, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(pd.add(j + 8 * k), *a);
+            }
+            j += 32;
+        }
+        while j + 8 <= n {
+            let mut a = _mm256_loadu_ps(pd.add(j));
+            for (i, &wi) in w.iter().enumerate() {
+                a = _mm256_fmadd_ps(_mm256_set1_ps(wi), _mm256_loadu_ps(pm.add(i * n + j)), a);
+            }
+            _mm256_storeu_ps(pd.add(j), a);
+            j += 8;
+        }
+        while j < n {
+            for (i, &wi) in w.iter().enumerate() {
+                dst[j] += wi * m[i * n + j];
+            }
+            j += 1;
         }
     }
 
@@ -221,6 +287,19 @@ mod tests {
                 .iter()
                 .zip(&x2)
                 .all(|(p, q)| (p - q).abs() <= 1e-5 * (1.0 + q.abs())));
+            for rows in [1, 3, 16] {
+                let (w, m) = (data(rows, 3), data(rows * n, 4));
+                let (mut g1, mut g2) = (a.clone(), a.clone());
+                (k.gemv_t)(&mut g1, &w, &m);
+                portable::gemv_t(&mut g2, &w, &m);
+                // Both add the rows in the same order with fused multiply-adds on x86.
+                for (p, q) in g1.iter().zip(&g2) {
+                    assert!(
+                        (p - q).abs() <= 1e-4 * (1.0 + q.abs()),
+                        "gemv_t n={n}: {p} vs {q}"
+                    );
+                }
+            }
             let max = a.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let (mut e1, mut e2) = (a.clone(), a.clone());
             let (s1, s2) = ((k.exp_sum)(&mut e1, max), portable::exp_sum(&mut e2, max));
