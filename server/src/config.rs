@@ -147,6 +147,9 @@ pub struct TrainingSection {
     pub probe_prompts: Vec<String>,
     /// Finished jobs kept in the job list (and on disk).
     pub keep_jobs: usize,
+    /// Largest growth of the server's resident memory while a job trains, in MiB; past it the
+    /// job is stopped and fails while serving goes on. 0 leaves it unbounded.
+    pub max_memory_mib: u64,
     /// Hyper-parameters of every job unless its request overrides them.
     pub params: prefix_rft_trainer::train::TrainParams,
     /// Adapters whose jobs add prefix-guided RFT, each with its reward plugin.
@@ -183,6 +186,7 @@ impl Default for TrainingSection {
             max_kl: 1.0,
             probe_prompts: Vec::new(),
             keep_jobs: 1000,
+            max_memory_mib: 2048,
             params: prefix_rft_trainer::train::TrainParams {
                 lr: 1e-4,
                 ..Default::default()

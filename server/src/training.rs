@@ -660,6 +660,73 @@ async fn run(state: Arc<AppState>, entry: Arc<Entry>) {
     update_metrics(&state);
 }
 
+/// The process's resident set, from `/proc/self/status` (`None` where there is none).
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib << 10)
+}
+
+/// Watches the server's resident memory while a job trains. Once it has grown more than the
+/// budget over what it was when the job started, the guard remembers by how much and raises
+/// the job's cancel flag: the trainer stops before its next step and the job fails alone.
+/// Nothing is watched with a budget of 0 or where the RSS cannot be read.
+struct MemoryGuard {
+    grown: Arc<std::sync::atomic::AtomicU64>,
+    done: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl MemoryGuard {
+    /// How often the RSS is sampled.
+    const PERIOD: Duration = Duration::from_millis(50);
+
+    fn start(budget: u64, cancel: Arc<AtomicBool>) -> MemoryGuard {
+        let grown = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let done = Arc::new(AtomicBool::new(false));
+        let base = resident_bytes().filter(|_| budget > 0);
+        let thread = base.and_then(|base| {
+            let (grown, done) = (Arc::clone(&grown), Arc::clone(&done));
+            std::thread::Builder::new()
+                .name("training-memory".into())
+                .spawn(move || {
+                    while !done.load(Ordering::SeqCst) {
+                        let now = resident_bytes().unwrap_or(base);
+                        if now.saturating_sub(base) > budget {
+                            grown.store(now - base, Ordering::SeqCst);
+                            cancel.store(true, Ordering::SeqCst);
+                            return;
+                        }
+                        std::thread::sleep(Self::PERIOD);
+                    }
+                })
+                .ok()
+        });
+        MemoryGuard {
+            grown,
+            done,
+            thread,
+        }
+    }
+
+    /// Stops watching; by how many bytes the RSS had grown if the budget was exceeded.
+    fn finish(mut self) -> Option<u64> {
+        self.done.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        Some(self.grown.load(Ordering::SeqCst)).filter(|&g| g > 0)
+    }
+}
+
+impl Drop for MemoryGuard {
+    /// A job dropped mid-call (shutdown) ends the watch too.
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::SeqCst);
+    }
+}
+
 fn out_dir(dir: &Path, id: &str) -> PathBuf {
     dir.join(format!(".{id}.out"))
 }
@@ -971,7 +1038,20 @@ async fn execute(state: &Arc<AppState>, entry: &Arc<Entry>) -> Result<Published,
         progress: Some(progress),
         host: reward,
     };
-    let reply = crate::routes::inference::blocking(move || trainer.run(&request, options)).await?;
+    let guard = MemoryGuard::start(
+        training.config.max_memory_mib << 20,
+        Arc::clone(&entry.cancel),
+    );
+    let reply = crate::routes::inference::blocking(move || trainer.run(&request, options)).await;
+    if let Some(grown) = guard.finish() {
+        return Err(Stop::Failed(format!(
+            "stopped: the server's memory grew by {} MiB while the job trained, over \
+             training.max_memory_mib = {}",
+            grown >> 20,
+            training.config.max_memory_mib
+        )));
+    }
+    let reply = reply?;
     if entry.cancel.load(Ordering::SeqCst) {
         return Err(Stop::Cancelled("cancelled while training".into()));
     }
@@ -1226,6 +1306,30 @@ mod tests {
         assert_eq!(p.beta, 0.3);
         assert_eq!(p.lr, base.lr);
         assert_eq!(Overrides::default().apply(&base), base);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_memory_guard_cancels_past_its_budget_and_only_then() {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let quiet = MemoryGuard::start(1 << 40, Arc::clone(&cancel));
+        std::thread::sleep(MemoryGuard::PERIOD * 3);
+        assert_eq!(quiet.finish(), None);
+        assert!(!cancel.load(Ordering::SeqCst));
+
+        let guard = MemoryGuard::start(16 << 20, Arc::clone(&cancel));
+        let big = vec![1u8; 128 << 20];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cancel.load(Ordering::SeqCst) && Instant::now() < deadline {
+            std::thread::sleep(MemoryGuard::PERIOD);
+        }
+        assert!(
+            cancel.load(Ordering::SeqCst),
+            "128 MiB more did not trip a 16 MiB budget"
+        );
+        let grown = guard.finish().expect("the guard reports the growth");
+        assert!(grown > 16 << 20, "{grown}");
+        assert_eq!(big[big.len() - 1], 1);
     }
 
     #[test]

@@ -531,21 +531,80 @@ fn dirs_named(root: &std::path::Path, prefix: &str) -> Vec<std::path::PathBuf> {
     found
 }
 
+/// An adapter as it was before a job that must leave it as it was.
+struct Before {
+    name: &'static str,
+    answer: String,
+    stats: Value,
+}
+
+impl Api {
+    /// Creates adapter `name` with untrained feedback, records what it serves, and starts a
+    /// job on it long enough to be stopped midway; returns the record and the job id.
+    async fn adapter_with_long_job(&self, name: &'static str) -> (Before, String) {
+        self.create_adapter(ACME_KEY, name, 4).await;
+        let answer = self.answer(ACME_KEY, name, &question(TOPICS[0])).await;
+        self.teach_greeting(name, &TOPICS[..6], 1).await;
+        let stats = self.feedback_stats(name).await;
+        let job = self
+            .start_job(ACME_KEY, json!({"adapter": name, "steps": 100000}))
+            .await;
+        let id = job["id"].as_str().unwrap().to_string();
+        (
+            Before {
+                name,
+                answer,
+                stats,
+            },
+            id,
+        )
+    }
+
+    async fn feedback_stats(&self, name: &str) -> Value {
+        let path = format!("/feedback/stats?adapter={name}");
+        self.ok("GET", &path, ACME_KEY, None).await
+    }
+
+    /// The job `id` failed for `reason` and published nothing: the adapter still has its one
+    /// version, serves the same answer from it, and its feedback is still untrained.
+    async fn assert_failed_alone(&self, id: &str, reason: &str, before: &Before) {
+        let name = before.name;
+        let j = self
+            .ok("GET", &format!("/training/jobs/{id}"), ACME_KEY, None)
+            .await;
+        assert_eq!(j["status"], "failed", "{j}");
+        assert!(j["reason"].as_str().unwrap_or("").contains(reason), "{j}");
+        assert!(j["version"].is_null(), "{j}");
+        let adapter = self
+            .ok("GET", &format!("/adapters/{name}"), ACME_KEY, None)
+            .await;
+        assert_eq!(
+            adapter["versions"].as_array().unwrap().len(),
+            1,
+            "nothing may be published by a failed job: {adapter}"
+        );
+        let c = self
+            .chat(ACME_KEY, name, &question(TOPICS[0]), json!({}))
+            .await;
+        assert_eq!(c["system_fingerprint"], format!("{name}@1"), "{c}");
+        assert_eq!(
+            c["choices"][0]["message"]["content"],
+            before.answer.as_str()
+        );
+        let stats = self.feedback_stats(name).await;
+        assert_eq!(
+            stats, before.stats,
+            "a failed job marks no feedback trained"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_during_training_fails_the_job_and_publishes_nothing() {
     let data = tempfile::tempdir().unwrap();
     let mut server = Server::start_in(None, data.path());
     let api = Api::new(&server);
-    api.create_adapter(ACME_KEY, "cut", 4).await;
-    let before = api.answer(ACME_KEY, "cut", &question(TOPICS[0])).await;
-    api.teach_greeting("cut", &TOPICS[..6], 1).await;
-    let stats_before = api
-        .ok("GET", "/feedback/stats?adapter=cut", ACME_KEY, None)
-        .await;
-    let job = api
-        .start_job(ACME_KEY, json!({"adapter": "cut", "steps": 100000}))
-        .await;
-    let id = job["id"].as_str().unwrap().to_string();
+    let (before, id) = api.adapter_with_long_job("cut").await;
     // Kill it mid-step, once it has trained a little.
     api.wait_step(ACME_KEY, &id, 2).await;
     server.kill9();
@@ -553,43 +612,31 @@ async fn kill_9_during_training_fails_the_job_and_publishes_nothing() {
 
     let server = Server::start_in(None, data.path());
     let api = Api::new(&server);
-    let j = api
-        .ok("GET", &format!("/training/jobs/{id}"), ACME_KEY, None)
-        .await;
-    assert_eq!(j["status"], "failed", "{j}");
-    assert!(
-        j["reason"].as_str().unwrap_or("").contains("interrupted"),
-        "{j}"
-    );
-    assert!(j["version"].is_null(), "{j}");
-    let adapter = api.ok("GET", "/adapters/cut", ACME_KEY, None).await;
-    assert_eq!(
-        adapter["versions"].as_array().unwrap().len(),
-        1,
-        "nothing may be published by a killed job: {adapter}"
-    );
+    api.assert_failed_alone(&id, "interrupted", &before).await;
     assert!(
         dirs_named(data.path(), ".staging-").is_empty(),
         "a restart leaves no half-written version behind"
     );
-    // The adapter serves as before, its feedback is still untrained, and it can train again.
-    let c = api
-        .chat(ACME_KEY, "cut", &question(TOPICS[0]), json!({}))
-        .await;
-    assert_eq!(c["system_fingerprint"], "cut@1", "{c}");
-    assert_eq!(c["choices"][0]["message"]["content"], before.as_str());
-    let stats = api
-        .ok("GET", "/feedback/stats?adapter=cut", ACME_KEY, None)
-        .await;
-    assert_eq!(
-        stats, stats_before,
-        "a killed job marks no feedback trained"
-    );
+    // The adapter can train again.
     let again = api
         .start_job(ACME_KEY, json!({"adapter": "cut", "steps": 1}))
         .await;
     let again = api.wait_job(ACME_KEY, again["id"].as_str().unwrap()).await;
     assert_eq!(again["status"], "succeeded", "{again}");
+}
+
+/// A job whose memory outgrows `training.max_memory_mib` is stopped and fails with the reason;
+/// nothing is published, its feedback stays untrained, and the server serves as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_over_its_memory_budget_fails_alone() {
+    let data = tempfile::tempdir().unwrap();
+    let config = training_config(&[("max_memory_mib = 2048", "max_memory_mib = 1")]);
+    let server = Server::start_in(Some(&config), data.path());
+    let api = Api::new(&server);
+    let (before, id) = api.adapter_with_long_job("big").await;
+    api.wait_job(ACME_KEY, &id).await;
+    api.assert_failed_alone(&id, "max_memory_mib = 1", &before)
+        .await;
 }
 
 fn plugin_config(trainer_lib: &str, kind: &str) -> String {
