@@ -336,8 +336,9 @@ pub async fn upload_version(
             .to_string();
         let data = field.bytes().await.map_err(multipart_err)?;
         match key.as_str() {
-            CONFIG_FILE => config = Some(data.to_vec()),
-            WEIGHTS_FILE => weights = Some(data.to_vec()),
+            // Takes the buffer over without a copy where it is the only owner (bytes ≥ 1.5).
+            CONFIG_FILE => config = Some(Vec::from(data)),
+            WEIGHTS_FILE => weights = Some(Vec::from(data)),
             "activate" => {
                 activate = match std::str::from_utf8(&data).map(str::trim) {
                     Ok("true") => true,
