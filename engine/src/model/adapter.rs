@@ -257,7 +257,7 @@ impl AdapterHook for AdapterWeights {
         }
         for (r, low) in low.chunks_exact(rank).enumerate() {
             let out = &mut rows.out[r * rows.out_stride + rows.out_offset..][..w.out_dim];
-            (k.gemv_t)(out, low, &l.bt);
+            (k.gemv_t)(out, low, &l.bt, w.out_dim);
         }
     }
 

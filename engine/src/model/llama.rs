@@ -414,20 +414,24 @@ impl Llama {
             SCORES.with(|cell| {
                 let mut scores = cell.borrow_mut();
                 scores.clear();
-                scores.extend(
-                    (0..seen).map(|j| (k.dot)(q, &keys[j * kv_dim + kvh * hd..][..hd]) * scale),
-                );
+                scores.resize(seen, 0.0);
+                // This head's keys and values are rows `kv_dim` apart from column `kvh · hd`.
+                (k.dot_rows)(&mut scores, q, &keys[kvh * hd..], kv_dim);
+                for s in scores.iter_mut() {
+                    *s *= scale;
+                }
                 let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let inv = 1.0 / (k.exp_sum)(&mut scores, max);
+                for s in scores.iter_mut() {
+                    *s *= inv;
+                }
                 // SAFETY: each task writes only its own (row, head) slice of `out`, which is
                 // disjoint from every other task's, and `out` outlives the parallel region.
                 let dst = unsafe {
                     std::slice::from_raw_parts_mut(out_ptr.get().add(row * q_dim + head * hd), hd)
                 };
                 dst.fill(0.0);
-                for (j, &w) in scores.iter().enumerate() {
-                    (k.axpy)(dst, w * inv, &values[j * kv_dim + kvh * hd..][..hd]);
-                }
+                (k.gemv_t)(dst, &scores, &values[kvh * hd..], kv_dim);
             });
         };
         quant::parallel_for(t * nh, &task);

@@ -1,6 +1,7 @@
-//! Small vector kernels of the attention step (dot product, scaled add, softmax), compiled
-//! for AVX2+FMA and chosen at run time so a portable build still runs them vectorised; the
-//! portable versions are the fallback elsewhere and the reference in tests.
+//! Small vector kernels of attention and the LoRA delta (dot products, a matrix-vector
+//! product, softmax), compiled for AVX2+FMA and chosen at run time so a portable build still
+//! runs them vectorised; the portable versions are the fallback elsewhere and the reference in
+//! tests.
 
 use std::sync::OnceLock;
 
@@ -9,11 +10,13 @@ use std::sync::OnceLock;
 pub(crate) struct Kernels {
     /// Dot product of two equal-length slices.
     pub dot: fn(&[f32], &[f32]) -> f32,
-    /// `dst += w * src`.
-    pub axpy: fn(&mut [f32], f32, &[f32]),
-    /// `dst[j] += Σ_i w[i] · m[i · dst.len() + j]`: a row vector times a row-major
-    /// `w.len() × dst.len()` matrix, added to `dst` (`m` must hold the whole matrix).
-    pub gemv_t: fn(&mut [f32], &[f32], &[f32]),
+    /// `dst[j] += Σ_i w[i] · m[i · stride + j]`: a row vector times a `w.len() × dst.len()`
+    /// matrix whose rows start `stride` apart, added to `dst` (`m` must reach the last row's
+    /// end).
+    pub gemv_t: fn(&mut [f32], &[f32], &[f32], usize),
+    /// `out[j] = q · m[j · stride ..][.. q.len()]` for every `j < out.len()`: one dot product
+    /// per matrix row (rows `stride` apart), with the arithmetic of `dot`.
+    pub dot_rows: fn(&mut [f32], &[f32], &[f32], usize),
     /// In place `x = exp(x - max)`, returning the sum of the results.
     pub exp_sum: fn(&mut [f32], f32) -> f32,
 }
@@ -30,16 +33,16 @@ pub(crate) fn kernels() -> Kernels {
             {
                 return Kernels {
                     dot: x86::dot,
-                    axpy: x86::axpy,
                     gemv_t: x86::gemv_t,
+                    dot_rows: x86::dot_rows,
                     exp_sum: x86::exp_sum,
                 };
             }
         }
         Kernels {
             dot: portable::dot,
-            axpy: portable::axpy,
             gemv_t: portable::gemv_t,
+            dot_rows: portable::dot_rows,
             exp_sum: portable::exp_sum,
         }
     })
@@ -58,13 +61,32 @@ pub(crate) mod portable {
         }
     }
 
-    /// `dst[j] += Σ_i w[i] · m[i · n + j]`, one scaled row at a time (the order the vector
-    /// version keeps for every element).
-    pub fn gemv_t(dst: &mut [f32], w: &[f32], m: &[f32]) {
+    /// Whether rows `stride` apart, `rows` of them `width` wide, fit in `len` values.
+    pub fn rows_fit(len: usize, rows: usize, width: usize, stride: usize) -> bool {
+        rows == 0 || (rows - 1).saturating_mul(stride).saturating_add(width) <= len
+    }
+
+    /// `dst[j] += Σ_i w[i] · m[i · stride + j]`, one scaled row at a time (the order the
+    /// vector version keeps for every element).
+    pub fn gemv_t(dst: &mut [f32], w: &[f32], m: &[f32], stride: usize) {
         let n = dst.len();
-        assert!(m.len() >= w.len() * n, "gemv_t: matrix too small");
+        assert!(
+            rows_fit(m.len(), w.len(), n, stride),
+            "gemv_t: matrix too small"
+        );
         for (i, &wi) in w.iter().enumerate() {
-            axpy(dst, wi, &m[i * n..(i + 1) * n]);
+            axpy(dst, wi, &m[i * stride..i * stride + n]);
+        }
+    }
+
+    /// One dot product per matrix row.
+    pub fn dot_rows(out: &mut [f32], q: &[f32], m: &[f32], stride: usize) {
+        assert!(
+            rows_fit(m.len(), out.len(), q.len(), stride),
+            "dot_rows: matrix too small"
+        );
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = dot(q, &m[j * stride..j * stride + q.len()]);
         }
     }
 
@@ -88,15 +110,20 @@ mod x86 {
         unsafe { dot_avx2(a, b) }
     }
 
-    pub fn axpy(dst: &mut [f32], w: f32, src: &[f32]) {
-        // SAFETY: as above.
-        unsafe { axpy_avx2(dst, w, src) }
+    pub fn gemv_t(dst: &mut [f32], w: &[f32], m: &[f32], stride: usize) {
+        let fits = super::portable::rows_fit(m.len(), w.len(), dst.len(), stride);
+        assert!(fits, "gemv_t: matrix too small");
+        // SAFETY: as above; the matrix size was checked.
+        unsafe { gemv_t_avx2(dst, w, m, stride) }
     }
 
-    pub fn gemv_t(dst: &mut [f32], w: &[f32], m: &[f32]) {
-        assert!(m.len() >= w.len() * dst.len(), "gemv_t: matrix too small");
-        // SAFETY: as above; the matrix size was checked.
-        unsafe { gemv_t_avx2(dst, w, m) }
+    pub fn dot_rows(out: &mut [f32], q: &[f32], m: &[f32], stride: usize) {
+        let fits = super::portable::rows_fit(m.len(), out.len(), q.len(), stride);
+        assert!(fits, "dot_rows: matrix too small");
+        for (j, o) in out.iter_mut().enumerate() {
+            // SAFETY: as above; every row is inside `m` (checked).
+            *o = unsafe { dot_avx2(q, m.get_unchecked(j * stride..j * stride + q.len())) };
+        }
     }
 
     pub fn exp_sum(x: &mut [f32], max: f32) -> f32 {
@@ -143,37 +170,16 @@ mod x86 {
         s
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn axpy_avx2(dst: &mut [f32], w: f32, src: &[f32]) {
-        let n = dst.len().min(src.len());
-        let (pd, ps) = (dst.as_mut_ptr(), src.as_ptr());
-        let wv = _mm256_set1_ps(w);
-        let mut i = 0;
-        // SAFETY: `i + 8 <= n` keeps loads and stores inside both slices.
-        while i + 8 <= n {
-            let d = _mm256_loadu_ps(pd.add(i));
-            _mm256_storeu_ps(
-                pd.add(i),
-                _mm256_fmadd_ps(wv, _mm256_loadu_ps(ps.add(i)), d),
-            );
-            i += 8;
-        }
-        while i < n {
-            dst[i] += w * src[i];
-            i += 1;
-        }
-    }
-
     /// Keeps 32 outputs in registers while it runs down the matrix's rows, so `dst` is read
     /// and written once instead of once per row; each element still sums in row order.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn gemv_t_avx2(dst: &mut [f32], w: &[f32], m: &[f32]) {
+    unsafe fn gemv_t_avx2(dst: &mut [f32], w: &[f32], m: &[f32], stride: usize) {
         let n = dst.len();
         let (pd, pm) = (dst.as_mut_ptr(), m.as_ptr());
         let mut j = 0;
         // SAFETY (all loads and stores): `j + 32 <= n` / `j + 8 <= n` keep `dst` accesses in
-        // bounds, and `m` holds `w.len() * n` values (checked by the caller), so row `i`'s
-        // columns `j..j + 32` are inside it.
+        // bounds, and `m` reaches `(w.len() - 1) * stride + n` (checked by the caller), so row
+        // `i`'s columns `j..j + 32` are inside it.
         while j + 32 <= n {
             let mut acc = [
                 _mm256_loadu_ps(pd.add(j)),
@@ -183,7 +189,7 @@ mod x86 {
             ];
             for (i, &wi) in w.iter().enumerate() {
                 let wv = _mm256_set1_ps(wi);
-                let row = pm.add(i * n + j);
+                let row = pm.add(i * stride + j);
                 for (k, a) in acc.iter_mut().enumerate() {
                     *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row.add(8 * k)), *a);
                 }
@@ -196,14 +202,18 @@ mod x86 {
         while j + 8 <= n {
             let mut a = _mm256_loadu_ps(pd.add(j));
             for (i, &wi) in w.iter().enumerate() {
-                a = _mm256_fmadd_ps(_mm256_set1_ps(wi), _mm256_loadu_ps(pm.add(i * n + j)), a);
+                a = _mm256_fmadd_ps(
+                    _mm256_set1_ps(wi),
+                    _mm256_loadu_ps(pm.add(i * stride + j)),
+                    a,
+                );
             }
             _mm256_storeu_ps(pd.add(j), a);
             j += 8;
         }
         while j < n {
             for (i, &wi) in w.iter().enumerate() {
-                dst[j] += wi * m[i * n + j];
+                dst[j] += wi * m[i * stride + j];
             }
             j += 1;
         }
@@ -280,24 +290,29 @@ mod tests {
                 (d1 - d2).abs() <= 1e-4 * (1.0 + d2.abs()),
                 "dot n={n}: {d1} vs {d2}"
             );
-            let (mut x1, mut x2) = (a.clone(), a.clone());
-            (k.axpy)(&mut x1, 0.37, &b);
-            portable::axpy(&mut x2, 0.37, &b);
-            assert!(x1
-                .iter()
-                .zip(&x2)
-                .all(|(p, q)| (p - q).abs() <= 1e-5 * (1.0 + q.abs())));
-            for rows in [1, 3, 16] {
-                let (w, m) = (data(rows, 3), data(rows * n, 4));
+            for (rows, pad) in [(1, 0), (3, 0), (16, 0), (3, 5), (16, 64)] {
+                let stride = n + pad;
+                let (w, m) = (data(rows, 3), data((rows - 1) * stride + n, 4));
                 let (mut g1, mut g2) = (a.clone(), a.clone());
-                (k.gemv_t)(&mut g1, &w, &m);
-                portable::gemv_t(&mut g2, &w, &m);
+                (k.gemv_t)(&mut g1, &w, &m, stride);
+                portable::gemv_t(&mut g2, &w, &m, stride);
                 // Both add the rows in the same order with fused multiply-adds on x86.
                 for (p, q) in g1.iter().zip(&g2) {
                     assert!(
                         (p - q).abs() <= 1e-4 * (1.0 + q.abs()),
                         "gemv_t n={n}: {p} vs {q}"
                     );
+                }
+                let (mut d1, mut d2) = (vec![0f32; rows], vec![0f32; rows]);
+                (k.dot_rows)(&mut d1, &a, &m, stride);
+                portable::dot_rows(&mut d2, &a, &m, stride);
+                for (j, (p, q)) in d1.iter().zip(&d2).enumerate() {
+                    assert!(
+                        (p - q).abs() <= 1e-4 * (1.0 + q.abs()),
+                        "dot_rows n={n}: {p} vs {q}"
+                    );
+                    // The same arithmetic as `dot` on that row.
+                    assert_eq!(*p, (k.dot)(&a, &m[j * stride..j * stride + n]));
                 }
             }
             let max = a.iter().copied().fold(f32::NEG_INFINITY, f32::max);
