@@ -70,7 +70,7 @@ impl AdapterHook for Lease {
         self.weights.prefix_kv(layer)
     }
 
-    fn weights_key(&self) -> usize {
+    fn weights_key(&self) -> Option<usize> {
         self.weights.weights_key()
     }
 }

@@ -163,7 +163,7 @@ impl AdapterHook for Leased {
     fn prefix_kv(&self, layer: usize) -> Option<(&[f32], &[f32])> {
         self.0.prefix_kv(layer)
     }
-    fn weights_key(&self) -> usize {
+    fn weights_key(&self) -> Option<usize> {
         self.0.weights_key()
     }
 }

@@ -1039,7 +1039,7 @@ async fn execute(state: &Arc<AppState>, entry: &Arc<Entry>) -> Result<Published,
         host: reward,
     };
     let guard = MemoryGuard::start(
-        training.config.max_memory_mib << 20,
+        training.config.max_memory_mib.saturating_mul(1 << 20),
         Arc::clone(&entry.cancel),
     );
     let reply = crate::routes::inference::blocking(move || trainer.run(&request, options)).await;

@@ -10,7 +10,8 @@
 //! figure is generated tokens per second over the whole run, so prefill and adapter loads are
 //! paid for. The cases take turns in rounds (a, b, c, d, e, a, b, ...), each round a slice of
 //! the case's time, so a machine that slows down for a while slows all of them alike and the
-//! ratios stay comparable; the 1,000-adapter registry keeps its state across rounds.
+//! ratios stay comparable. Each slice starts its streams on new requests (so shorter slices
+//! pay more prefill); the 1,000-adapter registry keeps its state across rounds.
 //! Usage: `adapters-bench <model.gguf> [threads] [seconds per case] [rounds]`
 
 use std::collections::BTreeMap;

@@ -261,6 +261,11 @@ impl AdapterHook for AdapterWeights {
         }
     }
 
+    fn weights_key(&self) -> Option<usize> {
+        // An `AdapterWeights` is never zero-sized, so live ones have distinct addresses.
+        Some(self as *const Self as usize)
+    }
+
     fn prefix_kv(&self, layer: usize) -> Option<(&[f32], &[f32])> {
         self.prefix
             .as_ref()?

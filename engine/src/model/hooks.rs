@@ -95,10 +95,11 @@ pub trait AdapterHook: Send + Sync {
     /// `layer`, for prefix tuning; `None` when the adapter has no prefix.
     fn prefix_kv(&self, layer: usize) -> Option<(&[f32], &[f32])>;
 
-    /// Names the weights behind this hook: hooks with equal keys add equal deltas, so the
+    /// Names the weights behind this hook: hooks with equal keys must add equal deltas, so the
     /// forward runs their rows together and reads the weights once for all of them. A wrapper
-    /// (a lease) returns the key of the weights it wraps; the default is this object's address.
-    fn weights_key(&self) -> usize {
-        self as *const Self as *const () as usize
+    /// that only forwards (a lease) returns the key of the weights it wraps. `None`, the
+    /// default, groups a hook only with itself.
+    fn weights_key(&self) -> Option<usize> {
+        None
     }
 }

@@ -529,13 +529,18 @@ fn add_deltas(
     const ROWS_PER_TASK: usize = 8;
     let stride: usize = widths.iter().sum();
     // Rows grouped by the weights behind their adapter, groups in order of first appearance.
+    // Without a key a hook groups only with itself: the same object (address and vtable; a
+    // duplicated vtable only keeps two groups apart, which is safe).
+    let same = |a: &dyn AdapterHook, b: &dyn AdapterHook| match (a.weights_key(), b.weights_key()) {
+        (Some(x), Some(y)) => x == y,
+        _ => std::ptr::eq(a, b),
+    };
     let mut groups: Vec<(&dyn AdapterHook, Vec<usize>)> = Vec::new();
     for (step, rows) in batch.iter().zip(row_ranges) {
         let Some(adapter) = step.adapter else {
             continue;
         };
-        let key = adapter.weights_key();
-        match groups.iter_mut().find(|(a, _)| a.weights_key() == key) {
+        match groups.iter_mut().find(|(a, _)| same(*a, adapter)) {
             Some((_, g)) => g.extend(rows.clone()),
             None => groups.push((adapter, rows.clone().collect())),
         }
