@@ -210,6 +210,19 @@ fn matches_manifest(manifest: &Manifest, file: &str, bytes: &[u8]) -> bool {
     }
 }
 
+/// A PEFT file of the version in `dir`, refused as corrupt unless it matches `manifest`.
+fn read_checked(dir: &Path, file: &str, manifest: &Manifest) -> Result<Vec<u8>, AdapterError> {
+    let path = dir.join(file);
+    let bytes = fs::read(&path).map_err(AdapterError::io(&path))?;
+    if !matches_manifest(manifest, file, &bytes) {
+        return Err(AdapterError::Corrupt(format!(
+            "{} does not match its checksum in the manifest",
+            path.display()
+        )));
+    }
+    Ok(bytes)
+}
+
 fn write_durable(path: &Path, bytes: &[u8]) -> Result<(), AdapterError> {
     let mut f = File::create(path).map_err(AdapterError::io(path))?;
     f.write_all(bytes).map_err(AdapterError::io(path))?;
@@ -475,30 +488,25 @@ impl AdapterStore {
             )));
         }
         let dir = self.version_dir(tenant, name, version)?;
-        let path = dir.join(file);
-        let bytes = fs::read(&path).map_err(AdapterError::io(&path))?;
-        if file != MANIFEST_FILE {
-            let manifest = read_manifest_at(&dir)?;
-            if !matches_manifest(&manifest, file, &bytes) {
-                return Err(AdapterError::Corrupt(format!(
-                    "{} does not match its checksum in the manifest",
-                    path.display()
-                )));
-            }
+        if file == MANIFEST_FILE {
+            let path = dir.join(file);
+            return fs::read(&path).map_err(AdapterError::io(&path));
         }
-        Ok(bytes)
+        read_checked(&dir, file, &read_manifest_at(&dir)?)
     }
 
-    /// The PEFT files of a version, checked against the manifest.
+    /// The PEFT files of a version, checked against the manifest (read once for both).
     pub fn read_files(
         &self,
         tenant: &str,
         name: &str,
         version: u32,
     ) -> Result<PeftFiles, AdapterError> {
+        let dir = self.version_dir(tenant, name, version)?;
+        let manifest = read_manifest_at(&dir)?;
         Ok(PeftFiles {
-            config: self.read_file(tenant, name, version, CONFIG_FILE)?,
-            weights: self.read_file(tenant, name, version, WEIGHTS_FILE)?,
+            config: read_checked(&dir, CONFIG_FILE, &manifest)?,
+            weights: read_checked(&dir, WEIGHTS_FILE, &manifest)?,
         })
     }
 
