@@ -1,18 +1,17 @@
 //! The forward on tiny random models: both file formats agree, batching and the KV cache do
 //! not change results, bad input is an error.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use prefix_rft_engine::gguf::GgufFile;
-use prefix_rft_engine::model::adapter::proj_dims;
 use prefix_rft_engine::model::{
-    AdapterHook, AdapterWeights, KvCache, Llama, LoadOptions, Logits, LogitsWanted, LoraWeights,
-    ModelConfig, ModelError, Proj, ProjRows, SeqStep,
+    AdapterHook, AdapterWeights, KvCache, Llama, LoadOptions, Logits, LogitsWanted, ModelConfig,
+    ModelError, Proj, ProjRows, SeqStep,
 };
 use prefix_rft_engine::quant::GgmlDType;
 use prefix_rft_engine::testing::{
-    load_tiny_gguf, max_abs_diff, tiny_weights, write_tiny_gguf, write_tiny_hf_dir, TinySpec,
+    load_tiny_gguf, max_abs_diff, random_lora, tiny_weights, write_tiny_gguf, write_tiny_hf_dir,
+    TinySpec,
 };
 
 fn tiny_gguf(spec: &TinySpec, dtype: GgmlDType) -> (tempfile::TempDir, Llama) {
@@ -168,35 +167,9 @@ impl AdapterHook for Leased {
     }
 }
 
-fn tiny_lora(cfg: &ModelConfig, seed: u32) -> AdapterWeights {
-    let mut lora = BTreeMap::new();
-    for layer in 0..cfg.num_layers {
-        for (p, proj) in Proj::ALL.into_iter().enumerate() {
-            let (in_dim, out_dim) = proj_dims(cfg, proj);
-            let rank = 2 + (p % 3);
-            let val = |i: usize, salt: u32| {
-                let h =
-                    (i as u32 ^ salt.wrapping_mul(0x9E37_79B9) ^ seed.wrapping_mul(0x85EB_CA6B))
-                        .wrapping_mul(2_654_435_761);
-                (h % 2001) as f32 / 1000.0 - 1.0
-            };
-            let salt = (layer * 7 + p) as u32;
-            lora.insert(
-                (layer, proj),
-                LoraWeights {
-                    a: (0..rank * in_dim).map(|i| 0.3 * val(i, salt)).collect(),
-                    b: (0..out_dim * rank)
-                        .map(|i| 0.3 * val(i, salt + 1000))
-                        .collect(),
-                    rank,
-                    in_dim,
-                    out_dim,
-                    scale: 1.5,
-                },
-            );
-        }
-    }
-    AdapterWeights::new(cfg, lora, None).expect("tiny lora")
+fn tiny_lora(cfg: &ModelConfig, seed: u64) -> AdapterWeights {
+    AdapterWeights::new(cfg, random_lora(cfg, seed, 3, &Proj::ALL, 0.3, 1.5), None)
+        .expect("tiny lora")
 }
 
 /// Rows of sequences that share an adapter's weights (the same hook twice, or two hooks over
