@@ -13,8 +13,15 @@
             tenant key and once with the admin key, loopback only, --seconds per key; the
             check is "no 5xx", and the server must still be ready and its log free of panics.
 
-Each writes its section of bench/results/reliability.json (other sections are kept).
-Usage: scripts/reliability.py fairness|soak|schemathesis [--seconds N] [--bin target/release/prefix-rft]
+  kill9     The suite's kill -9 tests, with more trials than the suite runs: feedback writes
+            (--feedback-trials kills in one run), adapter publish (--publish-trials kills in one
+            run), training and streaming (--training-runs and --streaming-runs, one kill per
+            run). Each test asserts that nothing acknowledged or published is lost; a run that
+            fails counts as a loss and its assertion is recorded.
+
+Each writes its section of bench/results/reliability.json (other sections are kept), then
+recomputes the file's "summary" from all sections.
+Usage: scripts/reliability.py fairness|soak|schemathesis|kill9 [--seconds N] [--bin target/release/prefix-rft]
 """
 
 import argparse
@@ -160,11 +167,60 @@ def save(section, value):
     if os.path.exists(RESULTS):
         data = json.load(open(RESULTS))
     data[section] = value
+    data["summary"] = summary(data)
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(RESULTS, "w") as f:
         json.dump(data, f, indent=1)
         f.write("\n")
     print(json.dumps(value, indent=1))
+
+
+def summary(data):
+    """The issue's report, totalled over the sections present (each keeps its own detail)."""
+    sent, errors = {}, {}
+    if "fairness" in data:
+        f = data["fairness"]
+        sent["fairness"] = sum(sum(f[side]["flood_requests"].values()) + f[side]["b_ttft_ms_idle"]["n"]
+                               + f[side]["b_ttft_ms_flooded"]["n"] for side in ("ours", "peer"))
+        errors["fairness: flood replies neither 200 nor 429"] = sum(
+            f[side]["flood_requests"]["other"] for side in ("ours", "peer"))
+    if "soak" in data:
+        s = data["soak"]
+        sent["soak"] = sum(s["requests"].values())
+        for kind, n in s["unexpected_errors"].items():
+            errors[f"soak: {kind}"] = n
+    if "schemathesis" in data:
+        s = data["schemathesis"]
+        sent["schemathesis"] = s["requests_generated"]
+        errors["schemathesis: server errors (5xx)"] = s["server_errors"]
+        for key, run in s["runs"].items():
+            errors[f"schemathesis ({key} key): client timeouts"] = run["client_timeouts"]
+            errors[f"schemathesis ({key} key): tool errors"] = run["tool_errors"]
+    crashes = {}
+    if "soak" in data:
+        crashes["soak: server not alive at the end"] = 0 if data["soak"]["server_alive_at_end"] else 1
+    if "schemathesis" in data:
+        crashes["schemathesis: panics in the server log"] = data["schemathesis"]["panics_in_server_log"]
+        crashes["schemathesis: server not ready after"] = 0 if data["schemathesis"]["server_ready_after"] else 1
+    if "fuzz" in data:
+        for name, t in data["fuzz"]["targets"].items():
+            crashes[f"fuzz {name}"] = t["crashes"]
+    out = {
+        "requests_sent": {**sent, "total": sum(sent.values())},
+        "errors_by_kind": errors,
+        "crashes": {**crashes, "total": sum(crashes.values())},
+    }
+    if "kill9" in data:
+        k = data["kill9"]["scenarios"]
+        out["kill9"] = {"trials": sum(v["trials"] for v in k.values()),
+                        "losses": sum(v["losses"] for v in k.values()),
+                        "by_scenario": {n: {"trials": v["trials"], "losses": v["losses"]} for n, v in k.items()}}
+    if "fuzz" in data:
+        out["fuzz_executions"] = {n: t["executions"] for n, t in data["fuzz"]["targets"].items()}
+    if "soak" in data:
+        out["soak"] = {"seconds": data["soak"]["seconds"],
+                       "rss_slope_mib_per_hour": data["soak"]["rss_slope_mib_per_hour_after_first_third"]}
+    return out
 
 
 # ---------------------------------------------------------------- fairness
@@ -452,15 +508,105 @@ def soak(args):
         sys.exit(1)
 
 
+# ---------------------------------------------------------------- kill -9
+
+def cargo_test(test, name, env):
+    """One run of an end-to-end test: (passed, its output, the first panic message or None)."""
+    cmd = ["cargo", "test", "-q", "-p", "prefix-rft-e2e", "--test", test, name, "--", "--exact", "--nocapture"]
+    started = time.time()
+    p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True)
+    out = p.stdout + p.stderr
+    panic = None
+    lines = out.splitlines()
+    for i, line in enumerate(lines):
+        if "panicked at" in line:
+            panic = " ".join(lines[i:i + 3]).strip()[:600]
+            break
+    if p.returncode != 0 and panic is None:
+        panic = " ".join(lines[-5:])[-600:]
+    print(f"kill9: {test}::{name} {'passed' if p.returncode == 0 else 'FAILED'} "
+          f"in {time.time() - started:.0f} s", flush=True)
+    return p.returncode == 0, out, panic
+
+
+def kill9(args):
+    # Build first: a build failure must not be counted as a lost trial.
+    subprocess.run(["cargo", "build", "-q", "-p", "prefix-rft-server", "--bin", "prefix-rft"], cwd=ROOT, check=True)
+    subprocess.run(["cargo", "test", "-q", "-p", "prefix-rft-e2e", "--no-run"], cwd=ROOT, check=True)
+    scenarios = {}
+
+    ok, out, panic = cargo_test("feedback", "acknowledged_feedback_survives_kill_9",
+                                {"FEEDBACK_KILL_TRIALS": str(args.feedback_trials)})
+    m = re.search(r"durability: (\d+) kill -9 trials, (\d+) acknowledged writes checked", out)
+    scenarios["feedback_writes"] = {
+        "what": "8 writers post feedback at full speed; SIGKILL at a random moment (20-420 ms); "
+                "every acknowledged id must be stored exactly once, each target must hold its "
+                "last acknowledged (or in-flight) rating, PRAGMA integrity_check must be ok",
+        "trials": args.feedback_trials,
+        "acknowledged_writes_checked": int(m.group(2)) if m else None,
+        "losses": 0 if ok else 1,
+        "failures": [] if ok else [panic],
+    }
+
+    ok, out, panic = cargo_test("adapters", "kill_during_publish_leaves_a_loadable_store",
+                                {"PUBLISH_KILL_TRIALS": str(args.publish_trials)})
+    m = re.search(r"kill -9 during publish: (\{[^}]*\})", out)
+    outcomes = json.loads(m.group(1)) if m else {}
+    scenarios["publish"] = {
+        "what": "`prefix-rft adapters import` of an r=16 LoRA on all 7 modules SIGKILLed at a random point of a "
+                "full run; the store must reopen with the old or the new version current, every "
+                "version complete and loadable, no staging leftovers",
+        "trials": args.publish_trials,
+        "killed_mid_publish": outcomes.get("killed", 0),
+        "finished_before_the_kill": outcomes.get("completed", 0),
+        "losses": 0 if ok else 1,
+        "failures": [] if ok else [panic],
+    }
+
+    for scenario, test, name, runs, what in [
+        ("training", "training", "kill_9_during_training_fails_the_job_and_publishes_nothing",
+         args.training_runs,
+         "SIGKILL after a job's second step; after a restart the job is failed (interrupted), "
+         "the adapter keeps its version and answer, no staging directory is left, its feedback "
+         "is not marked trained, and a new job succeeds"),
+        ("streaming", "shutdown", "kill_9_while_streaming_breaks_the_stream_and_the_restart_is_clean",
+         args.streaming_runs,
+         "SIGKILL mid-stream; the client's stream ends without [DONE], the restarted server "
+         "serves, and feedback on a completion finished before the kill is accepted"),
+    ]:
+        failures = []
+        for _ in range(runs):
+            ok, _, panic = cargo_test(test, name, {})
+            if not ok:
+                failures.append(panic)
+        scenarios[scenario] = {"what": what, "trials": runs, "losses": len(failures), "failures": failures}
+
+    save("kill9", {
+        "benchmark": "the end-to-end kill -9 tests (real binary, real model, real SQLite file) "
+                     "run with more trials than the suite; a loss is a failed run",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "scenarios": scenarios,
+    })
+    if any(v["losses"] for v in scenarios.values()):
+        sys.exit(1)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["fairness", "soak", "schemathesis"])
+    p.add_argument("mode", choices=["fairness", "soak", "schemathesis", "kill9"])
     p.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "prefix-rft"))
     p.add_argument("--seconds", type=int, default=None,
                    help="soak duration (default 1800); schemathesis time per key (default 240)")
     p.add_argument("--flooders", type=int, default=16, help="fairness: tenant A's clients")
     p.add_argument("--probes", type=int, default=40, help="fairness: tenant B's requests per phase")
+    p.add_argument("--feedback-trials", type=int, default=100, help="kill9: kills during feedback writes")
+    p.add_argument("--publish-trials", type=int, default=40, help="kill9: kills during an adapter publish")
+    p.add_argument("--training-runs", type=int, default=5, help="kill9: kills during training")
+    p.add_argument("--streaming-runs", type=int, default=10, help="kill9: kills while streaming")
     args = p.parse_args()
+    if args.mode == "kill9":
+        return kill9(args)
     if not os.path.exists(args.bin):
         raise SystemExit(f"{args.bin} is missing: cargo build --release -p prefix-rft-server")
     if args.seconds is None:

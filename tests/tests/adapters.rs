@@ -740,7 +740,12 @@ fn kill_during_publish_leaves_a_loadable_store() {
     let cfg = model_config();
     let mut rng = rand::rngs::StdRng::seed_from_u64(9);
     let mut outcomes = BTreeMap::new();
-    for trial in 0..20 {
+    // 20 in the suite; `scripts/reliability.py kill9` raises it with `PUBLISH_KILL_TRIALS`.
+    let trials = std::env::var("PUBLISH_KILL_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    for trial in 0..trials {
         let before = {
             let store = AdapterStore::open(data.join("adapters")).expect("store");
             store.current("acme", "crash").expect("current")
@@ -794,7 +799,7 @@ fn kill_during_publish_leaves_a_loadable_store() {
     }
     eprintln!("kill -9 during publish: {outcomes:?}, full import {full:?}");
     assert!(
-        outcomes.get("killed").copied().unwrap_or(0) >= 5,
+        outcomes.get("killed").copied().unwrap_or(0) >= trials / 4,
         "{outcomes:?}"
     );
 }
