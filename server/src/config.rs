@@ -150,6 +150,9 @@ pub struct TrainingSection {
     /// Largest growth of the server's resident memory while a job trains, in MiB; past it the
     /// job is stopped and fails while serving goes on. 0 leaves it unbounded.
     pub max_memory_mib: u64,
+    /// Longest a job may train, in seconds (with the trainer plugin's own `timeout_secs`, the
+    /// shorter counts); past it the job is asked to stop and fails. 0 leaves only the plugin's.
+    pub max_job_secs: u64,
     /// Hyper-parameters of every job unless its request overrides them.
     pub params: prefix_rft_trainer::train::TrainParams,
     /// Adapters whose jobs add prefix-guided RFT, each with its reward plugin.
@@ -187,6 +190,7 @@ impl Default for TrainingSection {
             probe_prompts: Vec::new(),
             keep_jobs: 1000,
             max_memory_mib: 2048,
+            max_job_secs: 21600,
             params: prefix_rft_trainer::train::TrainParams {
                 lr: 1e-4,
                 ..Default::default()

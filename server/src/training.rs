@@ -29,7 +29,9 @@ use prefix_rft_adapters::peft::PeftFiles;
 use prefix_rft_adapters::store::{NewVersion, Source, Status};
 use prefix_rft_adapters::AdapterError;
 use prefix_rft_engine::chat_template::ChatMessage;
-use prefix_rft_plugin_abi::host::{CallOptions, HostService, PluginHandle, ProgressSink};
+use prefix_rft_plugin_abi::host::{
+    CallOptions, HostError, HostService, PluginHandle, ProgressSink,
+};
 use prefix_rft_trainer::job::{CompletionIds, JobData, PairIds};
 use prefix_rft_trainer::train::TrainParams;
 use serde::{Deserialize, Serialize};
@@ -1032,8 +1034,13 @@ async fn execute(state: &Arc<AppState>, entry: &Arc<Entry>) -> Result<Published,
             job.metrics.lr.push(lr);
         }
     });
+    let job_limit = Some(training.config.max_job_secs)
+        .filter(|&s| s > 0)
+        .map(Duration::from_secs);
+    let plugin_timeout = trainer.timeout();
+    let timeout = job_limit.map_or(plugin_timeout, |l| l.min(plugin_timeout));
     let options = CallOptions {
-        timeout: None,
+        timeout: Some(timeout),
         cancel: Some(Arc::clone(&entry.cancel)),
         progress: Some(progress),
         host: reward,
@@ -1052,6 +1059,16 @@ async fn execute(state: &Arc<AppState>, entry: &Arc<Entry>) -> Result<Published,
         )));
     }
     let reply = reply?;
+    // A timeout raises the cancel flag too: it is a failure, not a cancellation.
+    if let Err(HostError::Timeout { .. }) = &reply {
+        return Err(Stop::Failed(format!(
+            "stopped: the job trained for longer than {} s (training.max_job_secs = {}, the \
+             trainer's timeout_secs = {})",
+            timeout.as_secs_f64(),
+            training.config.max_job_secs,
+            plugin_timeout.as_secs_f64()
+        )));
+    }
     if entry.cancel.load(Ordering::SeqCst) {
         return Err(Stop::Cancelled("cancelled while training".into()));
     }

@@ -625,18 +625,42 @@ async fn kill_9_during_training_fails_the_job_and_publishes_nothing() {
     assert_eq!(again["status"], "succeeded", "{again}");
 }
 
-/// A job whose memory outgrows `training.max_memory_mib` is stopped and fails with the reason;
-/// nothing is published, its feedback stays untrained, and the server serves as before.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_job_over_its_memory_budget_fails_alone() {
+/// On a server whose config.toml has `from` replaced by `to`, a long job on adapter `name`
+/// fails for `reason` alone: nothing is published, its feedback stays untrained, and the server
+/// serves as before.
+async fn long_job_fails_alone(from: &str, to: &str, name: &'static str, reason: &str) {
     let data = tempfile::tempdir().unwrap();
-    let config = training_config(&[("max_memory_mib = 2048", "max_memory_mib = 1")]);
+    let config = training_config(&[(from, to)]);
     let server = Server::start_in(Some(&config), data.path());
     let api = Api::new(&server);
-    let (before, id) = api.adapter_with_long_job("big").await;
+    let (before, id) = api.adapter_with_long_job(name).await;
     api.wait_job(ACME_KEY, &id).await;
-    api.assert_failed_alone(&id, "max_memory_mib = 1", &before)
-        .await;
+    api.assert_failed_alone(&id, reason, &before).await;
+}
+
+/// A job whose memory outgrows `training.max_memory_mib` is stopped at its next step.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_over_its_memory_budget_fails_alone() {
+    long_job_fails_alone(
+        "max_memory_mib = 2048",
+        "max_memory_mib = 1",
+        "big",
+        "max_memory_mib = 1",
+    )
+    .await;
+}
+
+/// A job that trains past `training.max_job_secs` fails (the timeout also raises the cancel
+/// flag, but the job is reported failed with the reason, not cancelled).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_over_its_time_limit_fails_alone() {
+    long_job_fails_alone(
+        "max_job_secs = 21600",
+        "max_job_secs = 2",
+        "slow",
+        "training.max_job_secs = 2",
+    )
+    .await;
 }
 
 fn plugin_config(trainer_lib: &str, kind: &str) -> String {
