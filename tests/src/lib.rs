@@ -29,6 +29,15 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// How many kill -9 trials a durability test runs: `default` in the suite, or the count in the
+/// environment variable `var` (`scripts/reliability.py kill9` and `scripts/soak-feedback` raise it).
+pub fn kill_trials(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// The repository's `config.toml` (the embedded default), for tests that change a few lines.
 pub fn repo_config() -> String {
     std::fs::read_to_string(repo_root().join("config.toml")).expect("config.toml")

@@ -11,7 +11,9 @@ use futures_util::StreamExt;
 use prefix_rft_adapters::peft::{self, Limits, CONFIG_FILE, WEIGHTS_FILE};
 use prefix_rft_adapters::testing::{random_lora, random_prefix};
 use prefix_rft_adapters::{AdapterStore, PeftFiles};
-use prefix_rft_e2e::{binary, repo_root, shared, ACME_KEY, ADMIN_KEY, GLOBEX_KEY, MODEL};
+use prefix_rft_e2e::{
+    binary, kill_trials, repo_root, shared, ACME_KEY, ADMIN_KEY, GLOBEX_KEY, MODEL,
+};
 use prefix_rft_engine::gguf::GgufFile;
 use prefix_rft_engine::model::{AdapterWeights, ModelConfig, Proj};
 use rand::{Rng, SeedableRng};
@@ -740,11 +742,7 @@ fn kill_during_publish_leaves_a_loadable_store() {
     let cfg = model_config();
     let mut rng = rand::rngs::StdRng::seed_from_u64(9);
     let mut outcomes = BTreeMap::new();
-    // 20 in the suite; `scripts/reliability.py kill9` raises it with `PUBLISH_KILL_TRIALS`.
-    let trials = std::env::var("PUBLISH_KILL_TRIALS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let trials = kill_trials("PUBLISH_KILL_TRIALS", 20);
     for trial in 0..trials {
         let before = {
             let store = AdapterStore::open(data.join("adapters")).expect("store");
@@ -795,7 +793,7 @@ fn kill_during_publish_leaves_a_loadable_store() {
             } else {
                 "killed"
             })
-            .or_insert(0) += 1;
+            .or_insert(0usize) += 1;
     }
     eprintln!("kill -9 during publish: {outcomes:?}, full import {full:?}");
     assert!(

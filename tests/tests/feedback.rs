@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use prefix_rft_e2e::{data_dir, shared, Server, ACME_KEY, ADMIN_KEY, GLOBEX_KEY, MODEL};
+use prefix_rft_e2e::{
+    data_dir, kill_trials, shared, Server, ACME_KEY, ADMIN_KEY, GLOBEX_KEY, MODEL,
+};
 use serde_json::{json, Value};
 
 struct Reply {
@@ -610,17 +612,10 @@ fn xorshift(state: &mut u64) -> u64 {
     *state
 }
 
-/// Kill trials in the suite; `scripts/soak-feedback` raises it with `FEEDBACK_KILL_TRIALS`.
+/// Kill trials in the suite; `FEEDBACK_KILL_TRIALS` raises it.
 const TRIALS: usize = 20;
 /// Concurrent writers per trial.
 const WRITERS: usize = 8;
-
-fn trials() -> usize {
-    std::env::var("FEEDBACK_KILL_TRIALS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(TRIALS)
-}
 
 #[test]
 fn acknowledged_feedback_survives_kill_9() {
@@ -652,7 +647,7 @@ fn acknowledged_feedback_survives_kill_9() {
     let mut seed = ((std::process::id() as u64) << 20) | 0x9e37_79b9;
     let mut acked_all: Vec<Acked> = Vec::new();
     let mut total_acked = 0usize;
-    let trials = trials();
+    let trials = kill_trials("FEEDBACK_KILL_TRIALS", TRIALS);
     for trial in 0..trials {
         let mut server = Server::start_listening(Some(&config));
         let kill_after = Duration::from_millis(20 + xorshift(&mut seed) % 400);
