@@ -215,6 +215,20 @@ pub struct ModelSection {
     /// Compute threads (0 = one per core).
     #[serde(default)]
     pub threads: usize,
+    /// What generates tokens.
+    #[serde(default)]
+    pub backend: ModelBackend,
+}
+
+/// `[model] backend`: the forward that generates tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelBackend {
+    /// Our engine: per-request adapters, scoring and training share its forward.
+    #[default]
+    Engine,
+    /// mistralrs on the same GGUF (cargo feature `mistralrs`); scoring stays on our engine.
+    Mistralrs,
 }
 
 /// `[[tenants]]`

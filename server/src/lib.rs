@@ -31,6 +31,8 @@ pub use routes::router;
 pub use state::{AppState, Lifecycle};
 
 use backend::local::LocalBackend;
+use backend::Backend;
+use config::ModelBackend;
 
 /// How often a drain checks whether running requests are done.
 const DRAIN_POLL: Duration = Duration::from_millis(50);
@@ -65,6 +67,8 @@ pub enum StartError {
     Thread(#[from] std::io::Error),
     #[error("adapter store: {0}")]
     Adapters(#[from] prefix_rft_adapters::AdapterError),
+    #[error("{0}")]
+    Backend(String),
 }
 
 /// Opens the adapter store of `cfg` (recovering from an interrupted publish) and its live
@@ -112,14 +116,36 @@ pub fn load_backend(state: &AppState, path: &Path) -> Result<(), StartError> {
     )?;
     let registry = open_adapters(cfg, model.model.config().clone())?;
     state.set_adapters(Arc::new(registry));
-    let backend = LocalBackend::start(
+    let local = LocalBackend::start(
         model,
         cfg.model.id.clone(),
         &cfg.limits,
         state.metrics.scheduler.clone(),
     )?;
-    tracing::info!(path = %path.display(), secs = t0.elapsed().as_secs_f64(), "model loaded");
-    state.set_backend(Arc::new(backend));
+    let backend: Arc<dyn Backend> = match cfg.model.backend {
+        ModelBackend::Engine => Arc::new(local),
+        #[cfg(feature = "mistralrs")]
+        ModelBackend::Mistralrs => {
+            let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+                StartError::Backend("the mistralrs backend starts inside a tokio runtime".into())
+            })?;
+            Arc::new(
+                backend::mistralrs::MistralrsBackend::start(local, path, &cfg.limits, runtime)
+                    .map_err(|e| StartError::Backend(e.to_string()))?,
+            )
+        }
+        #[cfg(not(feature = "mistralrs"))]
+        ModelBackend::Mistralrs => {
+            return Err(StartError::Backend(
+                "[model] backend = \"mistralrs\" needs a build with the cargo feature \
+                 `mistralrs` (cargo build --release --features mistralrs)"
+                    .into(),
+            ))
+        }
+    };
+    tracing::info!(path = %path.display(), backend = ?cfg.model.backend,
+        secs = t0.elapsed().as_secs_f64(), "model loaded");
+    state.set_backend(backend);
     Ok(())
 }
 

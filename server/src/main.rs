@@ -14,7 +14,7 @@ use prefix_rft_engine::generate::{generate, GenerationConfig};
 use prefix_rft_engine::model::LoadOptions;
 use prefix_rft_engine::sampler::SamplingParams;
 use prefix_rft_engine::LoadedModel;
-use prefix_rft_server::config::Config;
+use prefix_rft_server::config::{Config, ModelBackend};
 use prefix_rft_server::feedback::cli::FeedbackCommand;
 use prefix_rft_server::feedback::sqlite::{SqliteFeedbackStore, StoreOptions};
 use prefix_rft_server::AppState;
@@ -62,6 +62,10 @@ struct ServeArgs {
     /// Start training jobs automatically from feedback (overrides `[training] auto`).
     #[arg(long)]
     auto_training: Option<bool>,
+    /// What generates tokens: `engine` or `mistralrs` (overrides `[model] backend`; mistralrs
+    /// needs a build with `--features mistralrs`).
+    #[arg(long, value_parser = parse_backend)]
+    backend: Option<ModelBackend>,
     /// Shut down (with the usual drain) when standard input closes, so a supervising process
     /// that dies takes the server with it.
     #[arg(long, hide = true)]
@@ -173,6 +177,14 @@ fn ensure_model(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn parse_backend(s: &str) -> Result<ModelBackend, String> {
+    match s {
+        "engine" => Ok(ModelBackend::Engine),
+        "mistralrs" => Ok(ModelBackend::Mistralrs),
+        other => Err(format!("unknown backend `{other}` (engine or mistralrs)")),
+    }
+}
+
 fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     // Only training uses rayon (through candle): its threads run at the lowest priority so a
     // training job does not slow serving down.
@@ -189,6 +201,9 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(auto) = args.auto_training {
         config.training.auto = auto;
+    }
+    if let Some(b) = args.backend {
+        config.model.backend = b;
     }
     if let Some(d) = args.data_dir {
         config.server.data_dir = d;

@@ -583,11 +583,24 @@ enum Stop {
     Failed(String),
 }
 
-impl<E: std::fmt::Display> From<E> for Stop {
-    fn from(e: E) -> Self {
-        Stop::Failed(e.to_string())
-    }
+/// Any of these errors fails the job with its message. (Named one by one: a blanket impl over
+/// `Display` collides with crates that may implement `From` for projected types.)
+macro_rules! fails_the_job {
+    ($($e:ty),* $(,)?) => {$(
+        impl From<$e> for Stop {
+            fn from(e: $e) -> Self {
+                Stop::Failed(e.to_string())
+            }
+        }
+    )*};
 }
+fails_the_job!(
+    prefix_rft_adapters::AdapterError,
+    crate::feedback::FeedbackError,
+    crate::error::ApiError,
+    crate::backend::PromptError,
+    std::io::Error,
+);
 
 /// What a job published.
 struct Published {

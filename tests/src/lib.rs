@@ -85,6 +85,21 @@ pub fn binary() -> PathBuf {
     bin
 }
 
+/// The generation backend the suite runs against: `PREFIX_RFT_TEST_BACKEND` (`engine` or
+/// `mistralrs`; the binary must be built with `--features mistralrs` for the latter), `None`
+/// when unset (the config decides).
+pub fn backend() -> Option<String> {
+    std::env::var("PREFIX_RFT_TEST_BACKEND")
+        .ok()
+        .filter(|b| !b.is_empty())
+}
+
+/// True when the suite runs against the mistralrs backend, where adapters are not served:
+/// tests of per-request adapters skip themselves (and say so).
+pub fn on_mistralrs() -> bool {
+    backend().as_deref() == Some("mistralrs")
+}
+
 /// A running server process; killed when dropped.
 pub struct Server {
     child: Child,
@@ -129,7 +144,24 @@ impl Server {
         server
     }
 
+    /// Starts the default config on generation backend `backend` (`engine` or `mistralrs`),
+    /// whatever `PREFIX_RFT_TEST_BACKEND` says, and waits for `/ready`.
+    pub fn start_backend_in(backend: &str, data_dir: &std::path::Path) -> Server {
+        let server = Server::spawn_on(None, data_dir, false, Some(backend.to_string()));
+        server.wait_ready();
+        server
+    }
+
     fn spawn(config: Option<&str>, data_dir: &std::path::Path, auto_training: bool) -> Server {
+        Server::spawn_on(config, data_dir, auto_training, backend())
+    }
+
+    fn spawn_on(
+        config: Option<&str>,
+        data_dir: &std::path::Path,
+        auto_training: bool,
+        backend: Option<String>,
+    ) -> Server {
         let model = repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
         assert!(
             model.is_file(),
@@ -154,6 +186,9 @@ impl Server {
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             );
         cmd.arg("--data-dir").arg(data_dir);
+        if let Some(backend) = backend {
+            cmd.arg("--backend").arg(backend);
+        }
         // Automatic training would start jobs (new adapter versions, busy cores) under tests
         // that only rate answers; only `Server::start_auto_training_in` keeps it on.
         if !auto_training {

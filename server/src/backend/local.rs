@@ -68,6 +68,11 @@ impl LocalBackend {
             stopped,
         })
     }
+
+    /// The loaded model (tokenizer, chat template, weights).
+    pub fn model(&self) -> &Arc<LoadedModel> {
+        &self.model
+    }
 }
 
 impl Backend for LocalBackend {

@@ -1,9 +1,12 @@
 //! The one seam between HTTP and the engine (TGI's `Backend`): handlers turn requests into a
 //! validated [`GenerationRequest`], submit it, and read [`GenerationEvent`]s back; they never
 //! touch tensors, caches or the scheduler. [`local`] implements it over our engine with a
-//! continuous-batching [`scheduler`].
+//! continuous-batching [`scheduler`]; `mistralrs` (cargo feature `mistralrs`) generates with
+//! mistralrs on the same GGUF instead.
 
 pub mod local;
+#[cfg(feature = "mistralrs")]
+pub mod mistralrs;
 pub mod scheduler;
 
 use prefix_rft_adapters::Lease;
@@ -110,6 +113,9 @@ pub enum SubmitError {
     /// The scheduler is gone.
     #[error("the scheduler is not running")]
     Stopped,
+    /// This backend cannot run the request as asked (a client error naming what to change).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// Why a prompt could not be built.

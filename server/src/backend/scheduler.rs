@@ -56,14 +56,21 @@ struct Prefill {
 
 /// One choice being decoded.
 struct Seq<'m> {
-    choice: usize,
     adapter: Option<Lease>,
-    events: UnboundedSender<GenerationEvent>,
     cache: KvCache,
     sampler: Sampler,
+    next: [u32; 1],
+    out: ChoiceOutput<'m>,
+}
+
+/// What one choice has said so far: turns sampled tokens into [`GenerationEvent`]s
+/// (detokenizing, matching stop strings, counting against `max_tokens`). Shared by every
+/// backend, so a choice ends the same way whichever forward produced its tokens.
+pub struct ChoiceOutput<'m> {
+    choice: usize,
+    events: UnboundedSender<GenerationEvent>,
     decoder: IncrementalDecoder<'m>,
     stops: StopMatcher,
-    next: [u32; 1],
     generated: usize,
     max_tokens: usize,
     logprobs: bool,
@@ -118,7 +125,7 @@ fn serve(
         // Clients that left free their slots now.
         waiting.retain(|j| !j.events.is_closed());
         prefilling.retain(|p| !p.job.events.is_closed());
-        decoding.retain(|s| !s.events.is_closed());
+        decoding.retain(|s| !s.out.events.is_closed());
 
         let mut running: usize =
             decoding.len() + prefilling.iter().map(|p| p.job.req.n).sum::<usize>();
@@ -195,7 +202,7 @@ fn serve(
                 let message = format!("engine error: {e}");
                 tracing::error!(%message, "forward failed");
                 for s in decoding.drain(..) {
-                    let _ = s.events.send(GenerationEvent::Failed(message.clone()));
+                    let _ = s.out.events.send(GenerationEvent::Failed(message.clone()));
                 }
                 let failed: Vec<usize> = chunks.iter().map(|&(i, _)| i).collect();
                 for &i in failed.iter().rev() {
@@ -213,7 +220,8 @@ fn serve(
                 Some(r) => {
                     row.copy_from_slice(r);
                     let sampled = s.sampler.sample(&mut row);
-                    s.emit(model, sampled)
+                    s.next = [sampled.token];
+                    s.out.emit(model, sampled)
                 }
                 None => false,
             };
@@ -320,31 +328,48 @@ fn start_choices<'m>(
         };
         let Some(c) = c else { break };
         let mut s = Seq {
-            choice,
             adapter: req.adapter.clone(),
-            events: job.events.clone(),
             cache: c,
             sampler,
-            decoder: model.tokenizer.decoder(true),
-            stops: StopMatcher::new(req.stop.clone()),
-            next: [0],
-            generated: 0,
-            max_tokens: req.max_tokens,
-            logprobs: req.logprobs,
-            top_logprobs,
+            next: [sampled.token],
+            out: ChoiceOutput::new(model, choice, job.events.clone(), req, top_logprobs),
         };
-        if s.emit(model, sampled) {
+        if s.out.emit(model, sampled) {
             decoding.push(s);
         }
     }
 }
 
-impl<'m> Seq<'m> {
+impl<'m> ChoiceOutput<'m> {
+    /// Output of choice `choice` of `req`, reporting `top_logprobs` alternatives per token.
+    pub fn new(
+        model: &'m LoadedModel,
+        choice: usize,
+        events: UnboundedSender<GenerationEvent>,
+        req: &GenerationRequest,
+        top_logprobs: usize,
+    ) -> Self {
+        ChoiceOutput {
+            choice,
+            events,
+            decoder: model.tokenizer.decoder(true),
+            stops: StopMatcher::new(req.stop.clone()),
+            generated: 0,
+            max_tokens: req.max_tokens,
+            logprobs: req.logprobs,
+            top_logprobs,
+        }
+    }
+
+    /// True when nobody listens any more (the client left).
+    pub fn abandoned(&self) -> bool {
+        self.events.is_closed()
+    }
+
     /// Sends the sampled token; returns whether the choice goes on.
-    fn emit(&mut self, model: &'m LoadedModel, sampled: Sampled) -> bool {
+    pub fn emit(&mut self, model: &'m LoadedModel, sampled: Sampled) -> bool {
         let token = sampled.token;
         self.generated += 1;
-        self.next = [token];
         let logprob = self.logprobs.then(|| TokenLogprob {
             token,
             logprob: sampled.logprob,
@@ -403,7 +428,7 @@ impl<'m> Seq<'m> {
     }
 
     /// Releases held-back text (an incomplete character, a partial stop string) and ends.
-    fn finish(&mut self, model: &'m LoadedModel, mut reason: FinishReason) -> bool {
+    pub fn finish(&mut self, model: &'m LoadedModel, mut reason: FinishReason) -> bool {
         let decoder = std::mem::replace(&mut self.decoder, model.tokenizer.decoder(true));
         let mut text = String::new();
         if let Ok(Some(tail)) = decoder.finish() {

@@ -641,6 +641,17 @@ async fn respond(state: Arc<AppState>, p: Prepared, log: LogCtx) -> Response {
                     &log,
                 )
             }
+            Err(SubmitError::Unsupported(message)) => {
+                return refuse(
+                    &state,
+                    ApiError::InvalidRequest {
+                        message,
+                        param: Some("model".into()),
+                        code: None,
+                    },
+                    &log,
+                )
+            }
         }
     }
     let events = Events::new(admissions, quota);
