@@ -65,8 +65,8 @@ pub struct MistralrsError(String);
 
 impl MistralrsBackend {
     /// Loads `gguf` into mistralrs (CPU) beside `local`, which keeps serving scoring requests.
-    /// mistralrs runs at most `max_batch_size` choices at once; admission allows `max_queue`
-    /// more, as on our engine. Blocking: call it from a thread that may block on `runtime`.
+    /// Admission allows `max_batch_size + max_queue` choices, as on our engine; mistralrs gets
+    /// them one at a time. Blocking: call it from a thread that may block on `runtime`.
     pub fn start(
         local: LocalBackend,
         gguf: &std::path::Path,
