@@ -94,8 +94,8 @@ pub fn backend() -> Option<String> {
         .filter(|b| !b.is_empty())
 }
 
-/// True when the suite runs against the mistralrs backend, where adapters are not served:
-/// tests of per-request adapters skip themselves (and say so).
+/// True when the suite runs against the mistralrs backend (`tests/backends.rs` runs only
+/// then; `scripts/test` runs just the OpenAI tests and that one against it).
 pub fn on_mistralrs() -> bool {
     backend().as_deref() == Some("mistralrs")
 }
