@@ -495,38 +495,51 @@ impl GgufWriter {
     /// Serialises everything into bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        out.extend_from_slice(GGUF_MAGIC);
-        out.extend_from_slice(&3u32.to_le_bytes());
-        out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
-        out.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
+        self.write_to(&mut out)
+            .expect("writing to a Vec cannot fail");
+        out
+    }
+
+    /// Serialises everything into `out`, tensor data straight from where it is held (a merged
+    /// model is hundreds of MiB; it is not copied into one buffer first).
+    pub fn write_to(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        let mut head = Vec::new();
+        head.extend_from_slice(GGUF_MAGIC);
+        head.extend_from_slice(&3u32.to_le_bytes());
+        head.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+        head.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
         for (key, value) in &self.metadata {
-            write_string(&mut out, key);
-            out.extend_from_slice(&value_type(value).to_le_bytes());
-            write_value(&mut out, value);
+            write_string(&mut head, key);
+            head.extend_from_slice(&value_type(value).to_le_bytes());
+            write_value(&mut head, value);
         }
         let align = DEFAULT_ALIGNMENT as usize;
         let mut offset = 0usize;
         for (name, dims, type_id, data) in &self.tensors {
-            write_string(&mut out, name);
-            out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+            write_string(&mut head, name);
+            head.extend_from_slice(&(dims.len() as u32).to_le_bytes());
             for d in dims {
-                out.extend_from_slice(&d.to_le_bytes());
+                head.extend_from_slice(&d.to_le_bytes());
             }
-            out.extend_from_slice(&type_id.to_le_bytes());
-            out.extend_from_slice(&(offset as u64).to_le_bytes());
+            head.extend_from_slice(&type_id.to_le_bytes());
+            head.extend_from_slice(&(offset as u64).to_le_bytes());
             offset += data.len().div_ceil(align) * align;
         }
-        out.resize(out.len().div_ceil(align) * align, 0);
+        head.resize(head.len().div_ceil(align) * align, 0);
+        out.write_all(&head)?;
+        let zeros = [0u8; DEFAULT_ALIGNMENT as usize];
         for (_, _, _, data) in &self.tensors {
-            out.extend_from_slice(data);
-            out.resize(out.len().div_ceil(align) * align, 0);
+            out.write_all(data)?;
+            out.write_all(&zeros[..data.len().div_ceil(align) * align - data.len()])?;
         }
-        out
+        Ok(())
     }
 
     /// Writes the file.
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
-        std::fs::write(path, self.to_bytes())
+        let mut out = std::io::BufWriter::new(File::create(path)?);
+        self.write_to(&mut out)?;
+        std::io::Write::flush(&mut out)
     }
 }
 

@@ -6,6 +6,7 @@ pub mod error;
 pub mod generate;
 pub mod gguf;
 pub mod loader;
+pub mod merge;
 pub mod model;
 pub mod quant;
 pub mod sampler;

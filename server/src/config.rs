@@ -218,6 +218,14 @@ pub struct ModelSection {
     /// What generates tokens.
     #[serde(default)]
     pub backend: ModelBackend,
+    /// mistralrs backend: adapter versions loaded at once, each a merged copy of the model
+    /// (0 = adapters are refused on that backend).
+    #[serde(default = "default_mistralrs_max_live")]
+    pub mistralrs_max_live: usize,
+}
+
+fn default_mistralrs_max_live() -> usize {
+    2
 }
 
 /// `[model] backend`: the forward that generates tokens.

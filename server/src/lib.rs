@@ -130,8 +130,17 @@ pub fn load_backend(state: &AppState, path: &Path) -> Result<(), StartError> {
                 StartError::Backend("the mistralrs backend starts inside a tokio runtime".into())
             })?;
             Arc::new(
-                backend::mistralrs::MistralrsBackend::start(local, path, &cfg.limits, runtime)
-                    .map_err(|e| StartError::Backend(e.to_string()))?,
+                backend::mistralrs::MistralrsBackend::start(
+                    local,
+                    path,
+                    &cfg.limits,
+                    backend::mistralrs::AdapterOptions {
+                        max_live: cfg.model.mistralrs_max_live,
+                        merge_dir: cfg.server.data_dir.join("mistralrs-merged"),
+                    },
+                    runtime,
+                )
+                .map_err(|e| StartError::Backend(e.to_string()))?,
             )
         }
         #[cfg(not(feature = "mistralrs"))]

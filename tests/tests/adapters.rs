@@ -12,7 +12,7 @@ use prefix_rft_adapters::peft::{self, Limits, CONFIG_FILE, WEIGHTS_FILE};
 use prefix_rft_adapters::testing::{random_lora, random_prefix};
 use prefix_rft_adapters::{AdapterStore, PeftFiles};
 use prefix_rft_e2e::{
-    binary, kill_trials, repo_root, shared, ACME_KEY, ADMIN_KEY, GLOBEX_KEY, MODEL,
+    binary, kill_trials, on_mistralrs, repo_root, shared, ACME_KEY, ADMIN_KEY, GLOBEX_KEY, MODEL,
 };
 use prefix_rft_engine::gguf::GgufFile;
 use prefix_rft_engine::model::{AdapterWeights, ModelConfig, Proj};
@@ -707,7 +707,9 @@ async fn hot_swap_under_streaming_load() {
         }
     }
     eprintln!("hot swap: {total} streamed requests, by version {by_version:?}");
-    assert!(total >= 32, "only {total} requests completed");
+    // mistralrs answers one sequence at a time (see its backend's docs), so fewer complete.
+    let enough = if on_mistralrs() { 8 } else { 32 };
+    assert!(total >= enough, "only {total} requests completed");
     assert_eq!(by_version.len(), 2, "both versions served: {by_version:?}");
 }
 

@@ -7,7 +7,13 @@
 //! With `PARITY_OUT=<file>` the agreement (and each backend's agreement with llama.cpp) is
 //! written there as JSON; `scripts/bench-mistralrs` keeps it in bench/results.
 
+use futures_util::StreamExt;
+use prefix_rft_adapters::peft::{self, CONFIG_FILE, WEIGHTS_FILE};
+use prefix_rft_adapters::testing::random_lora;
+use prefix_rft_adapters::PeftFiles;
 use prefix_rft_e2e::{on_mistralrs, repo_root, shared, Server, ACME_KEY, MODEL};
+use prefix_rft_engine::gguf::GgufFile;
+use prefix_rft_engine::model::{AdapterWeights, ModelConfig, Proj};
 use serde_json::{json, Value};
 
 /// The fixture's cases: chat prompts as token ids, and llama.cpp's greedy answer.
@@ -25,14 +31,19 @@ struct Answer {
     top5: serde_json::Map<String, Value>,
 }
 
-/// The greedy answer to `prompt` (token ids), `max_tokens` tokens at most, from the server
-/// at `v1`.
+/// The base model's greedy answer to `prompt` (token ids), `max_tokens` tokens at most, from
+/// the server at `v1`.
 async fn greedy(v1: &str, prompt: &Value, max_tokens: usize) -> Answer {
+    greedy_with(v1, MODEL, prompt, max_tokens).await
+}
+
+/// [`greedy`] from `model` (the base or an adapter).
+async fn greedy_with(v1: &str, model: &str, prompt: &Value, max_tokens: usize) -> Answer {
     let r = reqwest::Client::new()
         .post(format!("{v1}/completions"))
         .bearer_auth(ACME_KEY)
         .json(&json!({
-            "model": MODEL,
+            "model": model,
             "prompt": prompt,
             "max_tokens": max_tokens,
             "temperature": 0,
@@ -130,4 +141,167 @@ async fn greedy_answers_agree_with_our_engine_on_the_fixture_prompts() {
     // shared top-5 first tokens (our engine is within about 0.05 of llama.cpp). Both backends
     // equal llama.cpp on 4 of 10. Most answers part late, at near ties.
     assert!(first_same >= 8, "{report}");
+}
+
+/// PEFT files of a random LoRA for the default model (seeded; values within ±0.1, scale 1:
+/// large enough to change greedy answers, small enough to keep them words).
+fn lora_files(seed: u64, rank: usize, targets: &[Proj]) -> PeftFiles {
+    let path = repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let cfg = ModelConfig::from_gguf(&GgufFile::open(&path).expect("model")).expect("config");
+    let pairs = random_lora(&cfg, seed, rank, targets, 0.1, 1.0);
+    let weights = AdapterWeights::new(&cfg, pairs, None).expect("lora");
+    peft::to_files(&weights, &cfg, MODEL).expect("files")
+}
+
+/// Creates LoRA adapter `name` on the server at `v1` and uploads `files` as its current v2.
+async fn lora_adapter(v1: &str, name: &str, files: &PeftFiles) {
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{v1}/adapters"))
+        .bearer_auth(ACME_KEY)
+        .json(&json!({"name": name, "kind": "lora", "rank": 4}))
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
+    let part = |bytes: &[u8], file: &str| {
+        reqwest::multipart::Part::bytes(bytes.to_vec()).file_name(file.to_string())
+    };
+    let form = reqwest::multipart::Form::new()
+        .part(CONFIG_FILE, part(&files.config, CONFIG_FILE))
+        .part(WEIGHTS_FILE, part(&files.weights, WEIGHTS_FILE));
+    let r = http
+        .post(format!("{v1}/adapters/{name}/versions"))
+        .bearer_auth(ACME_KEY)
+        .multipart(form)
+        .send()
+        .await
+        .expect("upload");
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
+}
+
+/// A LoRA adapter on mistralrs (its own model with the LoRA merged in) answers like the same
+/// adapter on our engine (applied beside the quantized base), and unlike the base model: the
+/// merge is applied, in the right rows. A prefix adapter, which has no merged form, is refused
+/// with 400 naming why.
+#[tokio::test]
+async fn a_lora_adapter_agrees_with_our_engine_and_a_prefix_is_refused() {
+    if !on_mistralrs() {
+        eprintln!("skipped: runs with PREFIX_RFT_TEST_BACKEND=mistralrs");
+        return;
+    }
+    let files = lora_files(77, 8, &Proj::ALL);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = Server::start_backend_in("engine", dir.path());
+    let mistralrs = shared();
+    lora_adapter(&engine.v1(), "merged", &files).await;
+    lora_adapter(&mistralrs.v1(), "merged", &files).await;
+    let cases = cases();
+    let mut report = Vec::new();
+    let (mut first_same, mut moved) = (0, 0);
+    for case in cases.iter().take(4) {
+        let prompt = &case["prompt_tokens"];
+        let ea = greedy_with(&engine.v1(), "merged", prompt, 24).await;
+        let ma = greedy_with(&mistralrs.v1(), "merged", prompt, 24).await;
+        let base = greedy_with(&mistralrs.v1(), MODEL, prompt, 24).await;
+        for (x, y, who) in [(&ea, &ma, "mistralrs"), (&ma, &ea, "engine")] {
+            assert!(
+                y.top5.contains_key(&x.first),
+                "{:?}: with the adapter, {who}'s top 5 {:?} lack {:?}",
+                case["messages"],
+                y.top5,
+                x.first
+            );
+        }
+        first_same += usize::from(ea.first == ma.first);
+        moved += usize::from(ma.text != base.text);
+        report.push(json!({"engine": ea.text, "mistralrs": ma.text, "base": base.text}));
+    }
+    eprintln!("{}", serde_json::to_string_pretty(&report).expect("JSON"));
+    assert!(
+        first_same >= 3,
+        "first tokens with the adapter: {first_same} of 4 agree"
+    );
+    assert!(
+        moved >= 3,
+        "the adapter changed only {moved} of 4 mistralrs answers"
+    );
+
+    let r = reqwest::Client::new()
+        .post(format!("{}/adapters", mistralrs.v1()))
+        .bearer_auth(ACME_KEY)
+        .json(&json!({"name": "prefixed", "kind": "prefix", "num_virtual_tokens": 4}))
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
+    let r = reqwest::Client::new()
+        .post(format!("{}/completions", mistralrs.v1()))
+        .bearer_auth(ACME_KEY)
+        .json(&json!({"model": "prefixed", "prompt": "Hello", "max_tokens": 4}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.expect("JSON");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("prefix"), "{body}");
+}
+
+/// `[model] mistralrs_max_live = 1`: while one adapter version streams, a request for another
+/// is refused with 503 naming the limit (rather than loading a second merged copy); once the
+/// stream is done, the idle version makes room and the other one is served.
+#[tokio::test]
+async fn versions_past_mistralrs_max_live_wait_for_an_idle_one() {
+    if !on_mistralrs() {
+        eprintln!("skipped: runs with PREFIX_RFT_TEST_BACKEND=mistralrs");
+        return;
+    }
+    let files = |seed| lora_files(seed, 4, &[Proj::Q, Proj::V]);
+    let config =
+        prefix_rft_e2e::repo_config().replace("mistralrs_max_live = 2", "mistralrs_max_live = 1");
+    assert!(
+        config.contains("mistralrs_max_live = 1"),
+        "config.toml sets mistralrs_max_live = 2"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start_in(Some(&config), dir.path());
+    let v1 = server.v1();
+    lora_adapter(&v1, "first", &files(1)).await;
+    lora_adapter(&v1, "second", &files(2)).await;
+    let complete = |model: &'static str, max_tokens: usize, stream: bool| {
+        reqwest::Client::new()
+            .post(format!("{v1}/completions"))
+            .bearer_auth(ACME_KEY)
+            .json(
+                &json!({"model": model, "prompt": "Once upon a time", "max_tokens": max_tokens,
+                          "temperature": 0, "stream": stream}),
+            )
+            .send()
+    };
+    let r = complete("first", 4, false).await.expect("first");
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+
+    // A long stream on `first`: once its first chunk is here, `first` is busy.
+    let mut stream = complete("first", 200, true)
+        .await
+        .expect("stream")
+        .bytes_stream();
+    let chunk = stream.next().await.expect("a first chunk").expect("chunk");
+    assert!(!chunk.is_empty());
+    let r = complete("second", 4, false).await.expect("second");
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.expect("JSON");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("mistralrs_max_live"),
+        "{body}"
+    );
+    while let Some(chunk) = stream.next().await {
+        chunk.expect("the stream on `first` completes");
+    }
+    let r = complete("second", 4, false).await.expect("second");
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
 }

@@ -21,9 +21,23 @@
 //!   another are answered correctly (`examples/mistralrs_concurrency.rs` shows it). Each
 //!   choice therefore waits for the previous one to finish before it is handed to mistralrs:
 //!   answers are right, and concurrent requests queue.
-//! - **Adapters** are not served on this backend yet: a request for one is refused with 400.
+//! - **Adapters**: mistralrs runs one adapter per model, so each adapter version a request
+//!   asks for becomes its own mistralrs model, loaded from a copy of the GGUF with the LoRA
+//!   merged in ([`merge_lora_into_gguf`]; the touched projections at f32, so it computes what
+//!   our engine computes with the adapter on the side). A version is built on its first
+//!   request (or ahead of an activation, [`Backend::prepare`]) and stays loaded while it is
+//!   used; an activation or rollback therefore loads the new version, moves the alias, and the
+//!   old one is dropped once its last request is done and room is needed. At most
+//!   `[model] mistralrs_max_live` versions are loaded at once, those still finishing requests
+//!   included; a request that needs another while all are busy gets 503. Prefix adapters have
+//!   no merged form and are refused with 400. (mistralrs's own `GgufLoraModelBuilder` is not
+//!   used: in the 0.8.1 source its merge computes the merged weights and drops them —
+//!   `QLoraLinear::merge_weights` discards what `add_delta_w` returns — and it would
+//!   requantize to the base's format, which rounds a small delta away.)
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Tensor};
@@ -32,9 +46,12 @@ use mistralrs::{
     Constraint, CustomLogitsProcessor, GgufModelBuilder, NormalRequest, Request, Response,
     SamplingParams as MrsSampling, StopTokens,
 };
+use prefix_rft_adapters::registry::VersionKey;
+use prefix_rft_adapters::Lease;
 use prefix_rft_engine::chat_template::ChatMessage;
 use prefix_rft_engine::generate::FinishReason;
-use prefix_rft_engine::model::{AdapterWeights, PrefixWeights};
+use prefix_rft_engine::merge::merge_lora_into_gguf;
+use prefix_rft_engine::model::{AdapterWeights, ModelConfig, PrefixWeights};
 use prefix_rft_engine::sampler::{Sampled, Sampler};
 use prefix_rft_engine::LoadedModel;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
@@ -56,24 +73,20 @@ pub struct MistralrsBackend {
     capacity: usize,
     /// One mistralrs sequence at a time (see the module docs).
     gate: Arc<Semaphore>,
+    /// Adapter versions as merged models.
+    versions: Arc<Versions>,
 }
 
-/// Why mistralrs could not be started.
-#[derive(Debug, thiserror::Error)]
-#[error("mistralrs: {0}")]
-pub struct MistralrsError(String);
+/// How mistralrs loads a GGUF file: both the base and every merged version.
+#[derive(Clone)]
+struct Loader {
+    max_seqs: usize,
+    runtime: tokio::runtime::Handle,
+}
 
-impl MistralrsBackend {
-    /// Loads `gguf` into mistralrs (CPU) beside `local`, which keeps serving scoring requests.
-    /// Admission allows `max_batch_size + max_queue` choices, as on our engine; mistralrs gets
-    /// them one at a time. Blocking: call it from a thread that may block on `runtime`.
-    pub fn start(
-        local: LocalBackend,
-        gguf: &std::path::Path,
-        limits: &LimitsSection,
-        runtime: tokio::runtime::Handle,
-    ) -> Result<Self, MistralrsError> {
-        let max_seqs = limits.max_batch_size.max(1);
+impl Loader {
+    /// Loads `gguf` into a mistralrs model of its own (CPU). Blocking.
+    fn load(&self, gguf: &Path) -> Result<mistralrs::Model, MistralrsError> {
         let (dir, file) = match (gguf.parent(), gguf.file_name().and_then(|f| f.to_str())) {
             (Some(dir), Some(file)) if gguf.is_file() => (dir, file),
             _ => {
@@ -84,33 +97,274 @@ impl MistralrsBackend {
             }
         };
         let dir = if dir.as_os_str().is_empty() {
-            std::path::Path::new(".")
+            Path::new(".")
         } else {
             dir
         };
         let builder = GgufModelBuilder::new(dir.to_string_lossy(), vec![file])
             .with_force_cpu()
             .with_token_source(mistralrs::core::TokenSource::None)
-            .with_max_num_seqs(max_seqs)
+            .with_max_num_seqs(self.max_seqs)
             // Our scheduler does not reuse prompt caches across requests either; keep the two
             // backends comparable.
             .with_prefix_cache_n(None);
-        let runner = runtime
+        self.runtime
             .block_on(builder.build())
-            .map_err(|e| MistralrsError(format!("{e:#}")))?;
+            .map_err(|e| MistralrsError(format!("{e:#}")))
+    }
+}
+
+/// Adapter versions loaded as merged mistralrs models (see the module docs).
+struct Versions {
+    loader: Loader,
+    base: PathBuf,
+    cfg: ModelConfig,
+    /// Where merged files are written while mistralrs loads them.
+    dir: PathBuf,
+    max_live: usize,
+    /// Loaded or loading versions by key.
+    slots: Mutex<HashMap<VersionKey, Arc<Slot>>>,
+    /// Versions loaded or loading, those dropped from `slots` but still finishing included.
+    live: Arc<AtomicUsize>,
+    clock: AtomicU64,
+    files: AtomicU64,
+}
+
+/// One version: loaded once, by whichever request (or activation) needs it first.
+struct Slot {
+    model: tokio::sync::OnceCell<Arc<VersionModel>>,
+    /// Holds a place in `live` until the model exists (then the model holds it).
+    reserved: Mutex<Option<LiveToken>>,
+    last_used: AtomicU64,
+}
+
+/// One unit of `Versions::live`, given back when dropped.
+struct LiveToken(Arc<AtomicUsize>);
+
+impl Drop for LiveToken {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A loaded version: its mistralrs model, alive while a request or `Versions::slots` holds it.
+struct VersionModel {
+    model: mistralrs::Model,
+    _live: LiveToken,
+}
+
+impl Versions {
+    /// The slot of `lease`'s version, making room for it if it is new: idle versions are
+    /// dropped, least recently used first, until fewer than `max_live` remain.
+    fn slot(&self, lease: &Lease) -> Result<Arc<Slot>, SubmitError> {
+        let key: VersionKey = (
+            lease.tenant().to_string(),
+            lease.name().to_string(),
+            lease.version(),
+        );
+        let now = self.clock.fetch_add(1, Ordering::SeqCst);
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = slots.get(&key) {
+            slot.last_used.store(now, Ordering::SeqCst);
+            return Ok(Arc::clone(slot));
+        }
+        while self.live.load(Ordering::SeqCst) >= self.max_live {
+            // Idle: loaded, and held by nothing but this map.
+            let victim = slots
+                .iter()
+                .filter(|(_, s)| s.model.get().is_some_and(|m| Arc::strong_count(m) == 1))
+                .min_by_key(|(_, s)| s.last_used.load(Ordering::SeqCst))
+                .map(|(k, _)| k.clone());
+            let Some(victim) = victim else {
+                return Err(SubmitError::Busy(format!(
+                    "all {} adapter versions the mistralrs backend may hold at once \
+                     ([model] mistralrs_max_live) are serving requests; retry shortly",
+                    self.max_live
+                )));
+            };
+            tracing::info!(tenant = %victim.0, adapter = %victim.1, version = victim.2,
+                "mistralrs: dropping an idle merged adapter version to make room");
+            slots.remove(&victim);
+        }
+        self.live.fetch_add(1, Ordering::SeqCst);
+        let slot = Arc::new(Slot {
+            model: tokio::sync::OnceCell::new(),
+            reserved: Mutex::new(Some(LiveToken(Arc::clone(&self.live)))),
+            last_used: AtomicU64::new(now),
+        });
+        slots.insert(key, Arc::clone(&slot));
+        Ok(slot)
+    }
+
+    /// `lease`'s version as a mistralrs model, merging and loading it on first use. A failed
+    /// load leaves the slot empty, so the next request tries again.
+    async fn model(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        lease: &Lease,
+    ) -> Result<Arc<VersionModel>, String> {
+        let model = slot
+            .model
+            .get_or_try_init(|| {
+                let this = Arc::clone(self);
+                let slot = Arc::clone(slot);
+                let lease = lease.clone();
+                async move {
+                    tokio::task::spawn_blocking(move || this.build(&slot, &lease))
+                        .await
+                        .map_err(|e| format!("loading the adapter version panicked: {e}"))?
+                }
+            })
+            .await;
+        match model {
+            Ok(model) => Ok(Arc::clone(model)),
+            Err(e) => {
+                // Forget the failed slot (and the place it holds in `live`) unless a newer one
+                // replaced it already.
+                let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+                let key = (
+                    lease.tenant().to_string(),
+                    lease.name().to_string(),
+                    lease.version(),
+                );
+                if slots.get(&key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+                    slots.remove(&key);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Merges `lease`'s LoRA into a copy of the base file and loads it. Blocking.
+    fn build(&self, slot: &Slot, lease: &Lease) -> Result<Arc<VersionModel>, String> {
+        let started = std::time::Instant::now();
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| format!("{}: cannot create: {e}", self.dir.display()))?;
+        let file = self.dir.join(format!(
+            "merged-{}-{}.gguf",
+            std::process::id(),
+            self.files.fetch_add(1, Ordering::SeqCst)
+        ));
+        let merged = merge_lora_into_gguf(&self.base, &self.cfg, lease.weights(), &file);
+        let loaded = merged
+            .map_err(|e| e.to_string())
+            .and_then(|_| self.loader.load(&file).map_err(|e| e.to_string()));
+        // mistralrs reads the tensors into memory; the file is not needed once loaded.
+        let _ = std::fs::remove_file(&file);
+        let model = loaded.map_err(|e| format!("loading {} on mistralrs: {e}", lease.label()))?;
+        let token = slot
+            .reserved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or("the adapter version's place was given up while it loaded")?;
+        tracing::info!(adapter = %lease.label(), tenant = lease.tenant(),
+            secs = started.elapsed().as_secs_f64(), "mistralrs: loaded a merged adapter version");
+        Ok(Arc::new(VersionModel {
+            model,
+            _live: token,
+        }))
+    }
+}
+
+/// How the backend serves adapter versions.
+#[derive(Debug, Clone)]
+pub struct AdapterOptions {
+    /// Versions loaded at once (`[model] mistralrs_max_live`; 0 refuses adapters).
+    pub max_live: usize,
+    /// Where merged files are written while mistralrs loads them.
+    pub merge_dir: PathBuf,
+}
+
+/// Why mistralrs could not be started.
+#[derive(Debug, thiserror::Error)]
+#[error("mistralrs: {0}")]
+pub struct MistralrsError(String);
+
+impl MistralrsBackend {
+    /// Loads `gguf` into mistralrs (CPU) beside `local`, which keeps serving scoring requests.
+    /// Admission allows `max_batch_size + max_queue` choices, as on our engine; mistralrs gets
+    /// them one at a time. Adapter versions are loaded when first needed. Blocking: call it
+    /// from a thread that may block on `runtime`.
+    pub fn start(
+        local: LocalBackend,
+        gguf: &Path,
+        limits: &LimitsSection,
+        adapters: AdapterOptions,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<Self, MistralrsError> {
+        let max_seqs = limits.max_batch_size.max(1);
+        let loader = Loader { max_seqs, runtime };
+        let runner = loader.load(gguf)?;
         let capacity = max_seqs + limits.max_queue;
+        // Merged files of an earlier run that died while loading one.
+        if let Ok(entries) = std::fs::read_dir(&adapters.merge_dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                if name.to_string_lossy().starts_with("merged-") {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+        let versions = Arc::new(Versions {
+            loader: loader.clone(),
+            base: gguf.to_path_buf(),
+            cfg: local.model().model.config().clone(),
+            dir: adapters.merge_dir,
+            max_live: adapters.max_live,
+            slots: Mutex::new(HashMap::new()),
+            live: Arc::new(AtomicUsize::new(0)),
+            clock: AtomicU64::new(0),
+            files: AtomicU64::new(0),
+        });
         Ok(MistralrsBackend {
             local,
             runner: Arc::new(runner),
-            runtime,
+            runtime: loader.runtime,
             slots: Arc::new(Semaphore::new(capacity)),
             capacity,
             gate: Arc::new(Semaphore::new(1)),
+            versions,
         })
+    }
+
+    /// The slot of `adapter`'s version, or why this backend cannot serve it.
+    fn version_slot(&self, adapter: &Lease) -> Result<Arc<Slot>, SubmitError> {
+        if adapter.weights().prefix().is_some() {
+            return Err(SubmitError::Unsupported(format!(
+                "{} is a prefix-tuning adapter; the mistralrs backend serves LoRA adapters only \
+                 (merged into the weights), so run the server with [model] backend = \"engine\" \
+                 for this one",
+                adapter.label()
+            )));
+        }
+        if self.versions.max_live == 0 {
+            return Err(SubmitError::Unsupported(
+                "adapters are off on this server's mistralrs backend ([model] mistralrs_max_live \
+                 = 0); ask for the base model"
+                    .into(),
+            ));
+        }
+        self.versions.slot(adapter)
     }
 
     fn model(&self) -> &Arc<LoadedModel> {
         self.local.model()
+    }
+}
+
+/// The mistralrs model a choice runs on, held until its request is answered.
+enum Runner {
+    Base(Arc<mistralrs::Model>),
+    Version(Arc<VersionModel>),
+}
+
+impl Runner {
+    fn model(&self) -> &mistralrs::Model {
+        match self {
+            Runner::Base(m) => m,
+            Runner::Version(v) => &v.model,
+        }
     }
 }
 
@@ -219,18 +473,14 @@ impl Backend for MistralrsBackend {
             // Scoring: mistralrs has no prompt log-probs.
             return self.local.submit(req);
         }
-        if req.adapter.is_some() {
-            return Err(SubmitError::Unsupported(
-                "adapters are not served on the mistralrs backend yet; ask for the base model \
-                 or run the server with [model] backend = \"engine\""
-                    .into(),
-            ));
-        }
+        let version = match &req.adapter {
+            Some(lease) => Some((self.version_slot(lease)?, lease.clone())),
+            None => None,
+        };
         let n = u32::try_from(req.n).map_err(|_| SubmitError::Overloaded)?;
         let permit = Arc::clone(&self.slots)
             .try_acquire_many_owned(n)
             .map_err(|_| SubmitError::Overloaded)?;
-        let inner = self.runner.inner();
         let (events, rx) = unbounded_channel();
         let (tx, mut inbox) = unbounded_channel::<Msg>();
         let stop_token = *self.info().stop_tokens.first().ok_or_else(|| {
@@ -238,7 +488,6 @@ impl Backend for MistralrsBackend {
         })?;
         let mut done = Vec::with_capacity(req.n);
         for choice in 0..req.n {
-            let sender = inner.get_sender(None).map_err(|_| SubmitError::Stopped)?;
             let mut params = req.sampling.clone();
             params.seed = params.seed.map(|s| s.wrapping_add(choice as u64));
             let flag = Arc::new(AtomicBool::new(false));
@@ -250,7 +499,6 @@ impl Backend for MistralrsBackend {
                 stop_token,
                 tx: tx.clone(),
             };
-            let (response, mut answer) = tokio::sync::mpsc::channel(4);
             let sampling = MrsSampling {
                 // The processor leaves one token with all the mass; any sampler takes it.
                 temperature: None,
@@ -268,33 +516,45 @@ impl Backend for MistralrsBackend {
                 n_choices: 1,
                 dry_params: None,
             };
-            let request = plain_request(
-                inner.next_request_id(),
-                RequestMessage::CompletionTokens(req.prompt.clone()),
-                sampling,
-                response,
-                Some(vec![Arc::new(processor)]),
-            );
+            let prompt = req.prompt.clone();
             let tx = tx.clone();
             let gate = Arc::clone(&self.gate);
             let listener = events.clone();
+            let base = Arc::clone(&self.runner);
+            let versions = Arc::clone(&self.versions);
+            let version = version.clone();
             self.runtime.spawn(async move {
+                let ended = |outcome| {
+                    let _ = tx.send(Msg::Ended { choice, outcome });
+                };
+                // The adapter's merged model, loaded first if this is its first request.
+                let runner = match version {
+                    None => Runner::Base(base),
+                    Some((slot, lease)) => match versions.model(&slot, &lease).await {
+                        Ok(model) => Runner::Version(model),
+                        Err(e) => return ended(Err(e)),
+                    },
+                };
                 // Held until mistralrs answers: its sequences run one after another.
                 let Ok(_turn) = gate.acquire_owned().await else {
-                    let _ = tx.send(Msg::Ended {
-                        choice,
-                        outcome: Err("mistralrs is not running".into()),
-                    });
-                    return;
+                    return ended(Err("mistralrs is not running".into()));
                 };
                 if listener.is_closed() {
                     // The client left while this choice waited its turn.
-                    let _ = tx.send(Msg::Ended {
-                        choice,
-                        outcome: Ok(()),
-                    });
-                    return;
+                    return ended(Ok(()));
                 }
+                let inner = runner.model().inner();
+                let Ok(sender) = inner.get_sender(None) else {
+                    return ended(Err("mistralrs is not running".into()));
+                };
+                let (response, mut answer) = tokio::sync::mpsc::channel(4);
+                let request = plain_request(
+                    inner.next_request_id(),
+                    RequestMessage::CompletionTokens(prompt),
+                    sampling,
+                    response,
+                    Some(vec![Arc::new(processor)]),
+                );
                 let outcome = if sender
                     .send(Request::Normal(Box::new(request)))
                     .await
@@ -312,7 +572,7 @@ impl Backend for MistralrsBackend {
                         None => Err("mistralrs dropped the request".into()),
                     }
                 };
-                let _ = tx.send(Msg::Ended { choice, outcome });
+                ended(outcome);
             });
         }
         drop(tx);
@@ -365,6 +625,14 @@ impl Backend for MistralrsBackend {
             }
         });
         Ok(Admission { events: rx, permit })
+    }
+
+    fn prepare(&self, adapter: &Lease) -> Result<(), SubmitError> {
+        let slot = self.version_slot(adapter)?;
+        self.runtime
+            .block_on(self.versions.model(&slot, adapter))
+            .map(drop)
+            .map_err(SubmitError::Busy)
     }
 
     fn idle(&self) -> bool {

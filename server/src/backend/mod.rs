@@ -116,6 +116,9 @@ pub enum SubmitError {
     /// This backend cannot run the request as asked (a client error naming what to change).
     #[error("{0}")]
     Unsupported(String),
+    /// A resource the request needs is all in use right now; retrying later can succeed.
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// Why a prompt could not be built.
@@ -149,6 +152,12 @@ pub trait Backend: Send + Sync + 'static {
     fn token_bytes(&self, id: u32) -> Vec<u8>;
     /// Queues a request; fails at once when the queue is full.
     fn submit(&self, req: GenerationRequest) -> Result<Admission, SubmitError>;
+    /// Gets `adapter`'s version ready to serve before it becomes current (an activation), so
+    /// the swap costs its first requests nothing. Our engine applies adapters per request and
+    /// needs nothing; mistralrs loads the version's merged model. Blocking.
+    fn prepare(&self, _adapter: &Lease) -> Result<(), SubmitError> {
+        Ok(())
+    }
     /// True when no admitted request is left (drain is complete).
     fn idle(&self) -> bool;
     /// Prefix-tuning key/values taken from the base model's own activations on `text` (its

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::inference::{blocking, body_bytes, parse_err};
 use crate::auth::Principal;
+use crate::config::ModelBackend;
 use crate::error::ApiError;
 use crate::openai::request::parse_one;
 use crate::state::AppState;
@@ -394,6 +395,28 @@ pub struct Activate {
     pub expected_current: Option<u32>,
 }
 
+/// Has the backend get `name@version` ready before it becomes current (mistralrs loads its
+/// merged model; our engine needs nothing). Best effort: a version the backend cannot hold
+/// now still becomes current, and its requests say why they are refused.
+async fn prepare(state: &Arc<AppState>, tenant: &str, name: &str, version: u32) {
+    if state.config.model.backend == ModelBackend::Engine {
+        return;
+    }
+    let Ok(backend) = state.backend() else {
+        return;
+    };
+    let key = (tenant.to_string(), name.to_string(), version);
+    // An unknown version is the activation's to refuse, with its own message.
+    let Ok(lease) = with_registry(state, move |r| r.lease(key)).await else {
+        return;
+    };
+    let outcome = tokio::task::spawn_blocking(move || backend.prepare(&lease)).await;
+    if let Ok(Err(e)) = outcome {
+        tracing::warn!(tenant, adapter = name, version, error = %e,
+            "the backend could not get the version ready before its activation");
+    }
+}
+
 /// `POST /v1/adapters/{name}/activate`: swap or roll back.
 pub async fn activate(
     State(state): State<Arc<AppState>>,
@@ -404,6 +427,7 @@ pub async fn activate(
     let tenant = principal.require_tenant()?;
     let limit = state.config.limits.max_body_bytes;
     let req: Activate = parse_one(&body_bytes(body, limit)?).map_err(parse_err)?;
+    prepare(&state, &tenant, &name, req.version).await;
     let n = name.clone();
     let previous = with_registry(&state, move |r| {
         r.activate(&tenant, &n, req.version, req.expected_current)

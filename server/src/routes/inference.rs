@@ -641,6 +641,9 @@ async fn respond(state: Arc<AppState>, p: Prepared, log: LogCtx) -> Response {
                     &log,
                 )
             }
+            Err(SubmitError::Busy(message)) => {
+                return refuse(&state, ApiError::Unavailable(message), &log)
+            }
             Err(SubmitError::Unsupported(message)) => {
                 return refuse(
                     &state,
