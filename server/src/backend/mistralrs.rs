@@ -169,10 +169,11 @@ impl Versions {
             return Ok(Arc::clone(slot));
         }
         while self.live.load(Ordering::SeqCst) >= self.max_live {
-            // Idle: loaded, and held by nothing but this map.
+            // Idle: loaded, and held by nothing but this map (every request holds its slot
+            // from admission to its last token, whether its model is loaded yet or not).
             let victim = slots
                 .iter()
-                .filter(|(_, s)| s.model.get().is_some_and(|m| Arc::strong_count(m) == 1))
+                .filter(|(_, s)| s.model.initialized() && Arc::strong_count(s) == 1)
                 .min_by_key(|(_, s)| s.last_used.load(Ordering::SeqCst))
                 .map(|(k, _)| k.clone());
             let Some(victim) = victim else {
@@ -473,19 +474,21 @@ impl Backend for MistralrsBackend {
             // Scoring: mistralrs has no prompt log-probs.
             return self.local.submit(req);
         }
-        let version = match &req.adapter {
-            Some(lease) => Some((self.version_slot(lease)?, lease.clone())),
-            None => None,
-        };
+        let stop_token = *self.info().stop_tokens.first().ok_or_else(|| {
+            SubmitError::Unsupported("the model has no end-of-sequence token".into())
+        })?;
         let n = u32::try_from(req.n).map_err(|_| SubmitError::Overloaded)?;
         let permit = Arc::clone(&self.slots)
             .try_acquire_many_owned(n)
             .map_err(|_| SubmitError::Overloaded)?;
+        // After admission: a slot taken for a request that is then turned away would hold its
+        // place in `live` with nothing to load it.
+        let version = match &req.adapter {
+            Some(lease) => Some((self.version_slot(lease)?, lease.clone())),
+            None => None,
+        };
         let (events, rx) = unbounded_channel();
         let (tx, mut inbox) = unbounded_channel::<Msg>();
-        let stop_token = *self.info().stop_tokens.first().ok_or_else(|| {
-            SubmitError::Unsupported("the model has no end-of-sequence token".into())
-        })?;
         let mut done = Vec::with_capacity(req.n);
         for choice in 0..req.n {
             let mut params = req.sampling.clone();
