@@ -9,7 +9,22 @@ if [ -n "${ORACLE_PY:-}" ]; then
   PY="$ORACLE_PY"
 else
   [ -x .venv-oracle/bin/python ] || python3 -m venv .venv-oracle
-  # llama-cpp-python builds from source here (several minutes the first time)
+  # llama-cpp-python builds from source here (several minutes the first time). Not with
+  # GGML_NATIVE: a VM's /proc/cpuinfo can list AMX that the kernel does not let a process use
+  # (the native build then dies with SIGILL in libggml-cpu), so each x86 extension the CPU
+  # lists is switched on by name, AMX left out.
+  if [ -z "${CMAKE_ARGS:-}" ]; then
+    CMAKE_ARGS="-DGGML_NATIVE=OFF"
+    flags=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
+    for pair in avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx_vnni:AVX_VNNI \
+        avx512f:AVX512 avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
+      case "$flags" in
+        *" ${pair%%:*} "*) CMAKE_ARGS="$CMAKE_ARGS -DGGML_${pair##*:}=ON" ;;
+        *) CMAKE_ARGS="$CMAKE_ARGS -DGGML_${pair##*:}=OFF" ;;
+      esac
+    done
+    export CMAKE_ARGS="$CMAKE_ARGS -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+  fi
   .venv-oracle/bin/pip install -q -r scripts/oracle/requirements.txt
   PY="$ROOT/.venv-oracle/bin/python"
 fi

@@ -1,11 +1,13 @@
 //! Our engine against mistralrs on the same GGUF, through the real binary: greedy answers to
 //! the 10 chat prompts of the llama.cpp fixture (48 tokens), each backend in its own server,
-//! compared with each other and with llama.cpp's, and the first token's top-5 log-probs. Runs when the
-//! suite runs against mistralrs (`PREFIX_RFT_TEST_BACKEND=mistralrs`, a binary built with
-//! `--features mistralrs`); otherwise it says it skipped.
+//! compared with each other and with llama.cpp's, and the first token's top-5 log-probs; the
+//! same for a LoRA adapter (merged on mistralrs, applied beside the base on our engine); and
+//! the limit on merged versions loaded at once. Runs when the suite runs against mistralrs
+//! (`PREFIX_RFT_TEST_BACKEND=mistralrs`, a binary built with `--features mistralrs`);
+//! otherwise each test says it skipped.
 //!
-//! With `PARITY_OUT=<file>` the agreement (and each backend's agreement with llama.cpp) is
-//! written there as JSON; `scripts/bench-mistralrs` keeps it in bench/results.
+//! With `PARITY_OUT=<file>` the base-model agreement (and each backend's agreement with
+//! llama.cpp) is written there as JSON.
 
 use futures_util::StreamExt;
 use prefix_rft_adapters::peft::{self, CONFIG_FILE, WEIGHTS_FILE};
