@@ -50,6 +50,11 @@ impl Lease {
         self.key.2
     }
 
+    /// `(tenant, adapter, version)`.
+    pub fn key(&self) -> &VersionKey {
+        &self.key
+    }
+
     /// `name@version`, the `x-adapter-version` header.
     pub fn label(&self) -> String {
         format!("{}@{}", self.key.1, self.key.2)

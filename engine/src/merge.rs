@@ -10,6 +10,7 @@ use std::path::Path;
 
 use crate::gguf::{GgufError, GgufFile, GgufWriter};
 use crate::model::adapter::proj_dims;
+use crate::model::weights::{hf_row_of_gguf_row, hf_to_gguf_name};
 use crate::model::{AdapterWeights, Arch, LoraWeights, ModelConfig, Proj};
 use crate::quant::{dequantize, GgmlDType, QuantError};
 
@@ -54,16 +55,14 @@ pub struct MergeReport {
 
 /// The GGUF tensor name of layer `layer`'s projection `proj`.
 pub fn gguf_proj_name(layer: usize, proj: Proj) -> String {
-    let part = match proj {
-        Proj::Q => "attn_q",
-        Proj::K => "attn_k",
-        Proj::V => "attn_v",
-        Proj::O => "attn_output",
-        Proj::Gate => "ffn_gate",
-        Proj::Up => "ffn_up",
-        Proj::Down => "ffn_down",
+    let block = match proj {
+        Proj::Q | Proj::K | Proj::V | Proj::O => "self_attn",
+        Proj::Gate | Proj::Up | Proj::Down => "mlp",
     };
-    format!("blk.{layer}.{part}.weight")
+    hf_to_gguf_name(&format!(
+        "model.layers.{layer}.{block}.{}.weight",
+        proj.module_name()
+    ))
 }
 
 /// Writes `base` with `adapter`'s LoRA merged in to `out` (see the module docs). `cfg` is the
@@ -155,18 +154,10 @@ pub fn merge_lora_into_gguf(
 }
 
 /// `weight[row] += scale · Σ_k B[hf_row, k] · A[k]`, where `weight` row `g` holds Hugging
-/// Face row `hf_row(g)`: the identity, or for q/k with `heads` the inverse of llama.cpp's
-/// rotary permutation (GGUF row `h·d + 2i + j` is Hugging Face row `h·d + j·d/2 + i`).
+/// Face row `hf_row(g)`: the identity, or for q/k with `heads` [`hf_row_of_gguf_row`].
 fn add_delta(weight: &mut [f32], w: &LoraWeights, heads: Option<usize>) {
     let (rank, cols, rows) = (w.rank, w.in_dim, w.out_dim);
-    let hf_row = |g: usize| match heads {
-        Some(heads) => {
-            let d = rows / heads;
-            let (h, r) = (g / d, g % d);
-            h * d + (r % 2) * (d / 2) + r / 2
-        }
-        None => g,
-    };
+    let hf_row = |g: usize| heads.map_or(g, |heads| hf_row_of_gguf_row(g, rows, heads));
     for (g, row) in weight.chunks_exact_mut(cols).enumerate() {
         let b = &w.b[hf_row(g) * rank..][..rank];
         for (k, &bk) in b.iter().enumerate() {

@@ -284,21 +284,22 @@ fn vector(src: &dyn TensorSource, name: &str, len: usize) -> Result<Vec<f32>, We
     Ok(v)
 }
 
-/// Row permutation that undoes GGUF's rotary reordering: Hugging Face row `h·d + j·d/2 + i`
-/// is GGUF row `h·d + 2i + j`.
-fn unpermute_rows(bytes: &[u8], row_bytes: usize, heads: usize, rows: usize) -> Vec<u8> {
+/// The Hugging Face row of GGUF row `g` of a q/k projection with `rows` rows over `heads`
+/// heads: GGUF stores Llama's q/k rows in llama.cpp's interleaved-rotary order, Hugging Face
+/// row `h·d + j·d/2 + i` as GGUF row `h·d + 2i + j`.
+pub fn hf_row_of_gguf_row(g: usize, rows: usize, heads: usize) -> usize {
     let d = rows / heads;
-    let half = d / 2;
+    let (h, r) = (g / d, g % d);
+    h * d + (r % 2) * (d / 2) + r / 2
+}
+
+/// Row permutation that undoes GGUF's rotary reordering ([`hf_row_of_gguf_row`]).
+fn unpermute_rows(bytes: &[u8], row_bytes: usize, heads: usize, rows: usize) -> Vec<u8> {
     let mut out = vec![0u8; bytes.len()];
-    for h in 0..heads {
-        for j in 0..2 {
-            for i in 0..half {
-                let dst = h * d + j * half + i;
-                let src = h * d + 2 * i + j;
-                out[dst * row_bytes..(dst + 1) * row_bytes]
-                    .copy_from_slice(&bytes[src * row_bytes..(src + 1) * row_bytes]);
-            }
-        }
+    for g in 0..rows {
+        let hf = hf_row_of_gguf_row(g, rows, heads);
+        out[hf * row_bytes..(hf + 1) * row_bytes]
+            .copy_from_slice(&bytes[g * row_bytes..(g + 1) * row_bytes]);
     }
     out
 }

@@ -130,11 +130,12 @@ struct Versions {
     files: AtomicU64,
 }
 
-/// One version: loaded once, by whichever request (or activation) needs it first.
+/// One version: loaded once, by whichever request (or activation) needs it first. It holds
+/// its place in `Versions::live` for as long as it exists: in the map, or held by a request
+/// from admission to its last token.
 struct Slot {
-    model: tokio::sync::OnceCell<Arc<VersionModel>>,
-    /// Holds a place in `live` until the model exists (then the model holds it).
-    reserved: Mutex<Option<LiveToken>>,
+    model: tokio::sync::OnceCell<Arc<mistralrs::Model>>,
+    _live: LiveToken,
     last_used: AtomicU64,
 }
 
@@ -147,24 +148,14 @@ impl Drop for LiveToken {
     }
 }
 
-/// A loaded version: its mistralrs model, alive while a request or `Versions::slots` holds it.
-struct VersionModel {
-    model: mistralrs::Model,
-    _live: LiveToken,
-}
-
 impl Versions {
     /// The slot of `lease`'s version, making room for it if it is new: idle versions are
     /// dropped, least recently used first, until fewer than `max_live` remain.
     fn slot(&self, lease: &Lease) -> Result<Arc<Slot>, SubmitError> {
-        let key: VersionKey = (
-            lease.tenant().to_string(),
-            lease.name().to_string(),
-            lease.version(),
-        );
+        let key = lease.key();
         let now = self.clock.fetch_add(1, Ordering::SeqCst);
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(slot) = slots.get(&key) {
+        if let Some(slot) = slots.get(key) {
             slot.last_used.store(now, Ordering::SeqCst);
             return Ok(Arc::clone(slot));
         }
@@ -190,10 +181,10 @@ impl Versions {
         self.live.fetch_add(1, Ordering::SeqCst);
         let slot = Arc::new(Slot {
             model: tokio::sync::OnceCell::new(),
-            reserved: Mutex::new(Some(LiveToken(Arc::clone(&self.live)))),
+            _live: LiveToken(Arc::clone(&self.live)),
             last_used: AtomicU64::new(now),
         });
-        slots.insert(key, Arc::clone(&slot));
+        slots.insert(key.clone(), Arc::clone(&slot));
         Ok(slot)
     }
 
@@ -203,15 +194,14 @@ impl Versions {
         self: &Arc<Self>,
         slot: &Arc<Slot>,
         lease: &Lease,
-    ) -> Result<Arc<VersionModel>, String> {
+    ) -> Result<Arc<mistralrs::Model>, String> {
         let model = slot
             .model
             .get_or_try_init(|| {
                 let this = Arc::clone(self);
-                let slot = Arc::clone(slot);
                 let lease = lease.clone();
                 async move {
-                    tokio::task::spawn_blocking(move || this.build(&slot, &lease))
+                    tokio::task::spawn_blocking(move || this.build(&lease))
                         .await
                         .map_err(|e| format!("loading the adapter version panicked: {e}"))?
                 }
@@ -223,13 +213,8 @@ impl Versions {
                 // Forget the failed slot (and the place it holds in `live`) unless a newer one
                 // replaced it already.
                 let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-                let key = (
-                    lease.tenant().to_string(),
-                    lease.name().to_string(),
-                    lease.version(),
-                );
-                if slots.get(&key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
-                    slots.remove(&key);
+                if slots.get(lease.key()).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+                    slots.remove(lease.key());
                 }
                 Err(e)
             }
@@ -237,7 +222,7 @@ impl Versions {
     }
 
     /// Merges `lease`'s LoRA into a copy of the base file and loads it. Blocking.
-    fn build(&self, slot: &Slot, lease: &Lease) -> Result<Arc<VersionModel>, String> {
+    fn build(&self, lease: &Lease) -> Result<Arc<mistralrs::Model>, String> {
         let started = std::time::Instant::now();
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| format!("{}: cannot create: {e}", self.dir.display()))?;
@@ -253,18 +238,9 @@ impl Versions {
         // mistralrs reads the tensors into memory; the file is not needed once loaded.
         let _ = std::fs::remove_file(&file);
         let model = loaded.map_err(|e| format!("loading {} on mistralrs: {e}", lease.label()))?;
-        let token = slot
-            .reserved
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .ok_or("the adapter version's place was given up while it loaded")?;
         tracing::info!(adapter = %lease.label(), tenant = lease.tenant(),
             secs = started.elapsed().as_secs_f64(), "mistralrs: loaded a merged adapter version");
-        Ok(Arc::new(VersionModel {
-            model,
-            _live: token,
-        }))
+        Ok(Arc::new(model))
     }
 }
 
@@ -354,19 +330,11 @@ impl MistralrsBackend {
     }
 }
 
-/// The mistralrs model a choice runs on, held until its request is answered.
-enum Runner {
-    Base(Arc<mistralrs::Model>),
-    Version(Arc<VersionModel>),
-}
-
-impl Runner {
-    fn model(&self) -> &mistralrs::Model {
-        match self {
-            Runner::Base(m) => m,
-            Runner::Version(v) => &v.model,
-        }
-    }
+/// The mistralrs model a choice runs on, held until its request is answered, with its
+/// adapter version's slot (which keeps the version counted as busy until then).
+struct Runner {
+    model: Arc<mistralrs::Model>,
+    _slot: Option<Arc<Slot>>,
 }
 
 /// What a choice's processor and its mistralrs request report to the request's emitter.
@@ -532,9 +500,15 @@ impl Backend for MistralrsBackend {
                 };
                 // The adapter's merged model, loaded first if this is its first request.
                 let runner = match version {
-                    None => Runner::Base(base),
+                    None => Runner {
+                        model: base,
+                        _slot: None,
+                    },
                     Some((slot, lease)) => match versions.model(&slot, &lease).await {
-                        Ok(model) => Runner::Version(model),
+                        Ok(model) => Runner {
+                            model,
+                            _slot: Some(slot),
+                        },
                         Err(e) => return ended(Err(e)),
                     },
                 };
@@ -546,7 +520,7 @@ impl Backend for MistralrsBackend {
                     // The client left while this choice waited its turn.
                     return ended(Ok(()));
                 }
-                let inner = runner.model().inner();
+                let inner = runner.model.inner();
                 let Ok(sender) = inner.get_sender(None) else {
                     return ended(Err("mistralrs is not running".into()));
                 };
