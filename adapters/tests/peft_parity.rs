@@ -2,9 +2,10 @@
 //! saved by PEFT on SmolLM2, loaded by us from the same files, give PEFT's teacher-forced
 //! log-probs. With the base dequantised: top-1 agreement ≥ 99.5 % and mean |Δ log-prob|
 //! ≤ 0.01. With the quantized base: the shift the adapter causes (adapter minus base log-prob
-//! per token) should match PEFT's shift to a mean absolute difference ≤ 0.05 (not met, see the
-//! bound below). Files we export from what we loaded read back to the same weights and the same
-//! log-probs.
+//! per token) matches PEFT's shift to a mean absolute difference ≤ 0.05 with f32 activations
+//! (`[model] activations = "f32"`, weight-only quantization); with llama.cpp's int8 activations
+//! it does not (see the bound below). Files we export from what we loaded read back to the same
+//! weights and the same log-probs.
 
 use std::path::PathBuf;
 
@@ -13,6 +14,7 @@ use prefix_rft_adapters::testing::random_lora;
 use prefix_rft_adapters::PeftAdapter;
 use prefix_rft_engine::generate::score;
 use prefix_rft_engine::model::{AdapterHook, AdapterWeights, LoadOptions, Proj};
+use prefix_rft_engine::quant::Activations;
 use prefix_rft_engine::testing::{default_model_path, json_floats, json_ids};
 use prefix_rft_engine::LoadedModel;
 use serde_json::Value;
@@ -29,7 +31,14 @@ fn reference() -> Value {
 }
 
 fn load(dequantize: bool) -> LoadedModel {
-    LoadedModel::load(&default_model_path(), LoadOptions { dequantize }).expect("model")
+    load_with(LoadOptions {
+        dequantize,
+        ..Default::default()
+    })
+}
+
+fn load_with(opts: LoadOptions) -> LoadedModel {
+    LoadedModel::load(&default_model_path(), opts).expect("model")
 }
 
 fn adapter(m: &LoadedModel, name: &str) -> PeftAdapter {
@@ -50,8 +59,16 @@ fn peft_adapters_match_peft_on_the_dequantized_and_quantized_base() {
     let r = reference();
     let texts = r["texts"].as_array().expect("texts");
     let mut results = Vec::new();
-    for dequantize in [true, false] {
-        let m = load(dequantize);
+    let modes = [
+        ("dequantized", true, Activations::Int8),
+        ("Q4_1, f32 activations", false, Activations::F32),
+        ("Q4_1, int8 activations", false, Activations::Int8),
+    ];
+    for (mode, dequantize, activations) in modes {
+        let m = load_with(LoadOptions {
+            dequantize,
+            activations,
+        });
         // Our base log-probs per text, shared by every adapter's shift.
         let base: Vec<Vec<f32>> = texts
             .iter()
@@ -88,20 +105,22 @@ fn peft_adapters_match_peft_on_the_dequantized_and_quantized_base() {
             let n = t.n as f64;
             let (top1, mean, shift) = (t.top1_same as f64 / n, t.abs_diff / n, t.shift_diff / n);
             eprintln!(
-                "{name} ({}): {} positions, top-1 {top1:.4}, mean |Δ lp| {mean:.4}, mean |Δ shift| {shift:.4}",
-                if dequantize { "dequantized" } else { "Q4_1" },
+                "{name} ({mode}): {} positions, top-1 {top1:.4}, mean |Δ lp| {mean:.4}, mean |Δ shift| {shift:.4}",
                 t.n
             );
-            results.push((name, dequantize, top1, mean, shift));
+            results.push((name, mode, activations, top1, mean, shift));
         }
     }
-    for (name, dequantize, top1, mean, shift) in results {
-        if dequantize {
-            assert!(top1 >= 0.995, "{name}: top-1 agreement {top1}");
-            assert!(mean <= 0.01, "{name}: mean |Δ log-prob| {mean}");
+    for (name, mode, activations, top1, mean, shift) in results {
+        if activations == Activations::F32 || mode == "dequantized" {
+            // The weights in f32 (or dequantized a tile at a time for f32 activations): the
+            // reference's arithmetic up to summation order.
+            assert!(top1 >= 0.995, "{name} ({mode}): top-1 agreement {top1}");
+            assert!(mean <= 0.01, "{name} ({mode}): mean |Δ log-prob| {mean}");
+            assert!(shift <= 0.05, "{name} ({mode}): mean |Δ shift| {shift}");
         } else {
-            // Target 0.05 is NOT met: the quantized path quantizes activations to 8 bits per
-            // block before every matmul (as ggml does), which moves each token's log-prob by
+            // Target 0.05 is NOT met with int8 activations: this path quantizes activations to
+            // 8 bits per block before every matmul (as ggml does), which moves each token's log-prob by
             // ~0.05 against the f32 reference on its own, independently in the runs with and
             // without the adapter, so the shift carries √2 of it. Measured 0.068-0.081 (LoRA)
             // and 0.114 (prefix, whose shift is ~1 nat); these bounds pin that.

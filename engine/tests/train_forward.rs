@@ -524,7 +524,14 @@ fn prompt_cache_gives_the_same_logprobs_and_gradients_as_full_sequences() {
 /// tied head, rope base 1e5) that tiny models do not cover.
 fn real_model(dequantize: bool) -> Llama {
     let file = GgufFile::open(&prefix_rft_engine::testing::default_model_path()).expect("open");
-    Llama::from_gguf(&file, LoadOptions { dequantize }).expect("load")
+    Llama::from_gguf(
+        &file,
+        LoadOptions {
+            dequantize,
+            ..Default::default()
+        },
+    )
+    .expect("load")
 }
 
 fn real_adapter(model: &Llama) -> TrainAdapter {

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use prefix_rft_engine::quant::Activations;
 use serde::Deserialize;
 
 /// The configuration embedded in the binary (the repository's `config.toml`).
@@ -212,6 +213,10 @@ pub struct ModelSection {
     /// Dequantise weights to f32 at load.
     #[serde(default)]
     pub dequantize: bool,
+    /// What quantized weights do with activations: "int8" (as llama.cpp) or "f32"
+    /// (weight-only quantization).
+    #[serde(default)]
+    pub activations: Activations,
     /// Compute threads (0 = one per core).
     #[serde(default)]
     pub threads: usize,
@@ -549,6 +554,18 @@ mod tests {
             .expect_err("zero must fail")
             .to_string();
         assert!(err.contains("max_batch_size"), "{err}");
+    }
+
+    #[test]
+    fn activations_default_to_int8_and_take_f32_only_by_name() {
+        let cfg = Config::load(None).expect("embedded config");
+        assert_eq!(cfg.model.activations, Activations::Int8);
+        let f32 = EMBEDDED_DEFAULT.replace("activations = \"int8\"", "activations = \"f32\"");
+        let cfg = Config::parse(&f32, "t").expect("f32");
+        assert_eq!(cfg.model.activations, Activations::F32);
+        let bad = EMBEDDED_DEFAULT.replace("activations = \"int8\"", "activations = \"fp16\"");
+        let err = Config::parse(&bad, "t").expect_err("fp16").to_string();
+        assert!(err.contains("fp16") && err.contains("int8"), "{err}");
     }
 
     #[test]

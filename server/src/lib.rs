@@ -112,6 +112,7 @@ pub fn load_backend(state: &AppState, path: &Path) -> Result<(), StartError> {
         path,
         LoadOptions {
             dequantize: cfg.model.dequantize,
+            activations: cfg.model.activations,
         },
     )?;
     let registry = open_adapters(cfg, model.model.config().clone())?;

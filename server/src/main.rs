@@ -301,6 +301,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     }
     let opts = LoadOptions {
         dequantize: args.dequantize || config.model.dequantize,
+        activations: config.model.activations,
     };
     let t0 = Instant::now();
     let m =

@@ -748,3 +748,64 @@ async fn openapi_describes_every_route() {
         assert!(doc["paths"][path].is_object(), "missing {path}");
     }
 }
+
+/// `[model] activations = "f32"` reaches the engine: the quantized model then scores fixture
+/// texts as `transformers` does on the dequantized GGUF (engine/tests/fixtures/logprobs_hf.json),
+/// where the default int8 activations (llama.cpp's arithmetic) are some 0.05 nats off.
+#[tokio::test]
+async fn f32_activations_score_as_the_dequantized_reference() {
+    let config =
+        prefix_rft_e2e::repo_config().replace("activations = \"int8\"", "activations = \"f32\"");
+    assert!(
+        config.contains("activations = \"f32\""),
+        "config.toml changed"
+    );
+    let server = prefix_rft_e2e::Server::start(Some(&config));
+    let fixture: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            prefix_rft_e2e::repo_root().join("engine/tests/fixtures/logprobs_hf.json"),
+        )
+        .expect("fixture"),
+    )
+    .expect("fixture json");
+    let http = reqwest::Client::new();
+    let mut mean_delta = Vec::new();
+    for base in [server.v1(), shared().v1()] {
+        let (mut sum, mut n) = (0.0, 0usize);
+        for text in fixture["texts"].as_array().expect("texts").iter().take(6) {
+            let r = http
+                .post(format!("{base}/completions"))
+                .bearer_auth(ACME_KEY)
+                .json(
+                    &json!({"model": MODEL, "prompt": text["tokens"], "max_tokens": 0,
+                              "echo": true, "logprobs": 0}),
+                )
+                .send()
+                .await
+                .expect("send");
+            assert_eq!(r.status(), 200);
+            let v: Value = r.json().await.expect("json");
+            let got = v["choices"][0]["logprobs"]["token_logprobs"]
+                .as_array()
+                .expect("logprobs")
+                .clone();
+            let want = text["logprobs"].as_array().expect("fixture logprobs");
+            assert_eq!(
+                got.len(),
+                want.len() + 1,
+                "one log-prob per token after the first"
+            );
+            for (g, w) in got[1..].iter().zip(want) {
+                sum += (g.as_f64().expect("logprob") - w.as_f64().expect("fixture")).abs();
+                n += 1;
+            }
+        }
+        mean_delta.push(sum / n as f64);
+    }
+    let (f32, int8) = (mean_delta[0], mean_delta[1]);
+    assert!(f32 <= 0.01, "f32 activations: mean |Δ log-prob| {f32}");
+    assert!(
+        int8 > 2.0 * f32,
+        "int8 {int8} vs f32 {f32}: the setting made no difference"
+    );
+}

@@ -1,12 +1,14 @@
 //! Engine benchmark: prefill and decode throughput of one model file on this machine, printed
 //! as one JSON object. `scripts/bench` runs it beside llama.cpp on the same file and threads.
 //!
-//! Usage: `engine-bench <model.gguf> [threads]`
+//! Usage: `engine-bench <model.gguf> [threads] [int8|f32]` (the last: what quantized weights
+//! do with activations, `[model] activations`; int8 by default).
 
 use std::time::Instant;
 
 use prefix_rft_engine::gguf::GgufFile;
 use prefix_rft_engine::model::{KvCache, Llama, LoadOptions, LogitsWanted, SeqStep};
+use prefix_rft_engine::quant::Activations;
 
 const PREFILL_LENS: [usize; 2] = [128, 512];
 const DECODE_BATCHES: [usize; 3] = [1, 4, 16];
@@ -31,11 +33,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let path = args
         .next()
-        .ok_or("usage: engine-bench <model.gguf> [threads]")?;
+        .ok_or("usage: engine-bench <model.gguf> [threads] [int8|f32]")?;
     let threads: usize = args.next().map(|t| t.parse()).transpose()?.unwrap_or(2);
+    let activations = match args.next().as_deref() {
+        None | Some("int8") => Activations::Int8,
+        Some("f32") => Activations::F32,
+        Some(other) => return Err(format!("activations must be int8 or f32, not {other}").into()),
+    };
     prefix_rft_engine::quant::set_num_threads(threads);
     let file = GgufFile::open(std::path::Path::new(&path))?;
-    let model = Llama::from_gguf(&file, LoadOptions::default())?;
+    let opts = LoadOptions {
+        activations,
+        ..Default::default()
+    };
+    let model = Llama::from_gguf(&file, opts)?;
     let vocab = model.config().vocab_size as u32;
     // Deterministic pseudo-text: token ids spread over the vocabulary.
     let token = |i: usize| ((i as u64 * 2654435761 % vocab as u64) as u32).max(3);
@@ -113,6 +124,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "engine": "prefix-rft",
         "model": path,
         "threads": threads,
+        "activations": activations,
         "prefill_tok_s": prefill,
         "decode_tok_s": decode,
         "peak_rss_mb": peak_rss_mb(),

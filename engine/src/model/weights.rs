@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use super::config::{Arch, ModelConfig};
 use crate::gguf::{GgufFile, GgufTensorInfo};
-use crate::quant::{GgmlDType, QMatrix, QuantError, WeightBytes};
+use crate::quant::{Activations, GgmlDType, QMatrix, QuantError, WeightBytes};
 
 /// Why weights could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +99,8 @@ pub struct ModelWeights {
 pub struct LoadOptions {
     /// Dequantise every matrix to f32 (exact reference arithmetic; the training path needs it).
     pub dequantize: bool,
+    /// What quantized matrices do with their activations (ignored with `dequantize`).
+    pub activations: Activations,
 }
 
 /// A named 2-D source tensor: storage type, rows, cols and bytes.
@@ -330,7 +332,9 @@ fn matrix(
         }
         _ => t.bytes,
     };
-    let m = QMatrix::new(t.dtype, rows, cols, bytes).map_err(&qerr)?;
+    let m = QMatrix::new(t.dtype, rows, cols, bytes)
+        .map_err(&qerr)?
+        .with_activations(opts.activations);
     if opts.dequantize && m.dtype() != GgmlDType::F32 {
         QMatrix::from_f32(GgmlDType::F32, rows, cols, &m.to_f32()).map_err(&qerr)
     } else {
@@ -400,7 +404,8 @@ fn fuse(src: &dyn TensorSource, name: &str, parts: Vec<Linear>) -> Result<Fused,
         None
     };
     let weight = QMatrix::new(dtype, rows, cols, WeightBytes::Owned(Arc::from(bytes)))
-        .map_err(quant_err(src, name))?;
+        .map_err(quant_err(src, name))?
+        .with_activations(parts[0].weight.activations());
     Ok(Fused::One(Linear { weight, bias }))
 }
 

@@ -2,14 +2,33 @@
 //!
 //! `out[m, rows] = x[m, cols] · Wᵀ`. As in ggml, quantized weights see activations first
 //! quantized per row to the weight's vec-dot type (Q8_0, Q8_1 or Q8_K) and then integer block
-//! dots. Float weights (F32/F16/BF16) take the f32 activations unchanged (ggml would round
+//! dots ([`Activations::Int8`], the default). With [`Activations::F32`] the activations stay f32
+//! and the weights are dequantized a tile of rows at a time (weight-only quantization).
+//! Float weights (F32/F16/BF16) take the f32 activations unchanged (ggml would round
 //! activations to f16 for F16 weights; keeping f32 is slightly more accurate and simpler).
 
 use super::kernels::kernels;
 use super::pool::{num_threads, parallel_for};
 use super::quantize::quantize_into;
 use super::{dequantize, quantize, GgmlDType, QuantError, WeightBytes};
+use crate::model::simd;
 use std::cell::RefCell;
+
+/// What a quantized matrix's product does with its f32 activations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activations {
+    /// Quantized per row to 8-bit blocks of the weight's vec-dot type and multiplied in
+    /// integer block dots, as ggml does: llama.cpp's arithmetic and the fast path. The
+    /// rounding moves a log-prob by ~0.05 against the f32 product.
+    #[default]
+    Int8,
+    /// Kept in f32; each weight row is dequantized (a tile of rows at a time, never the whole
+    /// matrix) and multiplied in f32, so the product is the dequantized matrix's up to
+    /// summation order: weight-only quantization, as AWQ/GPTQ W4A16 serving does. The weights
+    /// stay quantized in memory; the arithmetic costs more than `Int8`.
+    F32,
+}
 
 /// A weight matrix `[rows = out_features, cols = in_features]`, row-major in ggml blocks.
 #[derive(Clone, Debug)]
@@ -19,11 +38,14 @@ pub struct QMatrix {
     cols: usize,
     row_bytes: usize,
     bytes: WeightBytes,
+    activations: Activations,
 }
 
 thread_local! {
     /// Per-thread buffer for quantized activations, so matmul does not allocate per call.
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// Per-thread tile of dequantized weight rows for [`Activations::F32`].
+    static TILE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Whether the faster but batch-dependent multi-row kernels are enabled (see `matmul_prepared`).
@@ -101,7 +123,20 @@ impl QMatrix {
             cols,
             row_bytes,
             bytes,
+            activations: Activations::Int8,
         })
+    }
+
+    /// The same matrix multiplying its activations as `activations` says (float weights
+    /// always take f32 activations).
+    pub fn with_activations(mut self, activations: Activations) -> Self {
+        self.activations = activations;
+        self
+    }
+
+    /// How products treat the activations (see [`Activations`]).
+    pub fn activations(&self) -> Activations {
+        self.activations
     }
 
     /// Quantizes the row-major f32 `data` (`rows * cols`) to `dtype`.
@@ -251,6 +286,10 @@ impl QMatrix {
             return Ok(());
         }
         match self.dtype.vec_dot_type() {
+            Some(_) if self.activations == Activations::F32 => {
+                self.matmul_dequantized(first..first + rows, x, m, out);
+                Ok(())
+            }
             None => {
                 // SAFETY: any f32 bit pattern is valid as bytes; same memory, 4x the length.
                 let xb =
@@ -273,6 +312,75 @@ impl QMatrix {
                     Ok(())
                 })
             }
+        }
+    }
+
+    /// Rows per task of a product over `rows` weight rows of `row_bytes` each with `m`
+    /// activation rows: a few tasks per thread balance load; tiny matrices stay on one thread.
+    fn task_rows(rows: usize, row_bytes: usize, m: usize) -> usize {
+        let threads = num_threads();
+        if m == 1 {
+            if threads == 1 || rows * row_bytes < 16 * 1024 {
+                rows
+            } else {
+                rows.div_ceil(threads * 4).max(8)
+            }
+        } else {
+            PREFILL_TILE
+        }
+    }
+
+    /// [`Activations::F32`]: weight rows `range` dequantized a few at a time into a per-thread
+    /// tile, each (activation row, weight row) pair one f32 dot product, so a pair's
+    /// result does not depend on the batch or the task split.
+    fn matmul_dequantized(
+        &self,
+        range: std::ops::Range<usize>,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+    ) {
+        let (rows, cols, rb) = (range.len(), self.cols, self.row_bytes);
+        let dot = simd::kernels().dot;
+        let simd_dequant = kernels().dequant(self.dtype);
+        let w: &[u8] = &self.bytes[range.start * rb..range.end * rb];
+        let chunk = Self::task_rows(rows, rb, m);
+        let optr = OutPtr(out.as_mut_ptr());
+        // Rows dequantized at once: one for a single activation row (it stays in L1 for its
+        // one dot), a tile shared by all the activation rows otherwise.
+        let tile_rows = if m == 1 { 1 } else { PREFILL_TILE };
+        let task = move |t: usize| {
+            let optr = optr;
+            let (r0, r1) = (t * chunk, ((t + 1) * chunk).min(rows));
+            with_buffer(&TILE, tile_rows.min(r1 - r0) * cols, |tile| {
+                for s0 in (r0..r1).step_by(tile_rows) {
+                    let s1 = (s0 + tile_rows).min(r1);
+                    let tile = &mut tile[..(s1 - s0) * cols];
+                    let bytes = &w[s0 * rb..s1 * rb];
+                    match simd_dequant {
+                        Some(f) => f(bytes, tile),
+                        None => {
+                            // Cannot fail: the byte length was validated against the shape in
+                            // `new`.
+                            let r = dequantize(self.dtype, bytes, tile);
+                            debug_assert!(r.is_ok());
+                        }
+                    }
+                    for (i, xi) in x.chunks_exact(cols).enumerate() {
+                        for (r, wr) in (s0..s1).zip(tile.chunks_exact(cols)) {
+                            // SAFETY: i < m and r < rows, so the index is inside `out`
+                            // (m * rows long); each (i, r) belongs to exactly one task.
+                            unsafe { *optr.0.add(i * rows + r) = dot(xi, wr) };
+                        }
+                    }
+                }
+            });
+        };
+        let n_tasks = rows.div_ceil(chunk);
+        if n_tasks == 1 {
+            task(0);
+        } else {
+            parallel_for(n_tasks, &task);
         }
     }
 
@@ -301,18 +409,7 @@ impl QMatrix {
             (None, None)
         };
         let w: &[u8] = &self.bytes[range.start * rb..range.end * rb];
-        let threads = num_threads();
-        // Rows per task: a few tasks per thread balance load; tiny matrices stay on one thread.
-        let chunk = if m == 1 {
-            let work = rows * rb;
-            if threads == 1 || work < 16 * 1024 {
-                rows
-            } else {
-                rows.div_ceil(threads * 4).max(8)
-            }
-        } else {
-            PREFILL_TILE
-        };
+        let chunk = Self::task_rows(rows, rb, m);
         let n_tasks = rows.div_ceil(chunk);
         let optr = OutPtr(out.as_mut_ptr());
         let task = move |t: usize| {

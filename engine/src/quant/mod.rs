@@ -19,7 +19,7 @@ mod tests;
 
 pub use dequant::dequantize;
 pub(crate) use matrix::with_buffer;
-pub use matrix::QMatrix;
+pub use matrix::{Activations, QMatrix};
 pub use pool::{
     background_thread, lower_thread_priority, num_threads, parallel_for, set_num_threads,
 };

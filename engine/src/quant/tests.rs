@@ -1,7 +1,7 @@
 //! Tests of the quant module: candle as the dequantization reference, round-trip bounds,
 //! matmul against dequantized math, SIMD against the scalar oracle, validation and the pool.
 
-use super::kernels::{scalar_dot, simd_dots, simd_dots4, simd_dots4x4};
+use super::kernels::{scalar_dot, simd_dequantizers, simd_dots, simd_dots4, simd_dots4x4};
 use super::*;
 use candle_core::quantized::{GgmlDType as CDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -729,6 +729,85 @@ fn matmul_rows_are_bit_identical_in_any_row_grouping() {
                     }
                 }
             }
+        }
+    }
+}
+
+/// [`Activations::F32`]: the product of every quantized type equals the dequantized matrix's
+/// f32 product (no activation rounding, so far tighter than the int8 path's bound), each row
+/// bit-identical alone and batched, over every task split (rows, m, rows of a fused part).
+#[test]
+fn f32_activations_give_the_dequantized_product_whatever_the_batch() {
+    set_num_threads(2);
+    for t in GgmlDType::ALL {
+        let cols = if t.block_size() == 256 { 512 } else { 576 };
+        for rows in [7, 37, 600] {
+            let w = weight(t, rows, cols, 3 + rows as u64).with_activations(Activations::F32);
+            let wf = w.to_f32();
+            for m in [1, 3, 17] {
+                let x = data(m * cols, 21 + m as u64);
+                let mut out = vec![f32::NAN; m * rows];
+                w.matmul(&x, m, &mut out).unwrap();
+                for i in 0..m {
+                    let xr = &x[i * cols..(i + 1) * cols];
+                    let mut alone = vec![f32::NAN; rows];
+                    w.matmul(xr, 1, &mut alone).unwrap();
+                    for r in 0..rows {
+                        let wr = &wf[r * cols..(r + 1) * cols];
+                        let want: f64 = wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        let mag: f64 = wr
+                            .iter()
+                            .zip(xr)
+                            .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                            .sum();
+                        let got = out[i * rows + r];
+                        assert!(
+                            (got as f64 - want).abs() <= 1e-6 * mag + 1e-7,
+                            "{} {rows}x{cols} m={m} [{i},{r}]: {got} vs {want}",
+                            t.name()
+                        );
+                        assert_eq!(
+                            got.to_bits(),
+                            alone[r].to_bits(),
+                            "{} row {i} of {m}",
+                            t.name()
+                        );
+                    }
+                }
+                // A part of the rows (as the training path takes q of a fused q/k/v) gives
+                // the same numbers as those columns of the whole product.
+                let part = (rows / 3)..rows;
+                let mut sub = vec![f32::NAN; m * part.len()];
+                w.matmul_rows(part.clone(), &x, m, &mut sub).unwrap();
+                for i in 0..m {
+                    for (k, r) in part.clone().enumerate() {
+                        assert_eq!(
+                            sub[i * part.len() + k].to_bits(),
+                            out[i * rows + r].to_bits()
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn simd_dequantizers_equal_the_reference_bit_for_bit() {
+    let mut rng = StdRng::seed_from_u64(17);
+    for (t, f) in simd_dequantizers() {
+        let n = 64 * t.block_size();
+        let bytes = random_blocks(t, n, &mut rng);
+        let (mut want, mut got) = (vec![0f32; n], vec![f32::NAN; n]);
+        dequantize(t, &bytes, &mut want).unwrap();
+        f(&bytes, &mut got);
+        for (k, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                a.to_bits(),
+                b.to_bits(),
+                "{} element {k}: {a} vs {b}",
+                t.name()
+            );
         }
     }
 }

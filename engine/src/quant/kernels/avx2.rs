@@ -31,6 +31,111 @@ pub(super) fn dots() -> Option<Vec<(GgmlDType, VecDotFn)>> {
     ])
 }
 
+/// The AVX2 dequantizers of the formats the default models use, if this CPU has AVX2, FMA
+/// and F16C.
+pub(super) fn dequantizers() -> Option<Vec<(GgmlDType, super::DequantFn)>> {
+    dots()?;
+    Some(vec![
+        (GgmlDType::Q4_0, q4_0_dequant as super::DequantFn),
+        (GgmlDType::Q4_1, q4_1_dequant),
+        (GgmlDType::Q8_0, q8_0_dequant),
+    ])
+}
+
+/// Defines the safe dequantizer `$name` around `$imp`, which reads `blocks` whole blocks.
+macro_rules! dequantizer {
+    ($name:ident, $imp:ident, $t:expr) => {
+        fn $name(bytes: &[u8], out: &mut [f32]) {
+            let t: GgmlDType = $t;
+            let blocks = out.len() / t.block_size();
+            assert!(
+                out.len() % t.block_size() == 0 && bytes.len() == blocks * t.type_size(),
+                "dequantize: {} bytes for {} elements",
+                bytes.len(),
+                out.len()
+            );
+            // SAFETY: handed out by `dequantizers()` only after feature detection; the assert
+            // guarantees every block read and every store is in bounds.
+            unsafe { $imp(blocks, bytes.as_ptr(), out.as_mut_ptr()) }
+        }
+    };
+}
+
+dequantizer!(q4_0_dequant, q4_0_dequant_impl, GgmlDType::Q4_0);
+dequantizer!(q4_1_dequant, q4_1_dequant_impl, GgmlDType::Q4_1);
+dequantizer!(q8_0_dequant, q8_0_dequant_impl, GgmlDType::Q8_0);
+
+/// Writes the 32 nibble values of a Q4 block (`qs`: 16 bytes; low nibbles are elements 0..16,
+/// high nibbles 16..32) as `(q - bias) · d + m`, multiply and add rounded separately as the
+/// reference does.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_block(qs: *const u8, bias: i32, d: f32, m: Option<f32>, y: *mut f32) {
+    let (dv, mv) = (_mm256_set1_ps(d), _mm256_set1_ps(m.unwrap_or(0.0)));
+    let bv = _mm256_set1_epi32(bias);
+    // SAFETY: the caller guarantees 16 readable bytes at `qs` and 32 writable floats at `y`.
+    unsafe {
+        let q = _mm_loadu_si128(qs as *const __m128i);
+        let mask = _mm_set1_epi8(0x0F);
+        let halves = [
+            _mm_and_si128(q, mask),
+            _mm_and_si128(_mm_srli_epi16(q, 4), mask),
+        ];
+        for (h, nib) in halves.into_iter().enumerate() {
+            for k in 0..2 {
+                let bytes = if k == 0 { nib } else { _mm_srli_si128(nib, 8) };
+                let ints = _mm256_sub_epi32(_mm256_cvtepu8_epi32(bytes), bv);
+                let mut v = _mm256_mul_ps(_mm256_cvtepi32_ps(ints), dv);
+                if m.is_some() {
+                    v = _mm256_add_ps(v, mv);
+                }
+                _mm256_storeu_ps(y.add(16 * h + 8 * k), v);
+            }
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_0_dequant_impl(blocks: usize, b: *const u8, y: *mut f32) {
+    for i in 0..blocks {
+        // SAFETY: block `i` is 18 bytes at `b + 18 i` and 32 floats at `y + 32 i` (checked by
+        // the wrapper).
+        unsafe {
+            let p = b.add(18 * i);
+            q4_block(p.add(2), 8, h2f(p), None, y.add(32 * i));
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_1_dequant_impl(blocks: usize, b: *const u8, y: *mut f32) {
+    for i in 0..blocks {
+        // SAFETY: block `i` is 20 bytes at `b + 20 i` and 32 floats at `y + 32 i` (checked by
+        // the wrapper).
+        unsafe {
+            let p = b.add(20 * i);
+            q4_block(p.add(4), 0, h2f(p), Some(h2f(p.add(2))), y.add(32 * i));
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0_dequant_impl(blocks: usize, b: *const u8, y: *mut f32) {
+    for i in 0..blocks {
+        // SAFETY: block `i` is 34 bytes at `b + 34 i` and 32 floats at `y + 32 i` (checked by
+        // the wrapper).
+        unsafe {
+            let p = b.add(34 * i);
+            let d = _mm256_set1_ps(h2f(p));
+            for k in 0..4 {
+                let q = _mm_loadl_epi64(p.add(2 + 8 * k) as *const __m128i);
+                let v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d);
+                _mm256_storeu_ps(y.add(32 * i + 8 * k), v);
+            }
+        }
+    }
+}
+
 /// The AVX2 four-activation-row kernels, if this CPU has AVX2, FMA and F16C.
 pub(super) fn dots4() -> Option<Vec<(GgmlDType, super::VecDot4Fn)>> {
     dots()?;

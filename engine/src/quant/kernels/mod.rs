@@ -28,6 +28,10 @@ pub(crate) type VecDot4x4Fn = fn(usize, [&[u8]; 4], [&[u8]; 4]) -> [[f32; 4]; 4]
 /// Four weight rows · one activation row, with the 4x4 kernel's per-pair arithmetic.
 pub(crate) type VecDot4x1Fn = fn(usize, [&[u8]; 4], &[u8]) -> [f32; 4];
 
+/// Dequantizes whole blocks (`bytes` of the format, `out` their elements), bit-identical to
+/// [`crate::quant::dequantize`].
+pub(crate) type DequantFn = fn(&[u8], &mut [f32]);
+
 /// The kernel set chosen for this CPU.
 pub(crate) struct Kernels {
     /// Name of the best instruction set in use ("avx512vnni", "avxvnni", "avx2", "scalar").
@@ -36,6 +40,7 @@ pub(crate) struct Kernels {
     dots4: [Option<VecDot4Fn>; 15],
     dots4x4: [Option<VecDot4x4Fn>; 15],
     dots4x1: [Option<VecDot4x1Fn>; 15],
+    dequant: [Option<DequantFn>; 15],
 }
 
 impl Kernels {
@@ -62,6 +67,12 @@ impl Kernels {
     #[inline(always)]
     pub fn blocked(&self, dtype: GgmlDType) -> Option<(VecDot4x4Fn, VecDot4x1Fn)> {
         Some((self.dots4x4[index(dtype)]?, self.dots4x1[index(dtype)]?))
+    }
+
+    /// A SIMD dequantizer for `dtype`, where one exists (else use the reference one).
+    #[inline(always)]
+    pub fn dequant(&self, dtype: GgmlDType) -> Option<DequantFn> {
+        self.dequant[index(dtype)]
     }
 }
 
@@ -100,6 +111,7 @@ fn scalar_kernels() -> Kernels {
         dots4: [None; 15],
         dots4x4: [None; 15],
         dots4x1: [None; 15],
+        dequant: [None; 15],
     }
 }
 
@@ -119,6 +131,9 @@ pub(crate) fn kernels() -> &'static Kernels {
                 }
                 for (t, f) in avx2::dots4().unwrap_or_default() {
                     k.dots4[index(t)] = Some(f);
+                }
+                for (t, f) in avx2::dequantizers().unwrap_or_default() {
+                    k.dequant[index(t)] = Some(f);
                 }
                 // VNNI replaces the int8 kernels it has; PREFIX_RFT_QUANT_NO_VNNI keeps AVX2
                 // (for A/B benchmarks).
@@ -140,6 +155,19 @@ pub(crate) fn kernels() -> &'static Kernels {
         }
         k
     })
+}
+
+/// The SIMD dequantizers available on this CPU (for tests).
+#[cfg(test)]
+pub(crate) fn simd_dequantizers() -> Vec<(GgmlDType, DequantFn)> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx2::dequantizers().unwrap_or_default()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Vec::new()
+    }
 }
 
 /// The four-row SIMD kernels available on this CPU (for tests).
