@@ -138,6 +138,7 @@ pub fn load_backend(state: &AppState, path: &Path) -> Result<(), StartError> {
                     backend::mistralrs::AdapterOptions {
                         max_live: cfg.model.mistralrs_max_live,
                         merge_dir: cfg.server.data_dir.join("mistralrs-merged"),
+                        live: state.metrics.mistralrs_versions_live.clone(),
                     },
                     runtime,
                 )

@@ -59,6 +59,8 @@ pub struct Metrics {
     pub training_jobs: IntGaugeVec,
     /// Loss at the last training step.
     pub training_last_loss: Gauge,
+    /// mistralrs backend: adapter versions held as merged models.
+    pub mistralrs_versions_live: IntGauge,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -134,6 +136,11 @@ impl Metrics {
             "training_last_loss",
             "Loss at the last training step.",
         ))?;
+        let mistralrs_versions_live = IntGauge::with_opts(opts(
+            "mistralrs_versions_live",
+            "Adapter versions the mistralrs backend holds as merged models (loading, loaded or \
+             finishing requests; each a copy of the model).",
+        ))?;
         for rating in ["up", "down"] {
             feedback.with_label_values(&[rating]);
         }
@@ -154,6 +161,7 @@ impl Metrics {
         registry.register(Box::new(feedback.clone()))?;
         registry.register(Box::new(training_jobs.clone()))?;
         registry.register(Box::new(training_last_loss.clone()))?;
+        registry.register(Box::new(mistralrs_versions_live.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -172,6 +180,7 @@ impl Metrics {
             feedback,
             training_jobs,
             training_last_loss,
+            mistralrs_versions_live,
         })
     }
 

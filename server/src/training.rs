@@ -1180,6 +1180,7 @@ async fn execute(state: &Arc<AppState>, entry: &Arc<Entry>) -> Result<Published,
     .await??;
     let (manifest, promoted, reason) = published;
     if promoted {
+        crate::routes::adapters::prepare(state, &tenant, &adapter, manifest.version).await;
         let marked = feedback
             .mark_trained(&tenant, &adapter, split.trained_keys, manifest.version)
             .await?;

@@ -307,3 +307,49 @@ async fn versions_past_mistralrs_max_live_wait_for_an_idle_one() {
     let r = complete("second", 4, false).await.expect("second");
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
 }
+
+/// `prefix_rft_mistralrs_versions_live` on the server at `base`.
+async fn versions_live(base: &str) -> i64 {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .find_map(|l| l.strip_prefix("prefix_rft_mistralrs_versions_live "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no mistralrs_versions_live in\n{text}"))
+}
+
+/// A version made current by its upload is loaded before the upload's reply, with no request
+/// asking for it; deleting the adapter lets go of its merged model.
+#[tokio::test]
+async fn an_upload_loads_its_version_and_a_delete_lets_it_go() {
+    if !on_mistralrs() {
+        eprintln!("skipped: runs with PREFIX_RFT_TEST_BACKEND=mistralrs");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start_in(None, dir.path());
+    assert_eq!(versions_live(&server.base).await, 0);
+    lora_adapter(
+        &server.v1(),
+        "ahead",
+        &lora_files(5, 4, &[Proj::Q, Proj::V]),
+    )
+    .await;
+    assert_eq!(
+        versions_live(&server.base).await,
+        1,
+        "the upload loaded its version"
+    );
+    let r = reqwest::Client::new()
+        .delete(format!("{}/adapters/ahead", server.v1()))
+        .bearer_auth(ACME_KEY)
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), 204);
+    assert_eq!(versions_live(&server.base).await, 0, "the delete let it go");
+}

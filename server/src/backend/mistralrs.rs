@@ -37,7 +37,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Tensor};
@@ -54,6 +54,7 @@ use prefix_rft_engine::merge::merge_lora_into_gguf;
 use prefix_rft_engine::model::{AdapterWeights, ModelConfig, PrefixWeights};
 use prefix_rft_engine::sampler::{Sampled, Sampler};
 use prefix_rft_engine::LoadedModel;
+use prometheus::IntGauge;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use tokio::sync::Semaphore;
 
@@ -124,8 +125,9 @@ struct Versions {
     max_live: usize,
     /// Loaded or loading versions by key.
     slots: Mutex<HashMap<VersionKey, Arc<Slot>>>,
-    /// Versions loaded or loading, those dropped from `slots` but still finishing included.
-    live: Arc<AtomicUsize>,
+    /// Versions loaded or loading, those dropped from `slots` but still finishing included
+    /// (the `mistralrs_versions_live` gauge).
+    live: IntGauge,
     clock: AtomicU64,
     files: AtomicU64,
 }
@@ -140,11 +142,11 @@ struct Slot {
 }
 
 /// One unit of `Versions::live`, given back when dropped.
-struct LiveToken(Arc<AtomicUsize>);
+struct LiveToken(IntGauge);
 
 impl Drop for LiveToken {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.0.dec();
     }
 }
 
@@ -159,7 +161,7 @@ impl Versions {
             slot.last_used.store(now, Ordering::SeqCst);
             return Ok(Arc::clone(slot));
         }
-        while self.live.load(Ordering::SeqCst) >= self.max_live {
+        while self.live.get() >= self.max_live as i64 {
             // Idle: loaded, and held by nothing but this map (every request holds its slot
             // from admission to its last token, whether its model is loaded yet or not).
             let victim = slots
@@ -178,14 +180,21 @@ impl Versions {
                 "mistralrs: dropping an idle merged adapter version to make room");
             slots.remove(&victim);
         }
-        self.live.fetch_add(1, Ordering::SeqCst);
+        self.live.inc();
         let slot = Arc::new(Slot {
             model: tokio::sync::OnceCell::new(),
-            _live: LiveToken(Arc::clone(&self.live)),
+            _live: LiveToken(self.live.clone()),
             last_used: AtomicU64::new(now),
         });
         slots.insert(key.clone(), Arc::clone(&slot));
         Ok(slot)
+    }
+
+    /// Drops every version of `tenant`'s adapter `name` from the map (it was deleted): an idle
+    /// one gives its place and memory back now, one still serving when its last request ends.
+    fn forget(&self, tenant: &str, name: &str) {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.retain(|(t, n, _), _| !(t == tenant && n == name));
     }
 
     /// `lease`'s version as a mistralrs model, merging and loading it on first use. A failed
@@ -251,6 +260,8 @@ pub struct AdapterOptions {
     pub max_live: usize,
     /// Where merged files are written while mistralrs loads them.
     pub merge_dir: PathBuf,
+    /// Counts the versions held (`Metrics::mistralrs_versions_live`).
+    pub live: IntGauge,
 }
 
 /// Why mistralrs could not be started.
@@ -290,7 +301,7 @@ impl MistralrsBackend {
             dir: adapters.merge_dir,
             max_live: adapters.max_live,
             slots: Mutex::new(HashMap::new()),
-            live: Arc::new(AtomicUsize::new(0)),
+            live: adapters.live,
             clock: AtomicU64::new(0),
             files: AtomicU64::new(0),
         });
@@ -610,6 +621,10 @@ impl Backend for MistralrsBackend {
             .block_on(self.versions.model(&slot, adapter))
             .map(drop)
             .map_err(SubmitError::Busy)
+    }
+
+    fn forget_adapter(&self, tenant: &str, name: &str) {
+        self.versions.forget(tenant, name);
     }
 
     fn idle(&self) -> bool {

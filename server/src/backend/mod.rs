@@ -158,6 +158,9 @@ pub trait Backend: Send + Sync + 'static {
     fn prepare(&self, _adapter: &Lease) -> Result<(), SubmitError> {
         Ok(())
     }
+    /// Lets go of whatever the backend holds for `tenant`'s adapter `name`, which was just
+    /// deleted (mistralrs: its merged models, once their requests finish).
+    fn forget_adapter(&self, _tenant: &str, _name: &str) {}
     /// True when no admitted request is left (drain is complete).
     fn idle(&self) -> bool;
     /// Prefix-tuning key/values taken from the base model's own activations on `text` (its

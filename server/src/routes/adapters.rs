@@ -370,11 +370,12 @@ pub async fn upload_version(
         )));
     };
     let files = PeftFiles { config, weights };
+    let (t, n) = (tenant.clone(), name.clone());
     let manifest = with_registry(&state, move |r| {
-        let parent = r.store().current(&tenant, &name)?;
+        let parent = r.store().current(&t, &n)?;
         r.publish(
-            &tenant,
-            &name,
+            &t,
+            &n,
             &files,
             NewVersion::upload(AdapterKind::Lora, Some(parent)),
             activate,
@@ -382,6 +383,9 @@ pub async fn upload_version(
         )
     })
     .await?;
+    if activate {
+        prepare(&state, &tenant, &name, manifest.version).await;
+    }
     Ok((StatusCode::CREATED, Json(VersionView::from(manifest))).into_response())
 }
 
@@ -395,10 +399,13 @@ pub struct Activate {
     pub expected_current: Option<u32>,
 }
 
-/// Has the backend get `name@version` ready before it becomes current (mistralrs loads its
-/// merged model; our engine needs nothing). Best effort: a version the backend cannot hold
-/// now still becomes current, and its requests say why they are refused.
-async fn prepare(state: &Arc<AppState>, tenant: &str, name: &str, version: u32) {
+/// Has the backend get `name@version` ready (mistralrs loads its merged model; our engine
+/// needs nothing): before an activation moves the alias, and right after a publish that made
+/// the version current (an upload with `activate`, vLLM's load route, a promoted training
+/// job), so that the reply comes when the version is ready and requests that came meanwhile
+/// waited only for the rest of the load. Best effort: a version the backend cannot hold now
+/// still becomes current, and its requests say why they are refused.
+pub(crate) async fn prepare(state: &Arc<AppState>, tenant: &str, name: &str, version: u32) {
     if state.config.model.backend == ModelBackend::Engine {
         return;
     }
@@ -478,7 +485,11 @@ pub async fn delete(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let tenant = principal.require_tenant()?;
-    with_registry(&state, move |r| r.delete(&tenant, &name)).await?;
+    let (t, n) = (tenant.clone(), name.clone());
+    with_registry(&state, move |r| r.delete(&t, &n)).await?;
+    if let Ok(backend) = state.backend() {
+        backend.forget_adapter(&tenant, &name);
+    }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -518,7 +529,9 @@ pub async fn load_lora(
 ) -> Result<Response, ApiError> {
     let (tenant, req): (String, LoadLora) = admin_request(&state, &principal, body)?;
     let name = req.lora_name.clone();
-    with_registry(&state, move |r| {
+    let t = tenant.clone();
+    let current = with_registry(&state, move |r| {
+        let tenant = t;
         let dir = r.store().confine(&req.lora_path)?;
         let max = r.limits().max_file_bytes;
         let files = PeftFiles {
@@ -528,7 +541,9 @@ pub async fn load_lora(
         let adapter = r.validate(&files)?;
         let exists = r.store().names(&tenant)?.contains(&req.lora_name);
         match (exists, req.load_inplace) {
-            (true, false) => Err(prefix_rft_adapters::AdapterError::Exists(req.lora_name)),
+            (true, false) => Err(prefix_rft_adapters::AdapterError::Exists(
+                req.lora_name.clone(),
+            )),
             (true, true) => {
                 let parent = r.store().current(&tenant, &req.lora_name)?;
                 r.publish(
@@ -544,9 +559,12 @@ pub async fn load_lora(
             (false, _) => r
                 .create_from_files(&tenant, &req.lora_name, &files)
                 .map(|_| ()),
-        }
+        }?;
+        r.store().current(&tenant, &req.lora_name)
     })
     .await?;
+    // vLLM's route returns once the adapter is loaded; so does this one.
+    prepare(&state, &tenant, &name, current).await;
     Ok(format!("Success: LoRA adapter '{name}' added successfully.").into_response())
 }
 
@@ -566,11 +584,15 @@ pub async fn unload_lora(
 ) -> Result<Response, ApiError> {
     let (tenant, req): (String, UnloadLora) = admin_request(&state, &principal, body)?;
     let name = req.lora_name.clone();
-    with_registry(&state, move |r| r.delete(&tenant, &req.lora_name))
+    let t = tenant.clone();
+    with_registry(&state, move |r| r.delete(&t, &req.lora_name))
         .await
         .map_err(|e| match e {
             ApiError::NotFound(_) => not_found(&name),
             other => other,
         })?;
+    if let Ok(backend) = state.backend() {
+        backend.forget_adapter(&tenant, &name);
+    }
     Ok(format!("Success: LoRA adapter '{name}' removed successfully.").into_response())
 }
