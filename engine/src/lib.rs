@@ -1,6 +1,7 @@
 //! The prefix-rft engine: model files, tokenizer, chat template, Llama-family forward with
 //! adapter hooks, KV cache and sampler. It knows nothing of HTTP, tenants or feedback.
 
+pub mod bench;
 pub mod chat_template;
 pub mod error;
 pub mod generate;

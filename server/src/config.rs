@@ -234,7 +234,7 @@ fn default_mistralrs_max_live() -> usize {
 }
 
 /// `[model] backend`: the forward that generates tokens.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelBackend {
     /// Our engine: per-request adapters, scoring and training share its forward.

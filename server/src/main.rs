@@ -64,7 +64,7 @@ struct ServeArgs {
     auto_training: Option<bool>,
     /// What generates tokens: `engine` or `mistralrs` (overrides `[model] backend`; mistralrs
     /// needs a build with `--features mistralrs`).
-    #[arg(long, value_parser = parse_backend)]
+    #[arg(long, value_enum)]
     backend: Option<ModelBackend>,
     /// Shut down (with the usual drain) when standard input closes, so a supervising process
     /// that dies takes the server with it.
@@ -175,14 +175,6 @@ fn ensure_model(path: &std::path::Path) -> anyhow::Result<()> {
         bail!("scripts/fetch-model failed ({status}); see its output above");
     }
     Ok(())
-}
-
-fn parse_backend(s: &str) -> Result<ModelBackend, String> {
-    match s {
-        "engine" => Ok(ModelBackend::Engine),
-        "mistralrs" => Ok(ModelBackend::Mistralrs),
-        other => Err(format!("unknown backend `{other}` (engine or mistralrs)")),
-    }
 }
 
 fn run_serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -6,28 +6,12 @@
 
 use std::time::Instant;
 
+use prefix_rft_engine::bench::{
+    median, peak_rss_mb, pseudo_token, DECODE_BATCHES, DECODE_STEPS, PREFILL_LENS, REPEATS,
+};
 use prefix_rft_engine::gguf::GgufFile;
 use prefix_rft_engine::model::{KvCache, Llama, LoadOptions, LogitsWanted, SeqStep};
 use prefix_rft_engine::quant::Activations;
-
-const PREFILL_LENS: [usize; 2] = [128, 512];
-const DECODE_BATCHES: [usize; 3] = [1, 4, 16];
-const DECODE_STEPS: usize = 64;
-const REPEATS: usize = 3;
-
-fn peak_rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -49,7 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let model = Llama::from_gguf(&file, opts)?;
     let vocab = model.config().vocab_size as u32;
     // Deterministic pseudo-text: token ids spread over the vocabulary.
-    let token = |i: usize| ((i as u64 * 2654435761 % vocab as u64) as u32).max(3);
+    let token = |i: usize| pseudo_token(i, vocab);
 
     let mut prefill = serde_json::Map::new();
     for &n in &PREFILL_LENS {

@@ -15,26 +15,10 @@ use std::time::Instant;
 
 use mistralrs::core::{RequestMessage, TokenSource};
 use mistralrs::{GgufModelBuilder, Model, Request, Response, SamplingParams};
+use prefix_rft_engine::bench::{
+    median, peak_rss_mb, pseudo_token, DECODE_BATCHES, DECODE_STEPS, PREFILL_LENS, REPEATS,
+};
 use prefix_rft_server::backend::mistralrs::plain_request;
-
-const PREFILL_LENS: [usize; 2] = [128, 512];
-const DECODE_BATCHES: [usize; 3] = [1, 4, 16];
-const DECODE_STEPS: usize = 64;
-const REPEATS: usize = 3;
-
-fn peak_rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 /// Sends `prompt` for `new_tokens` greedy tokens (EOS banned) and waits for the answer.
 async fn complete(
@@ -121,8 +105,8 @@ async fn run(path: String, threads: usize) -> anyhow::Result<()> {
         .build()
         .await?;
     // The same deterministic pseudo-text as engine-bench.
-    let vocab = 49152u64;
-    let token = |i: usize| ((i as u64 * 2654435761 % vocab) as u32).max(3);
+    let vocab = 49152;
+    let token = |i: usize| pseudo_token(i, vocab);
     // SmolLM2's end-of-sequence tokens (<|endoftext|>, <|im_end|>) never end a bench run.
     let banned: HashMap<u32, f32> = [(0u32, -1e9f32), (2, -1e9)].into_iter().collect();
 
