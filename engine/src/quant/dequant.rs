@@ -44,8 +44,33 @@ pub(crate) fn q3k_scales(s: &[u8]) -> [i8; 16] {
     out
 }
 
-/// Dequantizes `bytes` of format `dtype` into `out` (whose length is the element count).
+/// Dequantizes `bytes` of format `dtype` into `out` (whose length is the element count), with
+/// this CPU's SIMD dequantizer where it has one for `dtype` (bit-identical to the portable
+/// reference code, which the other formats use).
 pub fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> Result<(), QuantError> {
+    check_lengths(dtype, bytes, out)?;
+    match super::kernels::kernels().dequant(dtype) {
+        Some(simd) => simd(bytes, out),
+        None => dequantize_blocks(dtype, bytes, out),
+    }
+    Ok(())
+}
+
+/// [`dequantize`] with the portable reference code for every format (what the SIMD
+/// dequantizers are tested against).
+#[cfg(test)]
+pub(crate) fn dequantize_reference(
+    dtype: GgmlDType,
+    bytes: &[u8],
+    out: &mut [f32],
+) -> Result<(), QuantError> {
+    check_lengths(dtype, bytes, out)?;
+    dequantize_blocks(dtype, bytes, out);
+    Ok(())
+}
+
+/// Whether `bytes` are whole blocks of `dtype` holding exactly `out.len()` elements.
+fn check_lengths(dtype: GgmlDType, bytes: &[u8], out: &[f32]) -> Result<(), QuantError> {
     let expected = dtype.row_bytes(out.len()).ok_or(QuantError::BadShape {
         dtype,
         rows: 1,
@@ -59,6 +84,11 @@ pub fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> Result<(),
             actual: bytes.len(),
         });
     }
+    Ok(())
+}
+
+/// The reference dequantization of whole blocks (lengths already checked).
+fn dequantize_blocks(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) {
     let ts = dtype.type_size();
     let bs = dtype.block_size();
     let blocks = bytes.chunks_exact(ts).zip(out.chunks_exact_mut(bs));
@@ -217,5 +247,4 @@ pub fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> Result<(),
             }
         }),
     }
-    Ok(())
 }

@@ -345,9 +345,7 @@ impl QMatrix {
         out: &mut [f32],
     ) {
         let (rows, cols, rb) = (range.len(), self.cols, self.row_bytes);
-        let k = kernels();
-        let f32_dot = k.dot(GgmlDType::F32);
-        let simd_dequant = k.dequant(self.dtype);
+        let f32_dot = kernels().dot(GgmlDType::F32);
         let w: &[u8] = &self.bytes[range.start * rb..range.end * rb];
         let xb = f32_bytes(x);
         let chunk = Self::task_rows(rows, rb, m);
@@ -366,16 +364,9 @@ impl QMatrix {
                 for s0 in (r0..r1).step_by(PREFILL_TILE) {
                     let s1 = (s0 + PREFILL_TILE).min(r1);
                     let tile = &mut tile[..(s1 - s0) * cols];
-                    let bytes = &w[s0 * rb..s1 * rb];
-                    match simd_dequant {
-                        Some(f) => f(bytes, tile),
-                        None => {
-                            // Cannot fail: the byte length was validated against the shape in
-                            // `new`.
-                            let r = dequantize(self.dtype, bytes, tile);
-                            debug_assert!(r.is_ok());
-                        }
-                    }
+                    // Cannot fail: the byte length was validated against the shape in `new`.
+                    let r = dequantize(self.dtype, &w[s0 * rb..s1 * rb], tile);
+                    debug_assert!(r.is_ok());
                     let tile = f32_bytes(tile);
                     for (i, xi) in xb.chunks_exact(cols * 4).enumerate() {
                         for (r, wr) in (s0..s1).zip(tile.chunks_exact(cols * 4)) {

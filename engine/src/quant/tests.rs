@@ -799,7 +799,7 @@ fn simd_dequantizers_equal_the_reference_bit_for_bit() {
         let n = 64 * t.block_size();
         let bytes = random_blocks(t, n, &mut rng);
         let (mut want, mut got) = (vec![0f32; n], vec![f32::NAN; n]);
-        dequantize(t, &bytes, &mut want).unwrap();
+        super::dequant::dequantize_reference(t, &bytes, &mut want).unwrap();
         f(&bytes, &mut got);
         for (k, (a, b)) in got.iter().zip(&want).enumerate() {
             assert_eq!(

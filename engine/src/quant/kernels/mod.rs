@@ -29,7 +29,7 @@ pub(crate) type VecDot4x4Fn = fn(usize, [&[u8]; 4], [&[u8]; 4]) -> [[f32; 4]; 4]
 pub(crate) type VecDot4x1Fn = fn(usize, [&[u8]; 4], &[u8]) -> [f32; 4];
 
 /// Dequantizes whole blocks (`bytes` of the format, `out` their elements), bit-identical to
-/// [`crate::quant::dequantize`].
+/// the reference code; [`crate::quant::dequantize`] uses it where one exists.
 pub(crate) type DequantFn = fn(&[u8], &mut [f32]);
 
 /// The kernel set chosen for this CPU.
