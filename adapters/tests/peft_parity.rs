@@ -121,12 +121,13 @@ fn peft_adapters_match_peft_on_the_dequantized_and_quantized_base() {
             assert!(shift <= 0.05, "{name} ({mode}): mean |Δ shift| {shift}");
         } else {
             // Target 0.05 is NOT met with int8 activations: this path quantizes activations to
-            // 8 bits per block before every matmul (as ggml does), which moves each token's log-prob by
-            // ~0.05 against the f32 reference on its own, independently in the runs with and
-            // without the adapter, so the shift carries √2 of it. Measured 0.068-0.081 (LoRA)
-            // and 0.114 (prefix, whose shift is ~1 nat); these bounds pin that.
+            // 8 bits per block before every matmul (llama.cpp's arithmetic), which moves each
+            // token's log-prob by ~0.05 against the f32 reference on its own, independently in
+            // the runs with and without the adapter, so the shift carries √2 of it. Measured
+            // 0.068-0.079 (LoRA) and 0.127 (prefix, whose shift is ~1 nat); these bounds pin
+            // that.
             let bound = if name.starts_with("prefix") {
-                0.13
+                0.15
             } else {
                 0.09
             };

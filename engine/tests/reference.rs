@@ -78,19 +78,19 @@ fn dequantized_and_f32_activation_logprobs_match_transformers() {
     }
 }
 
-/// Issue 2 asks for top-1 >= 0.97 and mean |Δ| <= 0.05 against llama.cpp; we measure 0.969 and
-/// 0.065, the same distance as transformers-vs-llama.cpp (0.966, 0.061, in the fixture's meta).
-/// The quantized model is chaotic at the ulp level: llama.cpp itself, run a token at a time
-/// instead of the prompt in one batch, is 0.976 / 0.042 from this fixture, and the only
-/// difference is the order two attention dot products add in. Closing the gap means ggml's
-/// arithmetic bit for bit; `scripts/oracle/ggml_arithmetic.py` specifies it op by op (every op
-/// checked exact against llama.cpp's own tensors). These bounds pin what we reach.
+/// Quantized serving computes llama.cpp's numbers: every op around the quantized matmuls
+/// repeats ggml's arithmetic (`engine/src/model/ggml.rs`, specified op by op by
+/// `scripts/oracle/ggml_arithmetic.py`) and the block dots add in ggml's order. Anything less
+/// is not close: with 8-bit activation rounding in every layer a one-ulp difference grows into
+/// 0.04-0.06 of log-prob (llama.cpp itself is 0.042 from this fixture run a token at a time), so
+/// a bound this tight fails on any drift.
 #[test]
-fn quantized_logprobs_track_llama_cpp() {
+fn quantized_logprobs_are_llama_cpps() {
     let m = LoadedModel::load(&default_model_path(), LoadOptions::default()).expect("load");
     let a = compare_logprobs(&m, "logprobs_llamacpp.json");
-    assert!(a.top1 >= 0.955, "top-1 agreement {}", a.top1);
-    assert!(a.mean_abs_delta <= 0.075, "mean |Δ| {}", a.mean_abs_delta);
+    assert!(a.positions >= 1000);
+    assert!(a.top1 >= 0.999, "top-1 agreement {}", a.top1);
+    assert!(a.mean_abs_delta <= 1e-4, "mean |Δ| {}", a.mean_abs_delta);
 }
 
 #[test]
@@ -134,13 +134,10 @@ fn greedy_generation_matches_llama_cpp() {
         "greedy: {same}/{} identical to llama.cpp over 48 tokens; common prefixes {prefixes:?}",
         cases.len()
     );
-    // Issue 2 asks for 8 of 10 identical over 48 tokens, out of reach without bit-exact ggml
-    // arithmetic (see above). What we pin: most generations share a long prefix with llama.cpp.
-    prefixes.sort_unstable();
-    let median = prefixes[prefixes.len() / 2];
+    // The prompt runs as one batch and each new token alone, as in llama.cpp, whose attention
+    // adds in another order for each (see `ggml::Order`).
     assert!(
-        median >= 20,
-        "median common prefix with llama.cpp is only {median} tokens"
+        same >= 8,
+        "only {same} of 10 greedy generations match llama.cpp"
     );
-    assert!(same >= 1, "no greedy generation matches llama.cpp");
 }

@@ -139,10 +139,11 @@ async fn greedy_answers_agree_with_our_engine_on_the_fixture_prompts() {
     if let Some(out) = std::env::var_os("PARITY_OUT") {
         std::fs::write(out, serde_json::to_string_pretty(&report).expect("JSON")).expect("write");
     }
-    // Measured: 4 of 10 identical, 9 of 10 first tokens the same, mean |Δ| 0.10 over the
-    // shared top-5 first tokens (our engine is within about 0.05 of llama.cpp). Both backends
-    // equal llama.cpp on 4 of 10. Most answers part late, at near ties.
+    // Measured: 4 of 10 identical, 9 of 10 first tokens the same, mean |Δ| 0.09 over the
+    // shared top-5 first tokens. Our engine equals llama.cpp on 10 of 10 (it does llama.cpp's
+    // arithmetic), mistralrs on 4 of 10. Most answers part late, at near ties.
     assert!(first_same >= 8, "{report}");
+    assert!(ours_vs_llama >= 8, "{report}");
 }
 
 /// PEFT files of a random LoRA for the default model (seeded; values within ±0.1, scale 1:

@@ -5,12 +5,15 @@
 //! new tokens are stacked into one activation matrix so each projection is one matmul over the
 //! whole batch (the weights are read once per step, not once per sequence), then attention runs
 //! per sequence and head in parallel. Quantized weights stay quantized; activations are
-//! quantized per row as ggml does (see `crate::quant`).
+//! quantized per row as ggml does (see `crate::quant`), and with int8 activations the steps
+//! between the matmuls are llama.cpp's arithmetic too (see [`super::ggml`]), so the numbers are
+//! llama.cpp's.
 
 use std::ops::Range;
 use std::path::Path;
 
 use super::config::{ConfigError, ModelConfig};
+use super::ggml::{self, Order};
 use super::hooks::{AdapterHook, Proj, ProjRows};
 use super::kv_cache::KvCache;
 use super::simd;
@@ -90,10 +93,27 @@ struct Rope {
     cos: Vec<f32>,
     sin: Vec<f32>,
     len: usize,
+    /// ggml's tables and rotation (see [`ggml`]).
+    ggml: bool,
+    /// Rotary base.
+    theta_base: f32,
 }
 
 impl Rope {
-    fn new(cfg: &ModelConfig, freq_factors: Option<&[f32]>) -> Self {
+    fn new(cfg: &ModelConfig, freq_factors: Option<&[f32]>, ggml: bool) -> Self {
+        let plain = freq_factors.is_none() && cfg.rope_scaling.is_none();
+        if ggml && plain {
+            let len = cfg.rope_table_len();
+            let (cos, sin) = ggml::rope_tables(cfg.rope_theta, cfg.head_dim / 2, len);
+            return Rope {
+                inv_freq: cfg.inv_freqs(),
+                cos,
+                sin,
+                len,
+                ggml: true,
+                theta_base: cfg.rope_theta,
+            };
+        }
         let mut inv_freq = cfg.inv_freqs();
         if let Some(f) = freq_factors {
             for (x, d) in inv_freq.iter_mut().zip(f) {
@@ -117,6 +137,8 @@ impl Rope {
             cos,
             sin,
             len,
+            ggml: false,
+            theta_base: cfg.rope_theta,
         }
     }
 
@@ -124,6 +146,20 @@ impl Rope {
     fn apply(&self, x: &mut [f32], pos: usize) {
         let half = self.inv_freq.len();
         let (lo, hi) = x.split_at_mut(half);
+        if self.ggml {
+            let far;
+            let (c, s) = if pos < self.len {
+                let r = pos * half..(pos + 1) * half;
+                (&self.cos[r.clone()], &self.sin[r])
+            } else {
+                far = ggml::rope_angles(self.theta_base, half, pos);
+                (&far.0[..], &far.1[..])
+            };
+            for i in 0..half {
+                (lo[i], hi[i]) = ggml::rotate(lo[i], hi[i], c[i], s[i]);
+            }
+            return;
+        }
         if pos < self.len {
             let c = &self.cos[pos * half..(pos + 1) * half];
             let s = &self.sin[pos * half..(pos + 1) * half];
@@ -149,13 +185,22 @@ pub struct Llama {
     cfg: ModelConfig,
     weights: ModelWeights,
     rope: Rope,
+    /// llama.cpp's arithmetic around the matmuls ([`ggml`]): with quantized weights and int8
+    /// activations, the mode in which the matmuls themselves are llama.cpp's.
+    ggml: bool,
 }
 
 impl Llama {
     /// Builds a model from a configuration and weights.
     pub fn new(cfg: ModelConfig, weights: ModelWeights) -> Self {
-        let rope = Rope::new(&cfg, weights.rope_freq_factors.as_deref());
-        Llama { cfg, weights, rope }
+        let ggml = ggml::uses_ggml_arithmetic(&weights);
+        let rope = Rope::new(&cfg, weights.rope_freq_factors.as_deref(), ggml);
+        Llama {
+            cfg,
+            weights,
+            rope,
+            ggml,
+        }
     }
 
     /// Loads a GGUF file.
@@ -256,7 +301,7 @@ impl Llama {
         let mut act = vec![0f32; t * inter];
 
         for (li, layer) in self.weights.layers.iter().enumerate() {
-            rms_norm_rows(&x, &layer.attn_norm, cfg.rms_norm_eps, &mut normed);
+            self.rms_norm_rows(&x, &layer.attn_norm, &mut normed);
             run_fused(&layer.qkv, &normed, t, &mut qkv, &[q_dim, kv_dim, kv_dim])?;
             add_deltas(
                 batch,
@@ -279,6 +324,10 @@ impl Llama {
                 for head in rest[..kv_dim].chunks_exact_mut(hd) {
                     self.rope.apply(head, pos);
                 }
+            }
+            if self.ggml {
+                // llama.cpp's KV cache and attention matmuls are f16.
+                ggml::f16_round_all(&mut qkv);
             }
             for (step, rows) in batch.iter_mut().zip(&row_ranges) {
                 for r in rows.clone() {
@@ -305,7 +354,7 @@ impl Llama {
                 *a += b;
             }
 
-            rms_norm_rows(&x, &layer.ffn_norm, cfg.rms_norm_eps, &mut normed);
+            self.rms_norm_rows(&x, &layer.ffn_norm, &mut normed);
             run_fused(&layer.gate_up, &normed, t, &mut gate_up, &[inter, inter])?;
             add_deltas(
                 batch,
@@ -322,8 +371,12 @@ impl Llama {
                 .zip(act.chunks_exact_mut(inter))
             {
                 let (g, u) = gu.split_at(inter);
-                for i in 0..inter {
-                    out[i] = silu(g[i]) * u[i];
+                if self.ggml {
+                    ggml::swiglu(g, u, out);
+                } else {
+                    for i in 0..inter {
+                        out[i] = silu(g[i]) * u[i];
+                    }
                 }
             }
             linear(&layer.down, &act, t, &mut proj)?;
@@ -364,7 +417,7 @@ impl Llama {
             dst.copy_from_slice(&x[r * h..(r + 1) * h]);
         }
         let mut sel_normed = vec![0f32; sel.len()];
-        rms_norm_rows(&sel, &self.weights.norm, cfg.rms_norm_eps, &mut sel_normed);
+        self.rms_norm_rows(&sel, &self.weights.norm, &mut sel_normed);
         let vocab = cfg.vocab_size;
         let mut data = vec![0f32; wanted.len() * vocab];
         if !wanted.is_empty() {
@@ -411,10 +464,26 @@ impl Llama {
             let seen = (row_pos[row] + 1).min(keys.len() / kv_dim);
             let q = &qkv[row * qkv_dim + head * hd..][..hd];
             let kvh = head / group;
+            // SAFETY: each task writes only its own (row, head) slice of `out`, which is
+            // disjoint from every other task's, and `out` outlives the parallel region.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(out_ptr.get().add(row * q_dim + head * hd), hd)
+            };
             SCORES.with(|cell| {
                 let mut scores = cell.borrow_mut();
                 scores.clear();
                 scores.resize(seen, 0.0);
+                if self.ggml {
+                    let order = Order::for_step(row_ranges[row_seq[row]].len());
+                    let (keys, values) = (&keys[kvh * hd..], &values[kvh * hd..]);
+                    ggml::dot_rows(&mut scores, q, keys, kv_dim, order);
+                    for s in scores.iter_mut() {
+                        *s *= scale;
+                    }
+                    ggml::soft_max_f16(&mut scores);
+                    ggml::weighted_rows(dst, &scores, values, kv_dim, order);
+                    return;
+                }
                 // This head's keys and values are rows `kv_dim` apart from column `kvh · hd`.
                 (k.dot_rows)(&mut scores, q, &keys[kvh * hd..], kv_dim);
                 for s in scores.iter_mut() {
@@ -425,11 +494,6 @@ impl Llama {
                 for s in scores.iter_mut() {
                     *s *= inv;
                 }
-                // SAFETY: each task writes only its own (row, head) slice of `out`, which is
-                // disjoint from every other task's, and `out` outlives the parallel region.
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(out_ptr.get().add(row * q_dim + head * hd), hd)
-                };
                 dst.fill(0.0);
                 (k.gemv_t)(dst, &scores, &values[kvh * hd..], kv_dim);
             });
@@ -458,6 +522,17 @@ impl SyncPtr {
 #[inline]
 fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
+}
+
+impl Llama {
+    /// RMSNorm of each row of `x` into `out`, in ggml's arithmetic when the model uses it.
+    fn rms_norm_rows(&self, x: &[f32], w: &[f32], out: &mut [f32]) {
+        if self.ggml {
+            ggml::rms_norm_rows(x, w, self.cfg.rms_norm_eps, out);
+        } else {
+            rms_norm_rows(x, w, self.cfg.rms_norm_eps, out);
+        }
+    }
 }
 
 /// RMSNorm of each row of `x` (width `w.len()`) into `out`.

@@ -172,7 +172,9 @@ fn round_even_small(v: f32) -> f32 {
 fn q8_block(x: &[f32], q: &mut [u8]) -> (f32, i32) {
     let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
     let d = amax / 127.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    // 127/amax, not 1/d: llama.cpp's x86 quantizers (`quantize_row_q8_0/1`) scale this way, and
+    // the two differ in the last bit often enough to move a rounding.
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
     let mut sum = 0i32;
     for (o, &v) in q.iter_mut().zip(x) {
         let r = round_even_small(v * id) as i8;

@@ -174,6 +174,10 @@ pub struct TrainModel {
     inv_freq: Vec<f32>,
     /// Use the fused CPU ops of [`fused`] (the compositions of [`ops`] elsewhere).
     fused: bool,
+    /// Queries, keys, values and attention weights rounded to f16 as the serving forward
+    /// rounds them in llama.cpp's arithmetic (quantized base, int8 activations), so that the
+    /// trained adapter sees the attention it is served with.
+    f16_attention: bool,
 }
 
 impl TrainModel {
@@ -238,6 +242,7 @@ impl TrainModel {
             lm_head: BaseLinear::new(&head, opts, device)?,
             inv_freq,
             fused: device.is_cpu(),
+            f16_attention: opts.quantized_base && crate::model::uses_ggml_arithmetic(weights),
         })
     }
 
@@ -559,9 +564,18 @@ impl TrainModel {
                 }
             })
         };
-        let q = heads(q, nh, true)?;
-        let mut k = heads(k, kvh, true)?;
-        let mut v = heads(v, kvh, false)?;
+        let (mut q, mut k, mut v) = (
+            heads(q, nh, true)?,
+            heads(k, kvh, true)?,
+            heads(v, kvh, false)?,
+        );
+        if self.f16_attention {
+            // The gradient passes the conversions unchanged (straight through).
+            let f16 = |x: Tensor| -> Result<Tensor, TrainError> {
+                Ok(x.to_dtype(DType::F16)?.to_dtype(self.dtype)?)
+            };
+            (q, k, v) = (f16(q)?, f16(k)?, f16(v)?);
+        }
         if let Some((pk, pv)) = past {
             // A past shared by the whole batch (prefix, prompt) is stored once and broadcast.
             let widen = |x: &Tensor| -> Result<Tensor, TrainError> {
@@ -579,6 +593,7 @@ impl TrainModel {
                 Attention {
                     scale,
                     past: ctx.past,
+                    f16_weights: self.f16_attention,
                 },
             )?,
             Positions::Composed { mask, .. } => {
@@ -589,7 +604,11 @@ impl TrainModel {
                     .matmul(&kr.transpose(2, 3)?.contiguous()?)?
                     .affine(scale, 0.0)?
                     .broadcast_add(mask)?;
-                ops::softmax_last_dim(&scores)?
+                let mut weights = ops::softmax_last_dim(&scores)?;
+                if self.f16_attention {
+                    weights = weights.to_dtype(DType::F16)?.to_dtype(self.dtype)?;
+                }
+                weights
                     .matmul(&vr)?
                     .transpose(1, 2)?
                     .reshape((b * t, q_dim))?

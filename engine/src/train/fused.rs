@@ -822,6 +822,9 @@ pub struct Attention {
     pub scale: f64,
     /// Keys before the first query.
     pub past: usize,
+    /// Round the attention weights to f16 before they multiply the values, as the serving
+    /// forward does in llama.cpp's arithmetic (the gradient passes the rounding unchanged).
+    pub f16_weights: bool,
 }
 
 /// Shapes of one [`Attention`] call.
@@ -902,6 +905,9 @@ impl Attention {
             }
             for x in &mut row[..visible] {
                 *x /= sum;
+                if self.f16_weights {
+                    *x = cast(half::f16::from_f64(WithDType::to_f64(*x)).to_f64());
+                }
             }
             row[visible..].iter_mut().for_each(|x| *x = T::zero());
         }
@@ -1249,8 +1255,16 @@ mod tests {
                 check(
                     &[q, k, v],
                     |t| {
-                        t[0].apply_op3(t[1], t[2], Attention { scale, past })
-                            .expect("fused")
+                        t[0].apply_op3(
+                            t[1],
+                            t[2],
+                            Attention {
+                                scale,
+                                past,
+                                f16_weights: false,
+                            },
+                        )
+                        .expect("fused")
                     },
                     |t| {
                         let composed = || -> Result<Tensor> {
@@ -1328,6 +1342,7 @@ mod tests {
         let op = Attention {
             scale: 1.0,
             past: 1,
+            f16_weights: false,
         };
         assert!(t.apply_op3(t, t, op).is_err(), "keys != past + len");
         let w = random(&[3], 9, DType::F32);

@@ -215,7 +215,7 @@ unsafe fn ld_f32(p: *const u8) -> f32 {
     unsafe { std::ptr::read_unaligned(p as *const f32) }
 }
 
-/// Horizontal sum of 8 floats.
+/// Horizontal sum of 8 floats in ggml's `hsum_float_8` order: (0+4 + 2+6) + (1+5 + 3+7).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn hsum(v: __m256) -> f32 {
@@ -387,26 +387,19 @@ unsafe fn q4_1_block(wb: *const u8, ab: *const u8, acc: &mut __m256, mins: &mut 
     }
 }
 
+/// ggml's `ggml_vec_dot_q4_1_q8_1` arithmetic: one accumulator, block after block, and the
+/// `m_w·s_a` terms (exact products of two f16) summed in order.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_1_impl(n: usize, w: *const u8, a: *const u8) -> f32 {
-    let mut acc0 = _mm256_setzero_ps();
-    let mut acc1 = _mm256_setzero_ps();
+    let mut acc = _mm256_setzero_ps();
     let mut mins = _mm_setzero_ps();
-    let nb = n / 32;
-    // SAFETY (whole body): nb blocks of 20 (w) and 36 (a) bytes are readable.
+    // SAFETY (whole body): n/32 blocks of 20 (w) and 36 (a) bytes are readable.
     unsafe {
-        let mut i = 0;
-        // Two blocks per step: independent accumulators hide the FMA latency.
-        while i + 2 <= nb {
-            q4_1_block(w.add(20 * i), a.add(36 * i), &mut acc0, &mut mins);
-            q4_1_block(w.add(20 * i + 20), a.add(36 * i + 36), &mut acc1, &mut mins);
-            i += 2;
-        }
-        if i < nb {
-            q4_1_block(w.add(20 * i), a.add(36 * i), &mut acc0, &mut mins);
+        for i in 0..n / 32 {
+            q4_1_block(w.add(20 * i), a.add(36 * i), &mut acc, &mut mins);
         }
     }
-    hsum(_mm256_add_ps(acc0, acc1)) + _mm_cvtss_f32(_mm_movehdup_ps(mins))
+    hsum(acc) + _mm_cvtss_f32(_mm_movehdup_ps(mins))
 }
 
 /// Q4_1 weights against four Q8_1 activation rows at once: the weight block is unpacked once
@@ -508,42 +501,23 @@ unsafe fn q5_1_impl(n: usize, w: *const u8, a: *const u8) -> f32 {
     hsum(acc) + summs
 }
 
+/// ggml's `ggml_vec_dot_q8_0_q8_0` arithmetic: one accumulator, block after block.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q8_0_impl(n: usize, w: *const u8, a: *const u8) -> f32 {
-    let mut acc0 = _mm256_setzero_ps();
-    let mut acc1 = _mm256_setzero_ps();
-    let nb = n / 32;
-    // SAFETY (whole body): nb blocks of 34 bytes are readable at w and at a.
+    let mut acc = _mm256_setzero_ps();
+    // SAFETY (whole body): n/32 blocks of 34 bytes are readable at w and at a.
     unsafe {
-        let mut i = 0;
-        while i + 2 <= nb {
-            let (w0, a0) = (w.add(34 * i), a.add(34 * i));
-            let (w1, a1) = (w0.add(34), a0.add(34));
-            let p0 = dot_i8_i8(ld256(w0.add(2)), ld256(a0.add(2)));
-            let p1 = dot_i8_i8(ld256(w1.add(2)), ld256(a1.add(2)));
-            acc0 = _mm256_fmadd_ps(
-                _mm256_set1_ps(h2f(w0) * h2f(a0)),
-                _mm256_cvtepi32_ps(p0),
-                acc0,
-            );
-            acc1 = _mm256_fmadd_ps(
-                _mm256_set1_ps(h2f(w1) * h2f(a1)),
-                _mm256_cvtepi32_ps(p1),
-                acc1,
-            );
-            i += 2;
-        }
-        if i < nb {
-            let (w0, a0) = (w.add(34 * i), a.add(34 * i));
-            let p0 = dot_i8_i8(ld256(w0.add(2)), ld256(a0.add(2)));
-            acc0 = _mm256_fmadd_ps(
-                _mm256_set1_ps(h2f(w0) * h2f(a0)),
-                _mm256_cvtepi32_ps(p0),
-                acc0,
+        for i in 0..n / 32 {
+            let (wb, ab) = (w.add(34 * i), a.add(34 * i));
+            let p = dot_i8_i8(ld256(wb.add(2)), ld256(ab.add(2)));
+            acc = _mm256_fmadd_ps(
+                _mm256_set1_ps(h2f(wb) * h2f(ab)),
+                _mm256_cvtepi32_ps(p),
+                acc,
             );
         }
     }
-    hsum(_mm256_add_ps(acc0, acc1))
+    hsum(acc)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]

@@ -166,14 +166,6 @@ macro_rules! vnni_set {
                 unsafe { std::ptr::read_unaligned(p as *const i32) }
             }
 
-            /// Two unaligned bytes at `p` (an f16) as an i64.
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn rd16(p: *const u8) -> i64 {
-                // SAFETY: the caller guarantees two readable bytes at `p`.
-                unsafe { std::ptr::read_unaligned(p as *const u16) as i64 }
-            }
-
             /// One Q4_0·Q8_0 block added to `acc`.
             #[inline]
             #[target_feature(enable = $feat)]
@@ -194,22 +186,14 @@ macro_rules! vnni_set {
 
             #[target_feature(enable = $feat)]
             unsafe fn q4_0_impl(n: usize, w: *const u8, a: *const u8) -> f32 {
-                let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                let nb = n / 32;
-                let mut i = 0;
-                // SAFETY (whole body): nb blocks of 18 (w) and 34 (a) bytes are readable.
+                let mut acc = _mm256_setzero_ps();
+                // SAFETY (whole body): n/32 blocks of 18 (w) and 34 (a) bytes are readable.
                 unsafe {
-                    // Two accumulators hide the FMA latency.
-                    while i + 2 <= nb {
-                        q4_0_block(w.add(18 * i), a.add(34 * i), &mut acc0);
-                        q4_0_block(w.add(18 * i + 18), a.add(34 * i + 34), &mut acc1);
-                        i += 2;
-                    }
-                    if i < nb {
-                        q4_0_block(w.add(18 * i), a.add(34 * i), &mut acc0);
+                    for i in 0..n / 32 {
+                        q4_0_block(w.add(18 * i), a.add(34 * i), &mut acc);
                     }
                 }
-                hsum(_mm256_add_ps(acc0, acc1))
+                hsum(acc)
             }
 
             /// One Q4_1·Q8_1 block: `d_w·d_a·Σq·y` into `acc`, `m_w·s_a` into lane 1 of `mins`.
@@ -233,22 +217,15 @@ macro_rules! vnni_set {
 
             #[target_feature(enable = $feat)]
             unsafe fn q4_1_impl(n: usize, w: *const u8, a: *const u8) -> f32 {
-                let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let mut acc = _mm256_setzero_ps();
                 let mut mins = _mm_setzero_ps();
-                let nb = n / 32;
-                let mut i = 0;
-                // SAFETY (whole body): nb blocks of 20 (w) and 36 (a) bytes are readable.
+                // SAFETY (whole body): n/32 blocks of 20 (w) and 36 (a) bytes are readable.
                 unsafe {
-                    while i + 2 <= nb {
-                        q4_1_block(w.add(20 * i), a.add(36 * i), &mut acc0, &mut mins);
-                        q4_1_block(w.add(20 * i + 20), a.add(36 * i + 36), &mut acc1, &mut mins);
-                        i += 2;
-                    }
-                    if i < nb {
-                        q4_1_block(w.add(20 * i), a.add(36 * i), &mut acc0, &mut mins);
+                    for i in 0..n / 32 {
+                        q4_1_block(w.add(20 * i), a.add(36 * i), &mut acc, &mut mins);
                     }
                 }
-                hsum(_mm256_add_ps(acc0, acc1)) + _mm_cvtss_f32(_mm_movehdup_ps(mins))
+                hsum(acc) + _mm_cvtss_f32(_mm_movehdup_ps(mins))
             }
 
             /// One Q8_0·Q8_0 block added to `acc`.
@@ -272,63 +249,31 @@ macro_rules! vnni_set {
 
             #[target_feature(enable = $feat)]
             unsafe fn q8_0_impl(n: usize, w: *const u8, a: *const u8) -> f32 {
-                let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                let nb = n / 32;
-                let mut i = 0;
-                // SAFETY (whole body): nb blocks of 34 bytes are readable at w and a.
+                let mut acc = _mm256_setzero_ps();
+                // SAFETY (whole body): n/32 blocks of 34 bytes are readable at w and a.
                 unsafe {
-                    while i + 2 <= nb {
-                        q8_0_block(w.add(34 * i), a.add(34 * i), &mut acc0);
-                        q8_0_block(w.add(34 * i + 34), a.add(34 * i + 34), &mut acc1);
-                        i += 2;
-                    }
-                    if i < nb {
-                        q8_0_block(w.add(34 * i), a.add(34 * i), &mut acc0);
+                    for i in 0..n / 32 {
+                        q8_0_block(w.add(34 * i), a.add(34 * i), &mut acc);
                     }
                 }
-                hsum(_mm256_add_ps(acc0, acc1))
+                hsum(acc)
             }
 
-            /// `[Σp0, Σp1, Σp2, Σp3]` over the four i32 lanes of each 128-bit half of `p[r]`.
-            /// Reducing the four weight rows' integer dots into one vector before the float
-            /// part costs six shuffles and three adds but leaves one convert and one FMA per
-            /// four pairs instead of four of each (those share ports with `vpdpbusd`).
+            /// `out[c][r]`: ggml's `hsum_float_8` of `acc[c][r]` plus lane r of `extra[c]`.
             #[inline]
             #[target_feature(enable = $feat)]
-            fn transpose_sum4(p: [__m256i; 4]) -> __m256i {
-                // Per half: [a0+a2, b0+b2, a1+a3, b1+b3].
-                let s01 = _mm256_add_epi32(
-                    _mm256_unpacklo_epi32(p[0], p[1]),
-                    _mm256_unpackhi_epi32(p[0], p[1]),
-                );
-                let s23 = _mm256_add_epi32(
-                    _mm256_unpacklo_epi32(p[2], p[3]),
-                    _mm256_unpackhi_epi32(p[2], p[3]),
-                );
-                _mm256_add_epi32(
-                    _mm256_unpacklo_epi64(s01, s23),
-                    _mm256_unpackhi_epi64(s01, s23),
-                )
-            }
-
-            /// `out[c][r]`: lane r of the two halves of `acc[c]` summed, plus lane r of
-            /// `extra[c]`.
-            #[inline]
-            #[target_feature(enable = $feat)]
-            fn finish4x4<const C: usize>(acc: [__m256; C], extra: [__m128; C]) -> [[f32; 4]; C] {
+            fn finish4x4<const C: usize>(
+                acc: [[__m256; 4]; C],
+                extra: [__m128; C],
+            ) -> [[f32; 4]; C] {
                 let mut out = [[0f32; 4]; C];
                 for c in 0..C {
-                    let v = _mm_add_ps(
-                        _mm_add_ps(
-                            _mm256_castps256_ps128(acc[c]),
-                            _mm256_extractf128_ps(acc[c], 1),
-                        ),
-                        extra[c],
-                    );
-                    let mut l = [0f32; 4];
-                    // SAFETY: `l` is four f32, exactly one unaligned 128-bit store.
-                    unsafe { _mm_storeu_ps(l.as_mut_ptr(), v) };
-                    out[c] = l;
+                    let mut e = [0f32; 4];
+                    // SAFETY: `e` is four f32, exactly one unaligned 128-bit store.
+                    unsafe { _mm_storeu_ps(e.as_mut_ptr(), extra[c]) };
+                    for r in 0..4 {
+                        out[c][r] = hsum(acc[c][r]) + e[r];
+                    }
                 }
                 out
             }
@@ -336,32 +281,38 @@ macro_rules! vnni_set {
             /// Four Q4_1 weight rows × four Q8_1 activation rows; `out[r][c]` is
             /// `dot(w[r], a[c])`. Each weight block is unpacked once and each activation block
             /// loaded once per step, then reused across the 16 pairs (prefill / batched decode).
+            /// Every pair keeps ggml's arithmetic: eight i32 lanes of four products each,
+            /// `acc = fma(d_w·d_a, lanes, acc)` block after block in its own accumulator (16
+            /// of them: this needs the 32 registers of AVX512VL), and `m_w·s_a` (exact: two
+            /// f16) summed in order.
             #[target_feature(enable = $feat)]
             unsafe fn q4_1_4x4_impl<const C: usize>(
                 n: usize,
                 w: [*const u8; 4],
                 a: [*const u8; C],
             ) -> [[f32; 4]; C] {
-                // acc[c] lane r (both halves): Σ d_r·d_a·q·y; mins[c] lane r: Σ m_r·s_a.
-                let mut acc = [_mm256_setzero_ps(); C];
+                let mut acc = [[_mm256_setzero_ps(); 4]; C];
                 let mut mins = [_mm_setzero_ps(); C];
-                let even = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
                 let odd = _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7);
                 let z = _mm256_setzero_si256();
                 // SAFETY (whole body): n/32 blocks of 20 bytes at each w[r] and 36 at each a[c].
                 unsafe {
                     for i in 0..n / 32 {
                         let wb = w.map(|p| p.add(20 * i));
-                        // [d0 m0 d1 m1 d2 m2 d3 m3] from the four block headers, then
-                        // [d0..d3 | d0..d3] and [m0..m3].
+                        // [d0 m0 d1 m1 d2 m2 d3 m3] from the four block headers; [m0..m3].
                         let dm = _mm256_cvtph_ps(_mm_set_epi32(
                             rd32(wb[3]),
                             rd32(wb[2]),
                             rd32(wb[1]),
                             rd32(wb[0]),
                         ));
-                        let d = _mm256_permutevar8x32_ps(dm, even);
                         let m = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, odd));
+                        let d = [
+                            _mm256_set1_ps(h2f(wb[0])),
+                            _mm256_set1_ps(h2f(wb[1])),
+                            _mm256_set1_ps(h2f(wb[2])),
+                            _mm256_set1_ps(h2f(wb[3])),
+                        ];
                         let q = [
                             nibbles(wb[0].add(4)),
                             nibbles(wb[1].add(4)),
@@ -371,15 +322,12 @@ macro_rules! vnni_set {
                         for c in 0..C {
                             let ab = a[c].add(36 * i);
                             let ds = h2f_pair(ab);
+                            let da = _mm256_broadcastss_ps(ds);
                             let y = ld256(ab.add(4));
-                            let p = transpose_sum4([
-                                dp(z, q[0], y),
-                                dp(z, q[1], y),
-                                dp(z, q[2], y),
-                                dp(z, q[3], y),
-                            ]);
-                            let scale = _mm256_mul_ps(d, _mm256_broadcastss_ps(ds));
-                            acc[c] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc[c]);
+                            for r in 0..4 {
+                                let p = _mm256_cvtepi32_ps(dp(z, q[r], y));
+                                acc[c][r] = _mm256_fmadd_ps(_mm256_mul_ps(d[r], da), p, acc[c][r]);
+                            }
                             let sa = _mm_movehdup_ps(ds);
                             mins[c] = _mm_fmadd_ps(m, _mm_shuffle_ps(sa, sa, 0), mins[c]);
                         }
@@ -389,27 +337,29 @@ macro_rules! vnni_set {
             }
 
             /// Four Q8_0 weight rows × four Q8_0 activation rows; `out[r][c]` is
-            /// `dot(w[r], a[c])`. Uses `(w + 128)·y − 128·Σy`: the unsigned weights are made
-            /// once per block and `−128·Σy` once per activation block (as the accumulator
-            /// input), so each pair costs one `vpdpbusd` and no sign fix-up.
+            /// `dot(w[r], a[c])`, each pair in ggml's arithmetic (as for Q4_1). Uses
+            /// `(w + 128)·y − 128·Σy` (the same i32 lanes as ggml's signed products): the
+            /// unsigned weights are made once per block and `−128·Σy` once per activation block
+            /// (as the accumulator input), so each pair's integer part is one `vpdpbusd`.
             #[target_feature(enable = $feat)]
             unsafe fn q8_0_4x4_impl<const C: usize>(
                 n: usize,
                 w: [*const u8; 4],
                 a: [*const u8; C],
             ) -> [[f32; 4]; C] {
-                let mut acc = [_mm256_setzero_ps(); C];
+                let mut acc = [[_mm256_setzero_ps(); 4]; C];
                 let bias = _mm256_set1_epi8(-128);
                 let z = _mm256_setzero_si256();
                 // SAFETY (whole body): n/32 blocks of 34 bytes at each w[r] and a[c].
                 unsafe {
                     for i in 0..n / 32 {
                         let wb = w.map(|p| p.add(34 * i));
-                        let dw = _mm_cvtph_ps(_mm_set_epi64x(
-                            0,
-                            rd16(wb[0]) | rd16(wb[1]) << 16 | rd16(wb[2]) << 32 | rd16(wb[3]) << 48,
-                        ));
-                        let d = _mm256_set_m128(dw, dw);
+                        let d = [
+                            _mm256_set1_ps(h2f(wb[0])),
+                            _mm256_set1_ps(h2f(wb[1])),
+                            _mm256_set1_ps(h2f(wb[2])),
+                            _mm256_set1_ps(h2f(wb[3])),
+                        ];
                         // w xor 0x80 is w + 128 as u8.
                         let u = [
                             _mm256_xor_si256(ld256(wb[0].add(2)), bias),
@@ -420,16 +370,13 @@ macro_rules! vnni_set {
                         for c in 0..C {
                             let ab = a[c].add(34 * i);
                             let y = ld256(ab.add(2));
+                            let da = _mm256_set1_ps(h2f(ab));
                             // 0x80 as the unsigned operand: lanes of 128·Σy, negated.
                             let corr = _mm256_sub_epi32(z, dp(z, bias, y));
-                            let p = transpose_sum4([
-                                dp(corr, u[0], y),
-                                dp(corr, u[1], y),
-                                dp(corr, u[2], y),
-                                dp(corr, u[3], y),
-                            ]);
-                            let scale = _mm256_mul_ps(d, _mm256_set1_ps(h2f(ab)));
-                            acc[c] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc[c]);
+                            for r in 0..4 {
+                                let p = _mm256_cvtepi32_ps(dp(corr, u[r], y));
+                                acc[c][r] = _mm256_fmadd_ps(_mm256_mul_ps(d[r], da), p, acc[c][r]);
+                            }
                         }
                     }
                 }
