@@ -294,6 +294,13 @@ macro_rules! vnni_set {
                 let mut acc = [[_mm256_setzero_ps(); 4]; C];
                 let mut mins = [_mm_setzero_ps(); C];
                 let odd = _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7);
+                let even = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+                let lane = [
+                    _mm256_set1_epi32(0),
+                    _mm256_set1_epi32(1),
+                    _mm256_set1_epi32(2),
+                    _mm256_set1_epi32(3),
+                ];
                 let z = _mm256_setzero_si256();
                 // SAFETY (whole body): n/32 blocks of 20 bytes at each w[r] and 36 at each a[c].
                 unsafe {
@@ -307,12 +314,7 @@ macro_rules! vnni_set {
                             rd32(wb[0]),
                         ));
                         let m = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, odd));
-                        let d = [
-                            _mm256_set1_ps(h2f(wb[0])),
-                            _mm256_set1_ps(h2f(wb[1])),
-                            _mm256_set1_ps(h2f(wb[2])),
-                            _mm256_set1_ps(h2f(wb[3])),
-                        ];
+                        let d = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, even));
                         let q = [
                             nibbles(wb[0].add(4)),
                             nibbles(wb[1].add(4)),
@@ -322,11 +324,14 @@ macro_rules! vnni_set {
                         for c in 0..C {
                             let ab = a[c].add(36 * i);
                             let ds = h2f_pair(ab);
-                            let da = _mm256_broadcastss_ps(ds);
+                            // d_r·d_a for the four rows (exact: two f16), one lane each.
+                            let scale =
+                                _mm256_castps128_ps256(_mm_mul_ps(d, _mm_shuffle_ps(ds, ds, 0)));
                             let y = ld256(ab.add(4));
                             for r in 0..4 {
                                 let p = _mm256_cvtepi32_ps(dp(z, q[r], y));
-                                acc[c][r] = _mm256_fmadd_ps(_mm256_mul_ps(d[r], da), p, acc[c][r]);
+                                let sr = _mm256_permutevar8x32_ps(scale, lane[r]);
+                                acc[c][r] = _mm256_fmadd_ps(sr, p, acc[c][r]);
                             }
                             let sa = _mm_movehdup_ps(ds);
                             mins[c] = _mm_fmadd_ps(m, _mm_shuffle_ps(sa, sa, 0), mins[c]);
