@@ -24,6 +24,8 @@
 
 use std::cell::RefCell;
 
+use crate::quant::f16_round;
+
 /// Whether a model with `weights` runs in llama.cpp's arithmetic: quantized weights multiplied
 /// with int8 activations (the matmuls are then llama.cpp's, and so is everything around them).
 pub fn uses_ggml_arithmetic(weights: &super::ModelWeights) -> bool {
@@ -51,12 +53,6 @@ impl Order {
             Order::Vec
         }
     }
-}
-
-/// f32 → f16 → f32 (round to nearest even, as F16C).
-#[inline]
-pub(crate) fn f16_round(v: f32) -> f32 {
-    half::f16::from_f32(v).to_f32()
 }
 
 /// Rounds every value to f16 in place.

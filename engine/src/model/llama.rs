@@ -93,10 +93,9 @@ struct Rope {
     cos: Vec<f32>,
     sin: Vec<f32>,
     len: usize,
-    /// ggml's tables and rotation (see [`ggml`]).
-    ggml: bool,
-    /// Rotary base.
-    theta_base: f32,
+    /// With ggml's tables and rotation (see [`ggml`]): the rotary base, for positions past
+    /// the table.
+    ggml_base: Option<f32>,
 }
 
 impl Rope {
@@ -110,8 +109,7 @@ impl Rope {
                 cos,
                 sin,
                 len,
-                ggml: true,
-                theta_base: cfg.rope_theta,
+                ggml_base: Some(cfg.rope_theta),
             };
         }
         let mut inv_freq = cfg.inv_freqs();
@@ -137,8 +135,7 @@ impl Rope {
             cos,
             sin,
             len,
-            ggml: false,
-            theta_base: cfg.rope_theta,
+            ggml_base: None,
         }
     }
 
@@ -146,13 +143,13 @@ impl Rope {
     fn apply(&self, x: &mut [f32], pos: usize) {
         let half = self.inv_freq.len();
         let (lo, hi) = x.split_at_mut(half);
-        if self.ggml {
+        if let Some(base) = self.ggml_base {
             let far;
             let (c, s) = if pos < self.len {
                 let r = pos * half..(pos + 1) * half;
                 (&self.cos[r.clone()], &self.sin[r])
             } else {
-                far = ggml::rope_angles(self.theta_base, half, pos);
+                far = ggml::rope_angles(base, half, pos);
                 (&far.0[..], &far.1[..])
             };
             for i in 0..half {

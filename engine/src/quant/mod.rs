@@ -23,6 +23,7 @@ pub use matrix::{Activations, QMatrix};
 pub use pool::{
     background_thread, lower_thread_priority, num_threads, parallel_for, set_num_threads,
 };
+pub(crate) use quantize::f16_round;
 pub use quantize::quantize;
 
 /// A ggml tensor element format (float or block-quantized).

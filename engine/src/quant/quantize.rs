@@ -15,9 +15,9 @@ fn put_f16(out: &mut [u8], v: f32) {
     out[..2].copy_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes());
 }
 
-/// The f32 value an f16 write of `v` will read back as.
+/// The f32 value an f16 write of `v` will read back as (round to nearest even, as F16C).
 #[inline(always)]
-fn f16_round(v: f32) -> f32 {
+pub(crate) fn f16_round(v: f32) -> f32 {
     half::f16::from_f32(v).to_f32()
 }
 
