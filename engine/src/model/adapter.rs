@@ -8,10 +8,11 @@
 //! `num_virtual_tokens` key and value rows that start every sequence's cache.
 
 use std::collections::BTreeMap;
+use std::sync::OnceLock;
 
 use super::config::ModelConfig;
 use super::hooks::{AdapterHook, Proj, ProjRows};
-use super::simd;
+use super::simd::{self, Q8Rows};
 
 /// `(in_features, out_features)` of a projection of `cfg`.
 pub fn proj_dims(cfg: &ModelConfig, proj: Proj) -> (usize, usize) {
@@ -66,12 +67,48 @@ pub struct LoraWeights {
     pub scale: f32,
 }
 
-/// A LoRA pair prepared for the forward: `Bᵀ` so the second product is contiguous scaled adds.
+/// A LoRA pair prepared for the forward: both factors in 8-bit blocks for the int8 forward (the
+/// default), where a decode step of many adapters is bound by the bytes of their weights and
+/// reads a quarter of f32's; `Bᵀ` in f32 for the f32 forward, built on its first use there, so
+/// that the second product is contiguous scaled adds.
 #[derive(Debug, Clone)]
 struct ServedLora {
     w: LoraWeights,
     /// `Bᵀ`, `[rank, out_dim]`.
-    bt: Vec<f32>,
+    bt: OnceLock<Vec<f32>>,
+    /// `A` in blocks along `in_dim`.
+    a8: Q8Rows,
+    /// `Bᵀ` in blocks along `out_dim`.
+    bt8: Q8Rows,
+}
+
+/// LoRA factors as the int8 forward applies them: `A` (`[rank, in_dim]`) and `B`
+/// (`[out_dim, rank]`) through 8-bit blocks of 32 along `A`'s rows and `B`'s columns, back to
+/// f32. The training forward on a quantized base computes with these values (the gradient
+/// passes straight through), so the adapter it optimises is the one served.
+pub fn lora_int8_values(a: &[f32], b: &[f32], rank: usize) -> (Vec<f32>, Vec<f32>) {
+    let bt8 = int8_rows(&transpose(b, rank), b.len() / rank);
+    (
+        int8_rows(a, a.len() / rank),
+        transpose(&bt8, b.len() / rank),
+    )
+}
+
+/// The rows (`cols` values each) of `m` through 8-bit blocks and back.
+pub(crate) fn int8_rows(m: &[f32], cols: usize) -> Vec<f32> {
+    Q8Rows::new(m, cols).dequantize()
+}
+
+/// The transpose of `m`, rows of `cols` values.
+fn transpose(m: &[f32], cols: usize) -> Vec<f32> {
+    let rows = m.len() / cols;
+    let mut t = vec![0f32; m.len()];
+    for (i, row) in m.chunks_exact(cols).enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            t[j * rows + i] = v;
+        }
+    }
+    t
 }
 
 /// Per-layer virtual key and value rows, `num_virtual_tokens × kv_dim` each.
@@ -148,13 +185,10 @@ impl AdapterWeights {
             let name = || format!("layer {layer} {}", proj.module_name());
             check_finite(name, &w.a)?;
             check_finite(name, &w.b)?;
-            let mut bt = vec![0f32; w.b.len()];
-            for j in 0..out_dim {
-                for k in 0..w.rank {
-                    bt[k * out_dim + j] = w.b[j * w.rank + k];
-                }
-            }
-            served.insert((layer, proj), ServedLora { w, bt });
+            let a8 = Q8Rows::new(&w.a, in_dim);
+            let bt8 = Q8Rows::new(&transpose(&w.b, w.rank), out_dim);
+            let bt = OnceLock::new();
+            served.insert((layer, proj), ServedLora { w, bt, a8, bt8 });
         }
         if let Some(p) = &prefix {
             let kv = cfg.kv_dim();
@@ -211,12 +245,17 @@ impl AdapterWeights {
         t
     }
 
-    /// Bytes held in memory (weights, transposed copies and prefix).
+    /// Bytes held in memory (weights, their 8-bit copies, prefix, and the f32 `Bᵀ` once the
+    /// f32 forward has built it).
     pub fn resident_bytes(&self) -> usize {
+        let f32s = std::mem::size_of::<f32>();
         let lora: usize = self
             .lora
             .values()
-            .map(|s| s.w.a.len() + s.w.b.len() + s.bt.len())
+            .map(|s| {
+                let bt = s.bt.get().map_or(0, Vec::len);
+                (s.w.a.len() + s.w.b.len() + bt) * f32s + s.a8.bytes() + s.bt8.bytes()
+            })
             .sum();
         let prefix: usize = self
             .prefix
@@ -224,7 +263,7 @@ impl AdapterWeights {
             .flat_map(|p| p.layers.iter())
             .map(|(k, v)| k.len() + v.len())
             .sum();
-        (lora + prefix) * std::mem::size_of::<f32>()
+        lora + prefix * f32s
     }
 }
 
@@ -246,18 +285,35 @@ impl AdapterHook for AdapterWeights {
             return;
         }
         let k = simd::kernels();
-        let (rank, in_dim, n) = (w.rank, w.in_dim, rows.rows);
+        let (rank, in_dim, out_dim, n) = (w.rank, w.in_dim, w.out_dim, rows.rows);
+        let xs = &rows.x[..n * in_dim];
+        let mut low = vec![0f32; n * rank];
+        let out_row = |r: usize| r * rows.out_stride + rows.out_offset;
+        if rows.int8 {
+            // The 8-bit factors as they are, never widened in memory: a step of many adapters
+            // reads a quarter of f32's bytes. Each `A` row meets every input row while in cache.
+            for i in 0..rank {
+                let (q, d) = l.a8.row(i);
+                for (r, x) in xs.chunks_exact(in_dim).enumerate() {
+                    low[r * rank + i] = w.scale * (k.dot_q8)(x, q, d);
+                }
+            }
+            let (q, d) = l.bt8.parts();
+            for (r, low) in low.chunks_exact(rank).enumerate() {
+                (k.gemv_t_q8)(&mut rows.out[out_row(r)..][..out_dim], low, q, d);
+            }
+            return;
+        }
         // `A` row by row, each against every input row while it is in cache: the adapter's
         // weights are read once for all the rows that share it, not once per row.
-        let mut low = vec![0f32; n * rank];
         for (i, a) in w.a.chunks_exact(in_dim).enumerate() {
-            for (r, x) in rows.x[..n * in_dim].chunks_exact(in_dim).enumerate() {
+            for (r, x) in xs.chunks_exact(in_dim).enumerate() {
                 low[r * rank + i] = w.scale * (k.dot)(a, x);
             }
         }
         for (r, low) in low.chunks_exact(rank).enumerate() {
-            let out = &mut rows.out[r * rows.out_stride + rows.out_offset..][..w.out_dim];
-            (k.gemv_t)(out, low, &l.bt, w.out_dim);
+            let bt = l.bt.get_or_init(|| transpose(&w.b, rank));
+            (k.gemv_t)(&mut rows.out[out_row(r)..][..out_dim], low, bt, out_dim);
         }
     }
 
@@ -294,6 +350,33 @@ mod tests {
         }
     }
 
+    /// `adapter`'s delta for `rows` rows of `x` into rows of `stride` values, all ones before,
+    /// with this projection's columns starting at 5.
+    fn delta_rows(
+        adapter: &AdapterWeights,
+        layer: usize,
+        w: &LoraWeights,
+        x: &[f32],
+        rows: usize,
+        int8: bool,
+    ) -> Vec<f32> {
+        let stride = w.out_dim + 5;
+        let mut out = vec![1f32; rows * stride];
+        adapter.add_delta(ProjRows {
+            layer,
+            proj: Proj::Up,
+            x,
+            in_dim: w.in_dim,
+            out: &mut out,
+            out_stride: stride,
+            out_offset: 5,
+            out_dim: w.out_dim,
+            rows,
+            int8,
+        });
+        out
+    }
+
     #[test]
     fn delta_equals_the_definition() {
         let cfg = TinySpec::default().config();
@@ -304,50 +387,41 @@ mod tests {
         let x: Vec<f32> = (0..rows * w.in_dim)
             .map(|i| (i as f32 * 0.37).sin())
             .collect();
-        // A fused output row: 5 columns of something else, then this projection.
         let stride = w.out_dim + 5;
-        let mut out = vec![1f32; rows * stride];
-        adapter.add_delta(ProjRows {
-            layer: 1,
-            proj: Proj::Up,
-            x: &x,
-            in_dim: w.in_dim,
-            out: &mut out,
-            out_stride: stride,
-            out_offset: 5,
-            out_dim: w.out_dim,
-            rows,
-        });
-        for r in 0..rows {
-            for c in 0..5 {
-                assert_eq!(out[r * stride + c], 1.0);
-            }
-            for j in 0..w.out_dim {
-                let mut want = 0f64;
-                for k in 0..w.rank {
-                    let xa: f64 = (0..w.in_dim)
-                        .map(|i| w.a[k * w.in_dim + i] as f64 * x[r * w.in_dim + i] as f64)
-                        .sum();
-                    want += w.b[j * w.rank + k] as f64 * xa;
+        // In f32 the factors as given; in int8 their 8-bit values (what the trainer uses).
+        let (a8, b8) = lora_int8_values(&w.a, &w.b, w.rank);
+        assert_ne!(a8, w.a, "the 8-bit values differ from the f32 ones");
+        for (int8, a, b) in [(false, &w.a, &w.b), (true, &a8, &b8)] {
+            let out = delta_rows(&adapter, 1, &w, &x, rows, int8);
+            for r in 0..rows {
+                // A fused output row: 5 columns of something else, then this projection.
+                for c in 0..5 {
+                    assert_eq!(out[r * stride + c], 1.0);
                 }
-                let got = out[r * stride + 5 + j] as f64 - 1.0;
-                assert!((got - 0.75 * want).abs() < 1e-4, "{got} vs {}", 0.75 * want);
+                for j in 0..w.out_dim {
+                    let mut want = 0f64;
+                    for k in 0..w.rank {
+                        let xa: f64 = (0..w.in_dim)
+                            .map(|i| a[k * w.in_dim + i] as f64 * x[r * w.in_dim + i] as f64)
+                            .sum();
+                        want += b[j * w.rank + k] as f64 * xa;
+                    }
+                    let got = out[r * stride + 5 + j] as f64 - 1.0;
+                    assert!((got - 0.75 * want).abs() < 1e-4, "{got} vs {}", 0.75 * want);
+                }
+                // A row alone (the one-row 8-bit kernels) gives the bits it gives in a group.
+                let alone = delta_rows(&adapter, 1, &w, &x[r * w.in_dim..][..w.in_dim], 1, int8);
+                assert_eq!(
+                    alone[..],
+                    out[r * stride..][..stride],
+                    "int8 {int8} row {r}"
+                );
             }
+            // Another layer or projection is untouched.
+            assert!(delta_rows(&adapter, 0, &w, &x, rows, int8)
+                .iter()
+                .all(|&v| v == 1.0));
         }
-        // Another layer or projection is untouched.
-        let before = out.clone();
-        adapter.add_delta(ProjRows {
-            layer: 0,
-            proj: Proj::Up,
-            x: &x,
-            in_dim: w.in_dim,
-            out: &mut out,
-            out_stride: stride,
-            out_offset: 5,
-            out_dim: w.out_dim,
-            rows,
-        });
-        assert_eq!(out, before);
     }
 
     #[test]

@@ -196,57 +196,92 @@ pub(crate) fn dot_rows(out: &mut [f32], q: &[f32], m: &[f32], stride: usize, ord
 }
 
 thread_local! {
-    /// Per-lane accumulators of `weighted_rows`: 64 lanes × head_dim.
-    static LANES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Per-lane accumulators of `weighted_rows` (up to 64 lanes × head_dim), then 16 folded
+    /// lanes and a row of zeros.
+    static LANES: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// `dst[d] = Σ_j w[j] · m[j·stride + d]` (attention weights times values) with the lane
 /// structure of `order` along `j`: lane `j mod 16` (tiled) or `j mod 64` (vec), summed as that
-/// kernel sums its lanes.
+/// kernel sums its lanes. Lanes no `j` reaches hold zeros in the kernel; here they are never
+/// written, and the sums read zeros for them.
 pub(crate) fn weighted_rows(dst: &mut [f32], w: &[f32], m: &[f32], stride: usize, order: Order) {
     let hd = dst.len();
     let lanes = match order {
         Order::Tiled => 16,
         Order::Vec => 64,
     };
+    let used = w.len().min(lanes);
     LANES.with(|cell| {
-        let mut acc = cell.borrow_mut();
-        acc.clear();
-        acc.resize(lanes * hd, 0.0);
-        #[cfg(target_arch = "x86_64")]
-        if x86::available() && hd.is_multiple_of(8) {
-            for (j, &wj) in w.iter().enumerate() {
-                let lane = &mut acc[(j % lanes) * hd..][..hd];
-                // SAFETY: AVX2/FMA were detected; `lane` and the row hold `hd` values.
-                unsafe { x86::axpy(lane, wj, &m[j * stride..j * stride + hd]) };
-            }
-            lane_sums(&acc, lanes, dst);
-            return;
-        }
+        let (acc, folded) = &mut *cell.borrow_mut();
+        acc.resize(used * hd, 0.0);
         for (j, &wj) in w.iter().enumerate() {
             let lane = &mut acc[(j % lanes) * hd..][..hd];
-            for (a, &v) in lane.iter_mut().zip(&m[j * stride..j * stride + hd]) {
+            let row = &m[j * stride..j * stride + hd];
+            if j < lanes {
+                // The kernel's first fma into a zero lane: one rounding of the product, and
+                // `+ 0.0` gives the sign of zero that fma(w, v, +0) gives.
+                for (a, &v) in lane.iter_mut().zip(row) {
+                    *a = wj * v + 0.0;
+                }
+                continue;
+            }
+            #[cfg(target_arch = "x86_64")]
+            if x86::available() && hd.is_multiple_of(8) {
+                // SAFETY: AVX2/FMA were detected; `lane` and the row hold `hd` values.
+                unsafe { x86::axpy(lane, wj, row) };
+                continue;
+            }
+            for (a, &v) in lane.iter_mut().zip(row) {
                 *a = wj.mul_add(v, *a);
             }
         }
-        lane_sums(&acc, lanes, dst);
+        folded.clear();
+        folded.resize(17 * hd, 0.0);
+        let (folded, zeros) = folded.split_at_mut(16 * hd);
+        lane_sums(acc, used, lanes, zeros, folded, dst);
     });
 }
 
-/// The per-lane rows of `weighted_rows` summed in the kernel's order, element by element.
-fn lane_sums(acc: &[f32], lanes: usize, dst: &mut [f32]) {
+/// The per-lane rows of `weighted_rows` (`used` of `lanes` written, the rest zero) summed in
+/// the kernel's order, element by element: 64 lanes fold to 16 as `vec_dot_f16` adds its
+/// four accumulators, then `reduce16`'s tree. Row operations, so they vectorise.
+fn lane_sums(
+    acc: &[f32],
+    used: usize,
+    lanes: usize,
+    zeros: &[f32],
+    folded: &mut [f32],
+    dst: &mut [f32],
+) {
     let hd = dst.len();
-    let lane = |l: usize, d: usize| acc[l * hd + d];
-    for (d, out) in dst.iter_mut().enumerate() {
-        let mut l16 = [0f32; 16];
-        for (l, v) in l16.iter_mut().enumerate() {
-            *v = if lanes == 16 {
-                lane(l, d)
-            } else {
-                (lane(l, d) + lane(32 + l, d)) + (lane(16 + l, d) + lane(48 + l, d))
-            };
+    let lane = |l: usize| {
+        if l < used {
+            &acc[l * hd..][..hd]
+        } else {
+            zeros
         }
-        *out = reduce16(&l16);
+    };
+    for (l, out) in folded.chunks_exact_mut(hd).enumerate() {
+        if lanes == 16 {
+            out.copy_from_slice(lane(l));
+            continue;
+        }
+        let (a, b, c, e) = (lane(l), lane(32 + l), lane(16 + l), lane(48 + l));
+        for d in 0..hd {
+            out[d] = (a[d] + b[d]) + (c[d] + e[d]);
+        }
+    }
+    // reduce16 on rows: 16 → 8 → 4 (`t[i] = t[half + i] + t[i]`), then (2 + 0) + (3 + 1).
+    for half in [8, 4] {
+        let (lo, hi) = folded[..2 * half * hd].split_at_mut(half * hd);
+        for (x, &y) in lo.iter_mut().zip(hi.iter()) {
+            *x += y;
+        }
+    }
+    let t = |i: usize| &folded[i * hd..][..hd];
+    for (d, out) in dst.iter_mut().enumerate() {
+        *out = (t(2)[d] + t(0)[d]) + (t(3)[d] + t(1)[d]);
     }
 }
 
@@ -595,28 +630,31 @@ mod tests {
 
     #[test]
     fn weighted_rows_add_lanes_in_the_kernel_order() {
-        // 70 rows of 64: the vec order's 64 lanes wrap around once.
-        let (hd, rows) = (64, 70);
-        let m = data(rows * hd, 8, 1.0);
-        let w: Vec<f32> = data(rows, 9, 1.0)
-            .iter()
-            .map(|v| f16_round(v.abs()))
-            .collect();
-        for order in [Order::Tiled, Order::Vec] {
-            let mut got = vec![0f32; hd];
-            weighted_rows(&mut got, &w, &m, hd, order);
-            for d in 0..hd {
-                let col: Vec<f32> = (0..rows).map(|j| m[j * hd + d]).collect();
-                let mut wp = w.clone();
-                let mut cp = col.clone();
-                // The same sum as a dot product of the padded column with the weights.
-                let pad = if order == Order::Tiled { 16 } else { 64 };
-                while !wp.len().is_multiple_of(pad) {
-                    wp.push(0.0);
-                    cp.push(0.0);
+        // 70 rows of 64: the vec order's 64 lanes wrap around once; 20 and 5 leave lanes
+        // unwritten (zero in the kernel).
+        for rows in [5, 20, 70] {
+            let hd = 64;
+            let m = data(rows * hd, 8, 1.0);
+            let w: Vec<f32> = data(rows, 9, 1.0)
+                .iter()
+                .map(|v| f16_round(v.abs()))
+                .collect();
+            for order in [Order::Tiled, Order::Vec] {
+                let mut got = vec![0f32; hd];
+                weighted_rows(&mut got, &w, &m, hd, order);
+                for d in 0..hd {
+                    let col: Vec<f32> = (0..rows).map(|j| m[j * hd + d]).collect();
+                    let mut wp = w.clone();
+                    let mut cp = col.clone();
+                    // The same sum as a dot product of the padded column with the weights.
+                    let pad = if order == Order::Tiled { 16 } else { 64 };
+                    while !wp.len().is_multiple_of(pad) {
+                        wp.push(0.0);
+                        cp.push(0.0);
+                    }
+                    let want = dot_portable(&wp, &cp, order);
+                    assert_eq!(got[d].to_bits(), want.to_bits(), "{order:?} {d}");
                 }
-                let want = dot_portable(&wp, &cp, order);
-                assert_eq!(got[d].to_bits(), want.to_bits(), "{order:?} {d}");
             }
         }
     }

@@ -83,6 +83,10 @@ pub struct ProjRows<'a> {
     pub out_dim: usize,
     /// Number of rows.
     pub rows: usize,
+    /// The forward runs llama.cpp's 8-bit arithmetic (quantized weights, int8 activations):
+    /// LoRA weights are applied as 8-bit blocks too, as the trainer's forward on such a base
+    /// applies them. Otherwise they are applied in f32 exactly as given.
+    pub int8: bool,
 }
 
 /// What an adapter contributes to the forward. Implemented by the adapters crate.

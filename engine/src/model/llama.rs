@@ -301,6 +301,7 @@ impl Llama {
             self.rms_norm_rows(&x, &layer.attn_norm, &mut normed);
             run_fused(&layer.qkv, &normed, t, &mut qkv, &[q_dim, kv_dim, kv_dim])?;
             add_deltas(
+                self.ggml,
                 batch,
                 &row_ranges,
                 li,
@@ -338,6 +339,7 @@ impl Llama {
 
             linear(&layer.o, &attn, t, &mut proj)?;
             add_deltas(
+                self.ggml,
                 batch,
                 &row_ranges,
                 li,
@@ -354,6 +356,7 @@ impl Llama {
             self.rms_norm_rows(&x, &layer.ffn_norm, &mut normed);
             run_fused(&layer.gate_up, &normed, t, &mut gate_up, &[inter, inter])?;
             add_deltas(
+                self.ggml,
                 batch,
                 &row_ranges,
                 li,
@@ -378,6 +381,7 @@ impl Llama {
             }
             linear(&layer.down, &act, t, &mut proj)?;
             add_deltas(
+                self.ggml,
                 batch,
                 &row_ranges,
                 li,
@@ -585,9 +589,11 @@ fn run_fused(
 /// Lets each sequence's adapter add its delta to its own rows of a (possibly fused) output.
 /// Rows whose adapters share weights (one adapter, or leases of one version) run together, so
 /// a step reads each adapter's weights once per task rather than once per row; the tasks run
-/// in parallel on the compute pool, each owning a disjoint set of rows.
+/// in parallel on the compute pool, each owning a disjoint set of rows. `int8`: the model runs
+/// llama.cpp's 8-bit arithmetic, and adapters apply 8-bit LoRA weights (see [`ProjRows`]).
 #[allow(clippy::too_many_arguments)]
 fn add_deltas(
+    int8: bool,
     batch: &[SeqStep<'_>],
     row_ranges: &[Range<usize>],
     layer: usize,
@@ -648,6 +654,7 @@ fn add_deltas(
                     out_offset: offset,
                     out_dim: w,
                     rows: rows.len(),
+                    int8,
                 });
                 offset += w;
             }

@@ -5,6 +5,9 @@
 
 use std::sync::OnceLock;
 
+/// `dst += wᵀ · q` over 8-bit rows (see [`Kernels::gemv_t_q8`]).
+pub(crate) type GemvQ8 = fn(&mut [f32], &[f32], &[i8], &[f32]);
+
 /// Vector kernels selected once for this CPU.
 #[derive(Clone, Copy)]
 pub(crate) struct Kernels {
@@ -19,6 +22,114 @@ pub(crate) struct Kernels {
     pub dot_rows: fn(&mut [f32], &[f32], &[f32], usize),
     /// In place `x = exp(x - max)`, returning the sum of the results.
     pub exp_sum: fn(&mut [f32], f32) -> f32,
+    /// `x · m` for a row `m` in 8-bit blocks ([`Q8Rows`]: value `q[i] · d[i / 32]`), as
+    /// `Σ_b d[b] · Σ_{i ∈ b} x[i] · q[i]`: the scale multiplies a block's sum, not each value.
+    pub dot_q8: fn(&[f32], &[i8], &[f32]) -> f32,
+    /// `dst[j] += Σ_i (w[i] · d[i, j / 32]) · q[i, j]`, one fused multiply-add per row in row
+    /// order: `gemv_t` over the 8-bit rows `q` (`w.len()` rows of `dst.len()` values, `d` their
+    /// block scales row after row). The same bits on every CPU.
+    pub gemv_t_q8: GemvQ8,
+}
+
+/// Values per 8-bit block of [`Q8Rows`].
+pub(crate) const Q8_BLOCK: usize = 32;
+
+/// A row-major matrix in 8-bit blocks: every row in blocks of [`Q8_BLOCK`] values (the last
+/// block of a row may be shorter), each block with an f32 scale, value `q as f32 · d`. The
+/// quantizer is the Q8 activation quantizer of the matmuls (scale `amax / 127`, ties to even).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Q8Rows {
+    q: Vec<i8>,
+    d: Vec<f32>,
+    cols: usize,
+}
+
+impl Q8Rows {
+    /// Quantizes `m`, rows of `cols` values.
+    pub fn new(m: &[f32], cols: usize) -> Self {
+        assert!(
+            cols > 0 && m.len().is_multiple_of(cols),
+            "Q8Rows: ragged matrix"
+        );
+        let mut q = vec![0i8; m.len()];
+        let mut d = Vec::with_capacity(m.len() / cols * cols.div_ceil(Q8_BLOCK));
+        for (row, qrow) in m.chunks_exact(cols).zip(q.chunks_exact_mut(cols)) {
+            for (x, qb) in row.chunks(Q8_BLOCK).zip(qrow.chunks_mut(Q8_BLOCK)) {
+                d.push(quantize_block(x, qb));
+            }
+        }
+        Q8Rows { q, d, cols }
+    }
+
+    /// Row `r`: its 8-bit values and its block scales.
+    pub fn row(&self, r: usize) -> (&[i8], &[f32]) {
+        let bpr = self.cols.div_ceil(Q8_BLOCK);
+        (
+            &self.q[r * self.cols..][..self.cols],
+            &self.d[r * bpr..][..bpr],
+        )
+    }
+
+    /// All values and all scales, rows in order.
+    pub fn parts(&self) -> (&[i8], &[f32]) {
+        (&self.q, &self.d)
+    }
+
+    /// Row `r` as f32 into `out` (`cols` values).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let (q, d) = self.row(r);
+        dequantize(q, d, out);
+    }
+
+    /// The whole matrix as f32: what the 8-bit kernels compute with.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.q.len()];
+        for (r, o) in out.chunks_exact_mut(self.cols).enumerate() {
+            self.dequantize_row(r, o);
+        }
+        out
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.q.len() + self.d.len() * std::mem::size_of::<f32>()
+    }
+}
+
+/// The activation quantizer's block arithmetic (`quant::q8_block`: scale `amax / 127`, values
+/// `v · (127 / amax)` rounded half to even), written so that it vectorises: an adapter load
+/// quantizes millions of values.
+fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            let a = v.abs();
+            *m = if a > *m { a } else { *m };
+        }
+    }
+    for &v in chunks.remainder() {
+        let a = v.abs();
+        lanes[0] = if a > lanes[0] { a } else { lanes[0] };
+    }
+    let amax = lanes.iter().fold(0f32, |m, &a| if a > m { a } else { m });
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    // Adding 1.5·2^23 rounds |v · id| <= 127 to an integer (half to even, the FPU's mode) that
+    // sits in the low bits of the sum: integer arithmetic from there, no saturating casts.
+    const MAGIC: f32 = 12_582_912.0;
+    for (o, &v) in q.iter_mut().zip(x) {
+        *o = ((v * id + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32) as i8;
+    }
+    amax / 127.0
+}
+
+/// `out[i] = q[i] as f32 · d[i / 32]`: one row's values.
+fn dequantize(q: &[i8], d: &[f32], out: &mut [f32]) {
+    for ((o, q), &d) in out.chunks_mut(Q8_BLOCK).zip(q.chunks(Q8_BLOCK)).zip(d) {
+        for (o, &q) in o.iter_mut().zip(q) {
+            *o = q as f32 * d;
+        }
+    }
 }
 
 /// The kernels for this CPU.
@@ -36,6 +147,8 @@ pub(crate) fn kernels() -> Kernels {
                     gemv_t: x86::gemv_t,
                     dot_rows: x86::dot_rows,
                     exp_sum: x86::exp_sum,
+                    dot_q8: x86::dot_q8,
+                    gemv_t_q8: x86::gemv_t_q8,
                 };
             }
         }
@@ -44,6 +157,8 @@ pub(crate) fn kernels() -> Kernels {
             gemv_t: portable::gemv_t,
             dot_rows: portable::dot_rows,
             exp_sum: portable::exp_sum,
+            dot_q8: portable::dot_q8,
+            gemv_t_q8: portable::gemv_t_q8,
         }
     })
 }
@@ -90,6 +205,37 @@ pub(crate) mod portable {
         }
     }
 
+    /// Block sums scaled once each.
+    pub fn dot_q8(x: &[f32], q: &[i8], d: &[f32]) -> f32 {
+        let b = super::Q8_BLOCK;
+        assert!(d.len() >= q.len().div_ceil(b), "dot_q8: scales missing");
+        x.chunks(b)
+            .zip(q.chunks(b))
+            .zip(d)
+            .map(|((x, q), &d)| d * x.iter().zip(q).map(|(x, &q)| x * q as f32).sum::<f32>())
+            .sum()
+    }
+
+    /// Row by row, one fused multiply-add per element.
+    pub fn gemv_t_q8(dst: &mut [f32], w: &[f32], q: &[i8], d: &[f32]) {
+        let n = dst.len();
+        let b = super::Q8_BLOCK;
+        let bpr = n.div_ceil(b);
+        assert!(
+            q.len() >= w.len() * n && d.len() >= w.len() * bpr,
+            "gemv_t_q8: matrix too small"
+        );
+        for (i, &wi) in w.iter().enumerate() {
+            let row = &q[i * n..][..n];
+            for ((out, q), &d) in dst.chunks_mut(b).zip(row.chunks(b)).zip(&d[i * bpr..]) {
+                let c = wi * d;
+                for (o, &q) in out.iter_mut().zip(q) {
+                    *o = c.mul_add(q as f32, *o);
+                }
+            }
+        }
+    }
+
     /// `x = exp(x - max)` and the sum.
     pub fn exp_sum(x: &mut [f32], max: f32) -> f32 {
         let mut sum = 0f32;
@@ -129,6 +275,113 @@ mod x86 {
     pub fn exp_sum(x: &mut [f32], max: f32) -> f32 {
         // SAFETY: as above.
         unsafe { exp_sum_avx2(x, max) }
+    }
+
+    pub fn dot_q8(x: &[f32], q: &[i8], d: &[f32]) -> f32 {
+        let n = x.len().min(q.len());
+        assert!(
+            d.len() >= n.div_ceil(super::Q8_BLOCK),
+            "dot_q8: scales missing"
+        );
+        // SAFETY: as above; every block of the first `n` values has its scale (checked).
+        unsafe { dot_q8_avx2(&x[..n], &q[..n], d) }
+    }
+
+    pub fn gemv_t_q8(dst: &mut [f32], w: &[f32], q: &[i8], d: &[f32]) {
+        let n = dst.len();
+        let fits = q.len() >= w.len() * n && d.len() >= w.len() * n.div_ceil(super::Q8_BLOCK);
+        assert!(fits, "gemv_t_q8: matrix too small");
+        // SAFETY: as above; the matrix and its scales were checked.
+        unsafe { gemv_t_q8_avx2(dst, w, q, d) }
+    }
+
+    /// 32 f32 at `p` in four registers.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load32(p: *const f32) -> [__m256; 4] {
+        // SAFETY: the caller keeps `p..p + 32` inside its slice.
+        unsafe { [0, 8, 16, 24].map(|k| _mm256_loadu_ps(p.add(k))) }
+    }
+
+    /// `load32`'s inverse.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn store32(p: *mut f32, v: [__m256; 4]) {
+        for (k, v) in v.iter().enumerate() {
+            // SAFETY: the caller keeps `p..p + 32` inside its slice.
+            unsafe { _mm256_storeu_ps(p.add(8 * k), *v) };
+        }
+    }
+
+    /// Eight 8-bit values at `p` as f32.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn q8x8(p: *const i8) -> __m256 {
+        // SAFETY: the caller keeps `p..p + 8` inside its slice.
+        let q = unsafe { _mm_loadl_epi64(p as *const __m128i) };
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))
+    }
+
+    /// Each full block's `x · q` in two 8-lane halves, scaled into one of two accumulators
+    /// (even and odd blocks); a short last block is summed in order.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_q8_avx2(a: &[f32], q: &[i8], d: &[f32]) -> f32 {
+        use super::Q8_BLOCK;
+        let n = a.len();
+        let full = n / Q8_BLOCK;
+        let (pa, pq) = (a.as_ptr(), q.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 2];
+        // SAFETY (all loads): block `b < full` covers `b·32 .. b·32 + 32 <= n` of both slices.
+        for (b, &db) in d[..full].iter().enumerate() {
+            let (x, y) = (pa.add(b * Q8_BLOCK), pq.add(b * Q8_BLOCK));
+            let s0 = _mm256_mul_ps(_mm256_loadu_ps(x), q8x8(y));
+            let s1 = _mm256_mul_ps(_mm256_loadu_ps(x.add(8)), q8x8(y.add(8)));
+            let s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(16)), q8x8(y.add(16)), s0);
+            let s1 = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(24)), q8x8(y.add(24)), s1);
+            let slot = &mut acc[b % 2];
+            *slot = _mm256_fmadd_ps(_mm256_set1_ps(db), _mm256_add_ps(s0, s1), *slot);
+        }
+        let mut s = hsum(_mm256_add_ps(acc[0], acc[1]));
+        let tail = full * Q8_BLOCK;
+        if tail < n {
+            let t: f32 = a[tail..]
+                .iter()
+                .zip(&q[tail..n])
+                .map(|(x, &q)| x * q as f32)
+                .sum();
+            s += d[full] * t;
+        }
+        s
+    }
+
+    /// `gemv_t_avx2`'s tiles over 8-bit rows `n = dst.len()` wide: per row and 32-column tile
+    /// (one block) the coefficient `w[i] · d`, then one fma per element; the columns past the
+    /// last full tile take the portable kernel's identical scalar fmas.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn gemv_t_q8_avx2(dst: &mut [f32], w: &[f32], q: &[i8], d: &[f32]) {
+        use super::Q8_BLOCK;
+        let n = dst.len();
+        let bpr = n.div_ceil(Q8_BLOCK);
+        let (pd, pq) = (dst.as_mut_ptr(), q.as_ptr());
+        let mut j = 0;
+        // SAFETY (all loads and stores): `j + 32 <= n` keeps `dst` accesses in bounds, and `q`
+        // holds `w.len()` rows of `n` values with `bpr` scales each in `d` (checked by the
+        // caller). A tile starting at a multiple of 32 is one block.
+        while j + Q8_BLOCK <= n {
+            let mut acc = load32(pd.add(j));
+            for (i, &wi) in w.iter().enumerate() {
+                let c = _mm256_set1_ps(wi * *d.get_unchecked(i * bpr + j / Q8_BLOCK));
+                let row = pq.add(i * n + j);
+                for (k, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(c, q8x8(row.add(8 * k)), *a);
+                }
+            }
+            store32(pd.add(j), acc);
+            j += Q8_BLOCK;
+        }
+        for jj in j..n {
+            for (i, &wi) in w.iter().enumerate() {
+                let c = wi * d[i * bpr + jj / Q8_BLOCK];
+                dst[jj] = c.mul_add(q[i * n + jj] as f32, dst[jj]);
+            }
+        }
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -181,12 +434,7 @@ mod x86 {
         // bounds, and `m` reaches `(w.len() - 1) * stride + n` (checked by the caller), so row
         // `i`'s columns `j..j + 32` are inside it.
         while j + 32 <= n {
-            let mut acc = [
-                _mm256_loadu_ps(pd.add(j)),
-                _mm256_loadu_ps(pd.add(j + 8)),
-                _mm256_loadu_ps(pd.add(j + 16)),
-                _mm256_loadu_ps(pd.add(j + 24)),
-            ];
+            let mut acc = load32(pd.add(j));
             for (i, &wi) in w.iter().enumerate() {
                 let wv = _mm256_set1_ps(wi);
                 let row = pm.add(i * stride + j);
@@ -194,9 +442,7 @@ mod x86 {
                     *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row.add(8 * k)), *a);
                 }
             }
-            for (k, a) in acc.iter().enumerate() {
-                _mm256_storeu_ps(pd.add(j + 8 * k), *a);
-            }
+            store32(pd.add(j), acc);
             j += 32;
         }
         while j + 8 <= n {
@@ -329,6 +575,73 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn q8_kernels_compute_with_the_dequantized_values() {
+        let k = kernels();
+        for n in [1, 7, 8, 16, 24, 32, 40, 64, 100, 576] {
+            let x = data(n, 5);
+            for rows in [1, 3, 16] {
+                let m: Vec<f32> = data(rows * n, 6).iter().map(|v| v * 0.01).collect();
+                let q8 = Q8Rows::new(&m, n);
+                let deq = q8.dequantize();
+                // Quantization error within half a step of each block's scale.
+                for (r, (orig, back)) in m.chunks(n).zip(deq.chunks(n)).enumerate() {
+                    let (_, d) = q8.row(r);
+                    for (i, (a, b)) in orig.iter().zip(back).enumerate() {
+                        assert!(
+                            (a - b).abs() <= 0.5 * d[i / Q8_BLOCK] * 1.0001,
+                            "{a} vs {b}"
+                        );
+                    }
+                }
+                let close = |p: f32, q: f32, what: &str| {
+                    assert!(
+                        (p - q).abs() <= 1e-5 * (1.0 + q.abs()),
+                        "{what} n={n}: {p} vs {q}"
+                    )
+                };
+                for r in 0..rows {
+                    let (q, d) = q8.row(r);
+                    let row = &deq[r * n..][..n];
+                    close((k.dot_q8)(&x, q, d), portable::dot(&x, row), "dot_q8");
+                    close(
+                        portable::dot_q8(&x, q, d),
+                        portable::dot(&x, row),
+                        "portable dot_q8",
+                    );
+                }
+                let w = data(rows, 7);
+                let (q, d) = q8.parts();
+                let (mut g1, mut g2, mut g3) = (x.clone(), x.clone(), x.clone());
+                (k.gemv_t_q8)(&mut g1, &w, q, d);
+                portable::gemv_t_q8(&mut g2, &w, q, d);
+                portable::gemv_t(&mut g3, &w, &deq, n);
+                // The vector and portable kernels fma in the same order: the same bits.
+                assert_eq!(g1, g2, "gemv_t_q8 n={n} rows={rows}");
+                for (p, q) in g1.iter().zip(&g3) {
+                    close(*p, *q, "gemv_t_q8");
+                }
+            }
+        }
+        // The activation quantizer's values and scales.
+        let m = data(100, 8);
+        let q8 = Q8Rows::new(&m, 100);
+        for (b, x) in m.chunks(Q8_BLOCK).enumerate() {
+            let mut want = [0u8; Q8_BLOCK];
+            let (d, _) = crate::quant::q8_block(x, &mut want[..x.len()]);
+            let (q, ds) = q8.row(0);
+            assert_eq!(ds[b], d);
+            for (i, &w) in want[..x.len()].iter().enumerate() {
+                assert_eq!(q[b * Q8_BLOCK + i], w as i8);
+            }
+        }
+        // Zero blocks (a fresh LoRA's B) stay zero next to non-zero ones.
+        let mut m = vec![0f32; 64];
+        m[40] = 3.5;
+        let back = Q8Rows::new(&m, 64).dequantize();
+        assert!(back[..32].iter().chain(&back[41..]).all(|&v| v == 0.0) && back[40] > 3.49);
     }
 
     #[test]

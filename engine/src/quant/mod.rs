@@ -24,6 +24,8 @@ pub use pool::{
     background_thread, lower_thread_priority, num_threads, parallel_for, set_num_threads,
 };
 pub(crate) use quantize::f16_round;
+#[cfg(test)]
+pub(crate) use quantize::q8_block;
 pub use quantize::quantize;
 
 /// A ggml tensor element format (float or block-quantized).

@@ -169,7 +169,7 @@ fn round_even_small(v: f32) -> f32 {
 
 /// Symmetric int8 quantization of 32 values; returns (scale, sum of q).
 #[inline(always)]
-fn q8_block(x: &[f32], q: &mut [u8]) -> (f32, i32) {
+pub(crate) fn q8_block(x: &[f32], q: &mut [u8]) -> (f32, i32) {
     let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
     let d = amax / 127.0;
     // 127/amax, not 1/d: llama.cpp's x86 quantizers (`quantize_row_q8_0/1`) scale this way, and

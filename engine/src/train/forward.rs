@@ -174,10 +174,10 @@ pub struct TrainModel {
     inv_freq: Vec<f32>,
     /// Use the fused CPU ops of [`fused`] (the compositions of [`ops`] elsewhere).
     fused: bool,
-    /// Queries, keys, values and attention weights rounded to f16 as the serving forward
-    /// rounds them in llama.cpp's arithmetic (quantized base, int8 activations), so that the
-    /// trained adapter sees the attention it is served with.
-    f16_attention: bool,
+    /// The serving forward runs llama.cpp's arithmetic (quantized base, int8 activations), so
+    /// this one rounds as it does: queries, keys, values and attention weights to f16, LoRA
+    /// factors to their 8-bit values. The trained adapter sees what it is served with.
+    ggml: bool,
 }
 
 impl TrainModel {
@@ -242,7 +242,7 @@ impl TrainModel {
             lm_head: BaseLinear::new(&head, opts, device)?,
             inv_freq,
             fused: device.is_cpu(),
-            f16_attention: opts.quantized_base && crate::model::uses_ggml_arithmetic(weights),
+            ggml: opts.quantized_base && crate::model::uses_ggml_arithmetic(weights),
         })
     }
 
@@ -484,7 +484,7 @@ impl TrainModel {
                 self.attention(li, layer, &normed, &ctx, adapter, past.kv.get(li))?;
             kv.push(layer_kv);
             let mut o = layer.o.forward(&attn)?;
-            add_lora(&mut o, adapter, li, Proj::O, &attn)?;
+            add_lora(self.ggml, &mut o, adapter, li, Proj::O, &attn)?;
             x = (x + o)?;
 
             let normed = self.rms_norm(&x, &layer.ffn_norm, eps)?;
@@ -495,15 +495,15 @@ impl TrainModel {
             };
             let mut gate = g.forward(&normed)?;
             let mut up = u.forward(&normed)?;
-            add_lora(&mut gate, adapter, li, Proj::Gate, &normed)?;
-            add_lora(&mut up, adapter, li, Proj::Up, &normed)?;
+            add_lora(self.ggml, &mut gate, adapter, li, Proj::Gate, &normed)?;
+            add_lora(self.ggml, &mut up, adapter, li, Proj::Up, &normed)?;
             let act = if self.fused {
                 gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)?
             } else {
                 (ops::silu(&gate)? * up)?
             };
             let mut down = layer.down.forward(&act)?;
-            add_lora(&mut down, adapter, li, Proj::Down, &act)?;
+            add_lora(self.ggml, &mut down, adapter, li, Proj::Down, &act)?;
             x = (x + down)?;
         }
         Ok((self.rms_norm(&x, &self.norm, eps)?, kv))
@@ -541,9 +541,9 @@ impl TrainModel {
         let mut q = qp.forward(normed)?;
         let mut k = kp.forward(normed)?;
         let mut v = vp.forward(normed)?;
-        add_lora(&mut q, adapter, li, Proj::Q, normed)?;
-        add_lora(&mut k, adapter, li, Proj::K, normed)?;
-        add_lora(&mut v, adapter, li, Proj::V, normed)?;
+        add_lora(self.ggml, &mut q, adapter, li, Proj::Q, normed)?;
+        add_lora(self.ggml, &mut k, adapter, li, Proj::K, normed)?;
+        add_lora(self.ggml, &mut v, adapter, li, Proj::V, normed)?;
         // Rows `[b·t, n·hd]` → heads `[b, n, t, hd]`, rotated when `rotate`.
         let heads = |x: Tensor, n: usize, rotate: bool| -> Result<Tensor, TrainError> {
             Ok(match &ctx.rope {
@@ -569,7 +569,7 @@ impl TrainModel {
             heads(k, kvh, true)?,
             heads(v, kvh, false)?,
         );
-        if self.f16_attention {
+        if self.ggml {
             // The gradient passes the conversions unchanged (straight through).
             let f16 = |x: Tensor| -> Result<Tensor, TrainError> {
                 Ok(x.to_dtype(DType::F16)?.to_dtype(self.dtype)?)
@@ -593,7 +593,7 @@ impl TrainModel {
                 Attention {
                     scale,
                     past: ctx.past,
-                    f16_weights: self.f16_attention,
+                    f16_weights: self.ggml,
                 },
             )?,
             Positions::Composed { mask, .. } => {
@@ -605,7 +605,7 @@ impl TrainModel {
                     .affine(scale, 0.0)?
                     .broadcast_add(mask)?;
                 let mut weights = ops::softmax_last_dim(&scores)?;
-                if self.f16_attention {
+                if self.ggml {
                     weights = weights.to_dtype(DType::F16)?.to_dtype(self.dtype)?;
                 }
                 weights
@@ -665,8 +665,10 @@ impl PromptCache {
     }
 }
 
-/// Adds the adapter's LoRA delta for (`layer`, `proj`) computed from `input`, if it has one.
+/// Adds the adapter's LoRA delta for (`layer`, `proj`) computed from `input`, if it has one
+/// (with the factors' 8-bit values when `int8`).
 fn add_lora(
+    int8: bool,
     out: &mut Tensor,
     adapter: Option<&TrainAdapter>,
     layer: usize,
@@ -674,7 +676,7 @@ fn add_lora(
     input: &Tensor,
 ) -> Result<(), TrainError> {
     if let Some(l) = adapter.and_then(|a| a.lora(layer, proj)) {
-        *out = (&*out + l.delta(input)?)?;
+        *out = (&*out + l.delta(input, int8)?)?;
     }
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! LoRA parameters for the training forward: `y = x Wᵀ + scale · (x Aᵀ) Bᵀ` per projection,
 //! initialised as PEFT does (A Kaiming-uniform, B zero) so a fresh adapter is the base model.
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -94,17 +94,59 @@ impl LoraLayer {
         })
     }
 
-    /// `scale · (x Aᵀ) Bᵀ` for `x` `[rows, in_features]` (one fused op on the CPU).
-    pub fn delta(&self, x: &Tensor) -> Result<Tensor, TrainError> {
+    /// `scale · (x Aᵀ) Bᵀ` for `x` `[rows, in_features]` (one fused op on the CPU). With
+    /// `int8` the factors enter with the 8-bit values the int8 serving forward applies
+    /// ([`crate::model::adapter::lora_int8_values`]), their gradients passing straight
+    /// through to the f32 parameters.
+    pub fn delta(&self, x: &Tensor, int8: bool) -> Result<Tensor, TrainError> {
+        let (mut a, mut b) = (self.a.as_tensor().clone(), self.b.as_tensor().clone());
+        if int8 {
+            a = a.contiguous()?.apply_op1(Int8Rows)?;
+            // `B`'s blocks run along its columns (rows of `Bᵀ`, which the server keeps).
+            b = b
+                .t()?
+                .contiguous()?
+                .apply_op1(Int8Rows)?
+                .t()?
+                .contiguous()?;
+        }
         if x.device().is_cpu() {
             let op = LoraDelta { scale: self.scale };
-            return Ok(x
-                .contiguous()?
-                .apply_op3(self.a.as_tensor(), self.b.as_tensor(), op)?);
+            return Ok(x.contiguous()?.apply_op3(&a, &b, op)?);
         }
-        let low = x.matmul(&self.a.as_tensor().t()?)?;
-        Ok(low
-            .matmul(&self.b.as_tensor().t()?)?
-            .affine(self.scale, 0.0)?)
+        let low = x.matmul(&a.t()?)?;
+        Ok(low.matmul(&b.t()?)?.affine(self.scale, 0.0)?)
+    }
+}
+
+/// A matrix's rows through 8-bit blocks and back (f32 on the CPU); the identity backward.
+struct Int8Rows;
+
+impl CustomOp1 for Int8Rows {
+    fn name(&self) -> &'static str {
+        "lora-int8-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(v), Some((start, end)), &[_, cols]) =
+            (storage, layout.contiguous_offsets(), layout.dims())
+        else {
+            candle_core::bail!("int8 LoRA values need a contiguous f32 matrix");
+        };
+        let values = crate::model::adapter::int8_rows(&v[start..end], cols);
+        Ok((CpuStorage::F32(values), layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.clone()))
     }
 }
