@@ -125,6 +125,10 @@ pub struct RegistryConfig {
     pub resident_budget_bytes: usize,
     /// Versions kept per adapter (older ones are deleted unless current or leased).
     pub retain_versions: usize,
+    /// The model applies LoRA in f32 (f32 activations or dequantized weights): each load
+    /// builds the f32 `Bᵀ` that forward reads ([`AdapterWeights::prepare_f32`]), so the budget
+    /// counts it. The int8 forward reads only the 8-bit copies.
+    pub lora_f32: bool,
 }
 
 /// Counters for metrics.
@@ -231,6 +235,9 @@ impl AdapterRegistry {
         )
         .map_err(|e| AdapterError::Corrupt(format!("{}@{}: {e}", key.1, key.2)))?;
         let weights = Arc::new(adapter.weights);
+        if self.config.lora_f32 {
+            weights.prepare_f32();
+        }
         let mut inner = self.inner();
         inner.loads += 1;
         if !inner.resident.contains_key(&key) {

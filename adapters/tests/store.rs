@@ -28,6 +28,15 @@ fn files(cfg: &ModelConfig, value: f32) -> PeftFiles {
 }
 
 fn registry(root: &std::path::Path, budget: usize, retain: usize) -> AdapterRegistry {
+    registry_for(root, budget, retain, false)
+}
+
+fn registry_for(
+    root: &std::path::Path,
+    budget: usize,
+    retain: usize,
+    lora_f32: bool,
+) -> AdapterRegistry {
     AdapterRegistry::new(
         AdapterStore::open(root).expect("store"),
         TinySpec::default().config(),
@@ -36,6 +45,7 @@ fn registry(root: &std::path::Path, budget: usize, retain: usize) -> AdapterRegi
             limits: Limits::default(),
             resident_budget_bytes: budget,
             retain_versions: retain,
+            lora_f32,
         },
     )
 }
@@ -229,6 +239,22 @@ fn leases_count_and_the_budget_evicts_least_recently_used() {
     let loads = r.stats().loads;
     r.acquire("acme", "a").unwrap().unwrap();
     assert_eq!(r.stats().loads, loads, "a stayed resident");
+}
+
+#[test]
+fn a_model_applying_lora_in_f32_counts_the_f32_copy_in_the_budget() {
+    let cfg = TinySpec::default().config();
+    let int8_bytes = lora(&cfg, 0.1).resident_bytes();
+    let (_, o) = proj_dims(&cfg, Proj::Q);
+    for (lora_f32, want) in [(false, int8_bytes), (true, int8_bytes + o * 2 * 4)] {
+        let dir = tempfile::tempdir().unwrap();
+        let r = registry_for(dir.path(), usize::MAX, 10, lora_f32);
+        r.create("acme", "a", &lora(&cfg, 0.1), serde_json::json!({}))
+            .unwrap();
+        let lease = r.acquire("acme", "a").unwrap().unwrap();
+        assert_eq!(r.stats().resident_bytes, want, "lora_f32 {lora_f32}");
+        assert_eq!(lease.weights().resident_bytes(), want);
+    }
 }
 
 #[test]

@@ -83,7 +83,8 @@ pub fn run(args: AdaptersArgs) -> anyhow::Result<()> {
         config.server.data_dir = d;
     }
     let model = model_config(&config.model.path)?;
-    let registry: AdapterRegistry = prefix_rft_server::open_adapters(&config, model)?;
+    // Offline: nothing is served, so no f32 copies are built.
+    let registry: AdapterRegistry = prefix_rft_server::open_adapters(&config, model, false)?;
     match args.command {
         AdaptersCommand::List { tenant } => {
             let tenants: Vec<String> = match tenant {

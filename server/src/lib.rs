@@ -72,10 +72,12 @@ pub enum StartError {
 }
 
 /// Opens the adapter store of `cfg` (recovering from an interrupted publish) and its live
-/// registry for a base model of shape `model`.
+/// registry for a base model of shape `model`; `lora_f32`: the model applies LoRA in f32 (see
+/// [`RegistryConfig::lora_f32`]).
 pub fn open_adapters(
     cfg: &config::Config,
     model: prefix_rft_engine::model::ModelConfig,
+    lora_f32: bool,
 ) -> Result<AdapterRegistry, StartError> {
     let a = &cfg.adapters;
     let store = AdapterStore::open(cfg.adapters_dir())?;
@@ -91,6 +93,7 @@ pub fn open_adapters(
             },
             resident_budget_bytes: a.resident_budget_mib << 20,
             retain_versions: a.retain_versions,
+            lora_f32,
         },
     );
     for p in &a.pinned {
@@ -115,7 +118,8 @@ pub fn load_backend(state: &AppState, path: &Path) -> Result<(), StartError> {
             activations: cfg.model.activations,
         },
     )?;
-    let registry = open_adapters(cfg, model.model.config().clone())?;
+    let lora_f32 = !prefix_rft_engine::model::uses_ggml_arithmetic(model.model.weights());
+    let registry = open_adapters(cfg, model.model.config().clone(), lora_f32)?;
     state.set_adapters(Arc::new(registry));
     let local = LocalBackend::start(
         model,

@@ -189,6 +189,8 @@ fn open_registry(
             limits: Limits::default(),
             resident_budget_bytes: budget,
             retain_versions: 10,
+            // The bench's model runs int8 activations (`LoadOptions::default()`).
+            lora_f32: false,
         },
     ))
 }

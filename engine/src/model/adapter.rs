@@ -245,8 +245,16 @@ impl AdapterWeights {
         t
     }
 
-    /// Bytes held in memory (weights, their 8-bit copies, prefix, and the f32 `Bᵀ` once the
-    /// f32 forward has built it).
+    /// Builds the f32 `Bᵀ` the f32 forward reads (that forward builds it on first use
+    /// otherwise), so that [`Self::resident_bytes`] counts it from now on.
+    pub fn prepare_f32(&self) {
+        for s in self.lora.values() {
+            s.bt.get_or_init(|| transpose(&s.w.b, s.w.rank));
+        }
+    }
+
+    /// Bytes held in memory (weights, their 8-bit copies, prefix, and the f32 `Bᵀ` once built,
+    /// see [`Self::prepare_f32`]).
     pub fn resident_bytes(&self) -> usize {
         let f32s = std::mem::size_of::<f32>();
         let lora: usize = self
@@ -312,7 +320,7 @@ impl AdapterHook for AdapterWeights {
             }
         }
         for (r, low) in low.chunks_exact(rank).enumerate() {
-            let bt = l.bt.get_or_init(|| transpose(&w.b, rank));
+            let bt = l.bt.get_or_init(|| transpose(&w.b, w.rank));
             (k.gemv_t)(&mut rows.out[out_row(r)..][..out_dim], low, bt, out_dim);
         }
     }
@@ -383,6 +391,10 @@ mod tests {
         let w = lora(&cfg, Proj::Up, 3, 1);
         let adapter =
             AdapterWeights::new(&cfg, BTreeMap::from([((1, Proj::Up), w.clone())]), None).unwrap();
+        // The f32 `Bᵀ` is held (and counted) once the f32 forward needs it.
+        let int8_bytes = adapter.resident_bytes();
+        adapter.prepare_f32();
+        assert_eq!(adapter.resident_bytes(), int8_bytes + w.b.len() * 4);
         let rows = 2;
         let x: Vec<f32> = (0..rows * w.in_dim)
             .map(|i| (i as f32 * 0.37).sin())
