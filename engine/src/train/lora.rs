@@ -137,7 +137,10 @@ impl CustomOp1 for Int8Rows {
         else {
             candle_core::bail!("int8 LoRA values need a contiguous f32 matrix");
         };
-        let values = crate::model::adapter::int8_rows(&v[start..end], cols);
+        let values = match cols {
+            0 => Vec::new(),
+            _ => crate::model::adapter::int8_rows(&v[start..end], cols),
+        };
         Ok((CpuStorage::F32(values), layout.shape().clone()))
     }
 
