@@ -319,8 +319,8 @@ impl AdapterHook for AdapterWeights {
                 low[r * rank + i] = w.scale * (k.dot)(a, x);
             }
         }
+        let bt = l.bt.get_or_init(|| transpose(&w.b, w.rank));
         for (r, low) in low.chunks_exact(rank).enumerate() {
-            let bt = l.bt.get_or_init(|| transpose(&w.b, w.rank));
             (k.gemv_t)(&mut rows.out[out_row(r)..][..out_dim], low, bt, out_dim);
         }
     }

@@ -236,9 +236,10 @@ pub(crate) fn weighted_rows(dst: &mut [f32], w: &[f32], m: &[f32], stride: usize
                 *a = wj.mul_add(v, *a);
             }
         }
-        folded.clear();
+        // The 16 folded rows are overwritten whole; only the row of zeros needs writing.
         folded.resize(17 * hd, 0.0);
         let (folded, zeros) = folded.split_at_mut(16 * hd);
+        zeros.fill(0.0);
         lane_sums(acc, used, lanes, zeros, folded, dst);
     });
 }

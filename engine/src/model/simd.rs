@@ -75,17 +75,12 @@ impl Q8Rows {
         (&self.q, &self.d)
     }
 
-    /// Row `r` as f32 into `out` (`cols` values).
-    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let (q, d) = self.row(r);
-        dequantize(q, d, out);
-    }
-
     /// The whole matrix as f32: what the 8-bit kernels compute with.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.q.len()];
         for (r, o) in out.chunks_exact_mut(self.cols).enumerate() {
-            self.dequantize_row(r, o);
+            let (q, d) = self.row(r);
+            dequantize(q, d, o);
         }
         out
     }
