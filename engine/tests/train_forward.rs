@@ -9,8 +9,9 @@ use prefix_rft_engine::model::{
 };
 use prefix_rft_engine::quant::GgmlDType;
 use prefix_rft_engine::testing::{load_tiny_gguf, max_abs_diff, TinySpec};
+use prefix_rft_engine::train::fused::LoraDelta;
 use prefix_rft_engine::train::{
-    ops, LoraConfig, PrefixConfig, QMatMulOp, TrainAdapter, TrainModel, TrainOptions,
+    ops, LoraConfig, PrefixConfig, QLoraLinear, QMatMulOp, TrainAdapter, TrainModel, TrainOptions,
 };
 use rand::{Rng, SeedableRng};
 
@@ -416,6 +417,66 @@ fn quantized_base_matches_serving_and_backpropagates_through_dequantised_weight(
         max_abs_diff(&q, &d) < 1e-5,
         "qmatmul backward differs from dense"
     );
+}
+
+/// The fused quantized projection + LoRA op computes the base op's output plus the LoRA
+/// delta, bit for bit, and the gradients of the three separate nodes. Its base gradient is
+/// split by column over the pool (odd widths and a single block exercise uneven splits).
+#[test]
+fn fused_quantized_lora_linear_equals_base_op_plus_delta() {
+    let spec = TinySpec::default();
+    let (_d, model) = tiny_model(&spec, GgmlDType::Q8_0);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    let layer = &model.weights().layers[0];
+    for w in [&layer.down.weight, &layer.o.weight] {
+        let (rows, cols, r, m) = (w.rows(), w.cols(), 3, 7);
+        let mut var = |shape: (usize, usize)| {
+            let v: Vec<f32> = (0..shape.0 * shape.1)
+                .map(|_| rng.gen_range(-1.0..1.0))
+                .collect();
+            Var::from_vec(v, shape, &Device::Cpu).expect("var")
+        };
+        let (x, a, b, probe) = (
+            var((m, cols)),
+            var((r, cols)),
+            var((rows, r)),
+            var((m, rows)),
+        );
+        let scale = 0.75;
+        let fused = x
+            .as_tensor()
+            .apply_op3(
+                a.as_tensor(),
+                b.as_tensor(),
+                QLoraLinear::new(QMatMulOp::new(w.clone()), scale),
+            )
+            .expect("fused");
+        let base = x
+            .as_tensor()
+            .apply_op1(QMatMulOp::new(w.clone()))
+            .expect("base");
+        let delta = x
+            .as_tensor()
+            .apply_op3(a.as_tensor(), b.as_tensor(), LoraDelta { scale })
+            .expect("delta");
+        let separate = (base + delta).expect("sum");
+        let values = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("v");
+        assert_eq!(values(&fused), values(&separate), "forward differs");
+        let grads = |y: &Tensor| {
+            let g = (y * probe.as_tensor())
+                .and_then(|t| t.sum_all())
+                .and_then(|l| l.backward())
+                .expect("backward");
+            [&x, &a, &b].map(|v| values(g.get(v.as_tensor()).expect("gradient")))
+        };
+        for (name, (f, s)) in ["x", "A", "B"]
+            .iter()
+            .zip(grads(&fused).iter().zip(&grads(&separate)))
+        {
+            let diff = max_abs_diff(f, s);
+            assert!(diff < 1e-4, "gradient of {name} differs by {diff}");
+        }
+    }
 }
 
 #[test]

@@ -100,7 +100,7 @@ pub(crate) fn int8_rows(m: &[f32], cols: usize) -> Vec<f32> {
 }
 
 /// The transpose of `m`, rows of `cols` values.
-fn transpose(m: &[f32], cols: usize) -> Vec<f32> {
+pub(crate) fn transpose(m: &[f32], cols: usize) -> Vec<f32> {
     let rows = m.len() / cols;
     let mut t = vec![0f32; m.len()];
     for (i, row) in m.chunks_exact(cols).enumerate() {

@@ -239,6 +239,44 @@ impl QMatrix {
         dequantize(self.dtype, bytes, out)
     }
 
+    /// Dequantizes columns `cols` of rows `first .. first + n` into `out` (`n × cols.len()`,
+    /// row-major), where `n = out.len() / cols.len()`. The column range must start and end on
+    /// block boundaries of the format.
+    pub fn dequantize_block(
+        &self,
+        first: usize,
+        cols: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) -> Result<(), QuantError> {
+        let (bs, ts) = (self.dtype.block_size(), self.dtype.type_size());
+        let width = cols.end.saturating_sub(cols.start);
+        if cols.start > cols.end
+            || cols.end > self.cols
+            || !cols.start.is_multiple_of(bs)
+            || !cols.end.is_multiple_of(bs)
+        {
+            return Err(QuantError::BadShape {
+                dtype: self.dtype,
+                rows: self.rows,
+                cols: self.cols,
+                reason: "a column range off the block boundaries",
+            });
+        }
+        let n = out.len() / width.max(1);
+        if out.len() != n * width || first.checked_add(n).is_none_or(|end| end > self.rows) {
+            return Err(QuantError::RowOutOfRange {
+                row: first.saturating_add(n),
+                rows: self.rows,
+            });
+        }
+        let bytes = (cols.start / bs * ts)..(cols.end / bs * ts);
+        for (r, out) in out.chunks_exact_mut(width.max(1)).enumerate() {
+            let row = self.row_bytes_slice(first + r);
+            dequantize(self.dtype, &row[bytes.clone()], out)?;
+        }
+        Ok(())
+    }
+
     /// The whole matrix as row-major f32 (`rows * cols`).
     pub fn to_f32(&self) -> Vec<f32> {
         let mut v = vec![0f32; self.rows * self.cols];

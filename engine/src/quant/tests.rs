@@ -811,3 +811,43 @@ fn simd_dequantizers_equal_the_reference_bit_for_bit() {
         }
     }
 }
+
+#[test]
+fn dequantize_block_gives_the_columns_of_whole_rows_and_refuses_partial_blocks() {
+    for t in [
+        GgmlDType::Q4_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::F32,
+    ] {
+        let bs = t.block_size();
+        let (rows, cols) = (5, 3 * 256);
+        let w = weight(t, rows, cols, 31);
+        let mut whole = vec![0f32; 3 * cols];
+        w.dequantize_rows(1, &mut whole).unwrap();
+        for (c0, c1) in [(0, cols), (bs, cols), (0, 2 * bs), (256, 512)] {
+            let width = c1 - c0;
+            let mut part = vec![0f32; 3 * width];
+            w.dequantize_block(1, c0..c1, &mut part).unwrap();
+            for (r, got) in part.chunks_exact(width).enumerate() {
+                assert_eq!(
+                    got,
+                    &whole[r * cols + c0..r * cols + c1],
+                    "{t:?} {c0}..{c1}"
+                );
+            }
+        }
+        let mut out = vec![0f32; 2 * bs];
+        assert!(
+            w.dequantize_block(4, 0..bs, &mut out).is_err(),
+            "past the rows"
+        );
+        if bs > 1 {
+            let mut out = vec![0f32; bs];
+            assert!(
+                w.dequantize_block(0, 1..bs + 1, &mut out).is_err(),
+                "off a block"
+            );
+        }
+    }
+}

@@ -14,8 +14,9 @@ use candle_core::{CustomOp1, DType, Device, Tensor};
 use super::adapter::TrainAdapter;
 use super::error::TrainError;
 use super::fused::{self, Attention, Heads, LogSoftmaxGather, Rope, SwiGlu};
+use super::lora::LoraLayer;
 use super::ops::{self, RopeTables};
-use super::qmatmul::QMatMulOp;
+use super::qmatmul::{QLoraLinear, QMatMulOp};
 use crate::model::weights::{Fused, Linear};
 use crate::model::{Llama, ModelConfig, ModelWeights, Proj};
 use crate::quant::QMatrix;
@@ -47,7 +48,8 @@ impl Default for TrainOptions {
 #[derive(Clone)]
 enum BaseWeight {
     Dense(Tensor),
-    Quantized(Arc<Box<dyn CustomOp1 + Send + Sync>>),
+    /// The op, shared by every forward, and the same op to fuse with a LoRA pair.
+    Quantized(Arc<Box<dyn CustomOp1 + Send + Sync>>, QMatMulOp),
 }
 
 /// A frozen projection (or a row range of a fused one), plus an optional bias.
@@ -71,9 +73,9 @@ impl BaseLinear {
         device: &Device,
     ) -> Result<Self, TrainError> {
         let weight = if opts.quantized_base {
-            let op: Box<dyn CustomOp1 + Send + Sync> =
-                Box::new(QMatMulOp::rows(l.weight.clone(), first, n)?);
-            BaseWeight::Quantized(Arc::new(op))
+            let op = QMatMulOp::rows(l.weight.clone(), first, n)?;
+            let shared: Box<dyn CustomOp1 + Send + Sync> = Box::new(op.clone());
+            BaseWeight::Quantized(Arc::new(shared), op)
         } else {
             let cols = l.weight.cols();
             let mut w = vec![0f32; n * cols];
@@ -131,12 +133,33 @@ impl BaseLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor, TrainError> {
         let y = match &self.weight {
             BaseWeight::Dense(w) => x.matmul(&w.t()?)?,
-            BaseWeight::Quantized(op) => x.contiguous()?.apply_op1_arc(op.clone())?,
+            BaseWeight::Quantized(op, _) => x.contiguous()?.apply_op1_arc(op.clone())?,
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+
+    /// [`BaseLinear::forward`] plus the LoRA delta of `lora`, if any (with the factors' 8-bit
+    /// values when `int8`). A quantized projection without a bias runs both as one op.
+    fn forward_lora(
+        &self,
+        x: &Tensor,
+        lora: Option<&LoraLayer>,
+        int8: bool,
+    ) -> Result<Tensor, TrainError> {
+        let Some(l) = lora else {
+            return self.forward(x);
+        };
+        match (&self.weight, &self.bias) {
+            (BaseWeight::Quantized(_, op), None) if x.device().is_cpu() => {
+                let (a, b) = l.factors(int8)?;
+                let fused = QLoraLinear::new(op.clone(), l.scale);
+                Ok(x.contiguous()?.apply_op3(&a, &b, fused)?)
+            }
+            _ => Ok((self.forward(x)? + l.delta(x, int8)?)?),
+        }
     }
 }
 
@@ -325,14 +348,13 @@ impl TrainModel {
         let past = self.prefix_past(adapter)?;
         let (b, t) = self.check_batch(&[prompt], past.len)?;
         let (hidden, kv) = self.hidden_states(&[prompt], (b, t), adapter, &past)?;
-        let last = self.lm_head.forward(&hidden.narrow(0, t - 1, 1)?)?;
         Ok(PromptCache {
             past: Past {
                 len: past.len + t,
                 kv,
             },
             prefix_len: past.len,
-            last_logits: last.reshape((1, 1, self.cfg.vocab_size))?,
+            last_hidden: hidden.narrow(0, t - 1, 1)?.unsqueeze(0)?,
         })
     }
 
@@ -354,17 +376,23 @@ impl TrainModel {
             });
         }
         let (b, t) = self.check_batch(continuations, cache.past.len)?;
-        let vocab = self.cfg.vocab_size;
-        let first = cache.last_logits.broadcast_as((b, 1, vocab))?;
+        let (vocab, h) = (self.cfg.vocab_size, self.cfg.hidden_size);
+        // The prompt's last hidden state scores every continuation's first token; it joins
+        // the continuations' own states so that one head product (and one backward through
+        // the head) covers them all.
+        let first = cache.last_hidden.broadcast_as((b, 1, h))?;
         let scoring = if t > 1 {
             let (hidden, _) =
                 self.hidden_states(continuations, (b, t - 1), adapter, &cache.past)?;
-            let logits = self.lm_head.forward(&hidden)?.reshape((b, t - 1, vocab))?;
-            Tensor::cat(&[&first.contiguous()?, &logits], 1)?
+            Tensor::cat(&[&first.contiguous()?, &hidden.reshape((b, t - 1, h))?], 1)?
         } else {
             first.contiguous()?
         };
-        self.gather_targets(&scoring, continuations)
+        let logits = self
+            .lm_head
+            .forward(&scoring.reshape((b * t, h))?)?
+            .reshape((b, t, vocab))?;
+        self.gather_targets(&logits, continuations)
     }
 
     /// `log_softmax(logits)[i, j, targets_i[j]]`, 0 past the end of `targets_i`.
@@ -478,13 +506,13 @@ impl TrainModel {
         };
         let eps = cfg.rms_norm_eps as f64;
         let mut kv = Vec::with_capacity(self.layers.len());
+        let lora = |li: usize, p: Proj| adapter.and_then(|a| a.lora(li, p));
         for (li, layer) in self.layers.iter().enumerate() {
             let normed = self.rms_norm(&x, &layer.attn_norm, eps)?;
             let (attn, layer_kv) =
                 self.attention(li, layer, &normed, &ctx, adapter, past.kv.get(li))?;
             kv.push(layer_kv);
-            let mut o = layer.o.forward(&attn)?;
-            add_lora(self.ggml, &mut o, adapter, li, Proj::O, &attn)?;
+            let o = layer.o.forward_lora(&attn, lora(li, Proj::O), self.ggml)?;
             x = (x + o)?;
 
             let normed = self.rms_norm(&x, &layer.ffn_norm, eps)?;
@@ -493,17 +521,16 @@ impl TrainModel {
                     "gate/up in other than two parts".into(),
                 ));
             };
-            let mut gate = g.forward(&normed)?;
-            let mut up = u.forward(&normed)?;
-            add_lora(self.ggml, &mut gate, adapter, li, Proj::Gate, &normed)?;
-            add_lora(self.ggml, &mut up, adapter, li, Proj::Up, &normed)?;
+            let gate = g.forward_lora(&normed, lora(li, Proj::Gate), self.ggml)?;
+            let up = u.forward_lora(&normed, lora(li, Proj::Up), self.ggml)?;
             let act = if self.fused {
                 gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)?
             } else {
                 (ops::silu(&gate)? * up)?
             };
-            let mut down = layer.down.forward(&act)?;
-            add_lora(self.ggml, &mut down, adapter, li, Proj::Down, &act)?;
+            let down = layer
+                .down
+                .forward_lora(&act, lora(li, Proj::Down), self.ggml)?;
             x = (x + down)?;
         }
         Ok((self.rms_norm(&x, &self.norm, eps)?, kv))
@@ -538,12 +565,10 @@ impl TrainModel {
                 "q/k/v in other than three parts".into(),
             ));
         };
-        let mut q = qp.forward(normed)?;
-        let mut k = kp.forward(normed)?;
-        let mut v = vp.forward(normed)?;
-        add_lora(self.ggml, &mut q, adapter, li, Proj::Q, normed)?;
-        add_lora(self.ggml, &mut k, adapter, li, Proj::K, normed)?;
-        add_lora(self.ggml, &mut v, adapter, li, Proj::V, normed)?;
+        let lora = |p: Proj| adapter.and_then(|a| a.lora(li, p));
+        let q = qp.forward_lora(normed, lora(Proj::Q), self.ggml)?;
+        let k = kp.forward_lora(normed, lora(Proj::K), self.ggml)?;
+        let v = vp.forward_lora(normed, lora(Proj::V), self.ggml)?;
         // Rows `[b·t, n·hd]` → heads `[b, n, t, hd]`, rotated when `rotate`.
         let heads = |x: Tensor, n: usize, rotate: bool| -> Result<Tensor, TrainError> {
             Ok(match &ctx.rope {
@@ -553,6 +578,7 @@ impl TrainModel {
                     heads: n,
                     hd,
                     rope: rotate.then(|| r.clone()),
+                    f16: self.ggml,
                 })?,
                 Positions::Composed { rope, .. } => {
                     let h = x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?;
@@ -569,8 +595,9 @@ impl TrainModel {
             heads(k, kvh, true)?,
             heads(v, kvh, false)?,
         );
-        if self.ggml {
-            // The gradient passes the conversions unchanged (straight through).
+        if self.ggml && !matches!(ctx.rope, Positions::Fused(_)) {
+            // (The fused op rounds as it places the heads.) The gradient passes the
+            // conversions unchanged, straight through.
             let f16 = |x: Tensor| -> Result<Tensor, TrainError> {
                 Ok(x.to_dtype(DType::F16)?.to_dtype(self.dtype)?)
             };
@@ -648,9 +675,9 @@ struct Past {
 pub struct PromptCache {
     past: Past,
     prefix_len: usize,
-    /// `[1, 1, vocab]` logits after the last prompt token (they score a continuation's first
-    /// token).
-    last_logits: Tensor,
+    /// `[1, 1, hidden]` final-norm hidden state of the last prompt token (its logits score a
+    /// continuation's first token).
+    last_hidden: Tensor,
 }
 
 impl PromptCache {
@@ -663,20 +690,4 @@ impl PromptCache {
     pub fn is_empty(&self) -> bool {
         self.past.len == 0
     }
-}
-
-/// Adds the adapter's LoRA delta for (`layer`, `proj`) computed from `input`, if it has one
-/// (with the factors' 8-bit values when `int8`).
-fn add_lora(
-    int8: bool,
-    out: &mut Tensor,
-    adapter: Option<&TrainAdapter>,
-    layer: usize,
-    proj: Proj,
-    input: &Tensor,
-) -> Result<(), TrainError> {
-    if let Some(l) = adapter.and_then(|a| a.lora(layer, proj)) {
-        *out = (&*out + l.delta(input, int8)?)?;
-    }
-    Ok(())
 }

@@ -388,6 +388,10 @@ pub struct Heads {
     pub hd: usize,
     /// The rotary table for the `len` positions (queries and keys), or none (values).
     pub rope: Option<Rope>,
+    /// Round every output value to f16 and back (what llama.cpp's f16 attention computes
+    /// with). The backward passes the gradient straight through the rounding, in full
+    /// precision.
+    pub f16: bool,
 }
 
 impl Heads {
@@ -456,6 +460,11 @@ impl CustomOp1 for Heads {
                 let (i, h, p) = (r / (heads * len), r / len % heads, r % len);
                 let src = &x[(i * len + p) * heads * hd + h * hd..][..hd];
                 self.place(&tables, p, src, dst, false);
+                if self.f16 {
+                    for v in dst.iter_mut() {
+                        *v = cast(half::f16::from_f64(v.to_f64()).to_f64());
+                    }
+                }
             });
             Ok((
                 T::to_cpu_storage_owned(out),
@@ -633,6 +642,79 @@ pub(crate) fn gemm_into<T: Elem>(
     });
 }
 
+/// Columns `c0 .. c0 + width` of a row-major destination `[rows, ld]`: what one task of
+/// [`column_windows`] writes while the others write theirs.
+pub(crate) struct ColumnWindow<T> {
+    ptr: RowsPtr<T>,
+    rows: usize,
+    ld: usize,
+    c0: usize,
+    width: usize,
+}
+
+impl<T: Elem> ColumnWindow<T> {
+    /// The window's columns.
+    pub(crate) fn cols(&self) -> std::ops::Range<usize> {
+        self.c0..self.c0 + self.width
+    }
+
+    /// `window (+)= lhs[rows, k] · rhs[k, width]` on the calling thread (accumulates when
+    /// `acc`).
+    pub(crate) fn gemm(&mut self, k: usize, acc: bool, lhs: Operand<'_, T>, rhs: Operand<'_, T>) {
+        if self.rows == 0 || self.width == 0 {
+            return;
+        }
+        check_operand(lhs.0.len(), (self.rows, k), lhs.1, lhs.2);
+        check_operand(rhs.0.len(), (k, self.width), rhs.1, rhs.2);
+        // SAFETY: the window lies inside the destination (checked by `column_windows`), no
+        // other task's window shares a column with it, and the inputs are shared borrows of
+        // other buffers, so nothing else reads or writes these elements meanwhile.
+        unsafe {
+            gemm_raw(
+                (self.rows, self.width, k),
+                (self.ptr.0.add(self.c0), self.ld),
+                acc,
+                lhs,
+                rhs,
+                T::one(),
+            );
+        }
+    }
+}
+
+/// Runs `f(i, window)` on the compute pool for the column windows `bounds[i] .. bounds[i +
+/// 1]` of the row-major `dst` `[rows, ld]` (`bounds` ascending, from 0 to at most `ld`): a
+/// product whose right-hand side is produced in pieces (a dequantised weight) is split by
+/// output column, so every task makes and uses only its own piece.
+pub(crate) fn column_windows<T: Elem>(
+    dst: &mut [T],
+    (rows, ld): (usize, usize),
+    bounds: &[usize],
+    f: &(dyn Fn(usize, ColumnWindow<T>) + Sync),
+) {
+    assert!(
+        rows * ld <= dst.len(),
+        "column windows past the destination"
+    );
+    assert!(
+        bounds.windows(2).all(|w| w[0] <= w[1]) && bounds.last().is_none_or(|&e| e <= ld),
+        "column window bounds out of order"
+    );
+    let ptr = RowsPtr(dst.as_mut_ptr());
+    parallel_for(bounds.len().saturating_sub(1), &|i| {
+        f(
+            i,
+            ColumnWindow {
+                ptr,
+                rows,
+                ld,
+                c0: bounds[i],
+                width: bounds[i + 1] - bounds[i],
+            },
+        )
+    });
+}
+
 /// Fewest rows worth a task of their own in [`gemm_into`].
 const GEMM_MIN_ROWS: usize = 16;
 
@@ -660,29 +742,43 @@ fn gemm_strided<T: Elem>(
     check_operand(rhs.0.len(), (k, n), rhs.1, rhs.2);
     // SAFETY: every operand's strides address only elements inside its slice (checked
     // above), and `dst` is a unique borrow, so it overlaps neither input.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            acc,
-            lhs.0.as_ptr(),
-            lhs.1,
-            lhs.2,
-            rhs.0.as_ptr(),
-            rhs.1,
-            rhs.2,
-            T::one(),
-            beta,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+    unsafe { gemm_raw((m, n, k), (dst.as_mut_ptr(), dst_rs), acc, lhs, rhs, beta) }
+}
+
+/// `dst (+)= beta · lhs · rhs` with the gemm crate on the calling thread.
+///
+/// # Safety
+/// `dst` must address `m × n` elements at row stride `dst_rs` that nothing else reads or
+/// writes meanwhile, and each operand's strides must stay inside its slice.
+unsafe fn gemm_raw<T: Elem>(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs): (*mut T, usize),
+    acc: bool,
+    lhs: Operand<'_, T>,
+    rhs: Operand<'_, T>,
+    beta: T,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        acc,
+        lhs.0.as_ptr(),
+        lhs.1,
+        lhs.2,
+        rhs.0.as_ptr(),
+        rhs.1,
+        rhs.2,
+        T::one(),
+        beta,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
 }
 
 /// A LoRA delta `scale · (x Aᵀ) Bᵀ` for `x` `[rows, in]`, `A` `[r, in]`, `B` `[out, r]`, as one
@@ -695,11 +791,46 @@ pub struct LoraDelta {
 }
 
 impl LoraDelta {
-    fn dims(&self, x: &[usize], a: &[usize], b: &[usize]) -> Result<(usize, usize, usize, usize)> {
+    /// `(rows, in, r, out)` of `x`, `A` and `B`, checked to chain.
+    pub(crate) fn dims(
+        &self,
+        x: &[usize],
+        a: &[usize],
+        b: &[usize],
+    ) -> Result<(usize, usize, usize, usize)> {
         match (x, a, b) {
             (&[m, i], &[r, ia], &[o, rb]) if i == ia && r == rb => Ok((m, i, r, o)),
             _ => bail!("lora delta: x {x:?}, A {a:?}, B {b:?} do not chain"),
         }
+    }
+
+    /// The delta `[m, o]` of row-major `x`, `A` and `B` of `dims` (from [`LoraDelta::dims`]).
+    pub(crate) fn values<T: Elem>(
+        &self,
+        x: &[T],
+        a: &[T],
+        b: &[T],
+        (m, i, r, o): (usize, usize, usize, usize),
+    ) -> Vec<T> {
+        let mut u = vec![T::zero(); m * r];
+        gemm_into(
+            (m, r, i),
+            &mut u,
+            false,
+            (x, 1, i as isize),
+            (a, i as isize, 1),
+            T::one(),
+        );
+        let mut out = vec![T::zero(); m * o];
+        gemm_into(
+            (m, o, r),
+            &mut out,
+            false,
+            (&u, 1, r as isize),
+            (b, r as isize, 1),
+            cast::<T>(self.scale),
+        );
+        out
     }
 }
 
@@ -717,31 +848,13 @@ impl CustomOp3 for LoraDelta {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (m, i, r, o) = self.dims(xl.dims(), al.dims(), bl.dims())?;
+        let dims = self.dims(xl.dims(), al.dims(), bl.dims())?;
         with_float!(xs, self.name(), |T| {
             let x = slice::<T>(xs, xl, self.name())?;
             let a = slice::<T>(as_, al, self.name())?;
             let b = slice::<T>(bs, bl, self.name())?;
-            let mut u = vec![T::zero(); m * r];
-            gemm_into(
-                (m, r, i),
-                &mut u,
-                false,
-                (x, 1, i as isize),
-                (a, i as isize, 1),
-                T::one(),
-            );
-            let mut out = vec![T::zero(); m * o];
-            let s = cast::<T>(self.scale);
-            gemm_into(
-                (m, o, r),
-                &mut out,
-                false,
-                (&u, 1, r as isize),
-                (b, r as isize, 1),
-                s,
-            );
-            Ok((T::to_cpu_storage_owned(out), Shape::from((m, o))))
+            let out = self.values(x, a, b, dims);
+            Ok((T::to_cpu_storage_owned(out), Shape::from((dims.0, dims.3))))
         })
     }
 
@@ -776,38 +889,36 @@ impl LoraDelta {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let host = |t: &Tensor| t.flatten_all()?.to_vec1::<T>();
         let (xv, av, bv, g) = (host(x)?, host(a)?, host(b)?, host(grad)?);
-        let (ii, ri, oi) = (i as isize, r as isize, o as isize);
-        let s = cast::<T>(self.scale);
-        let mut gb = vec![T::zero(); m * r];
-        gemm_into(
-            (m, r, o),
-            &mut gb,
-            false,
-            (&g, 1, oi),
-            (&bv, 1, ri),
-            T::one(),
-        );
         let mut gx = vec![T::zero(); m * i];
-        gemm_into((m, i, r), &mut gx, false, (&gb, 1, ri), (&av, 1, ii), s);
-        let mut ga = vec![T::zero(); r * i];
-        gemm_into((r, i, m), &mut ga, false, (&gb, ri, 1), (&xv, 1, ii), s);
-        let mut u = vec![T::zero(); m * r];
-        gemm_into(
-            (m, r, i),
-            &mut u,
-            false,
-            (&xv, 1, ii),
-            (&av, ii, 1),
-            T::one(),
-        );
-        let mut gbb = vec![T::zero(); o * r];
-        gemm_into((o, r, m), &mut gbb, false, (&g, oi, 1), (&u, 1, ri), s);
+        let (ga, gbb) = self.grads_into((&xv, &av, &bv, &g), (m, i, r, o), (&mut gx, false));
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(gx, (m, i), dev)?),
             Some(Tensor::from_vec(ga, (r, i), dev)?),
             Some(Tensor::from_vec(gbb, (o, r), dev)?),
         ))
+    }
+
+    /// The gradients of A and B, and x's written into `gx` (added to it when `acc`), for
+    /// row-major `x`, `A`, `B` and output gradient `g` of `dims`.
+    pub(crate) fn grads_into<T: Elem>(
+        &self,
+        (xv, av, bv, g): (&[T], &[T], &[T], &[T]),
+        (m, i, r, o): (usize, usize, usize, usize),
+        (gx, acc): (&mut [T], bool),
+    ) -> (Vec<T>, Vec<T>) {
+        let (ii, ri, oi) = (i as isize, r as isize, o as isize);
+        let s = cast::<T>(self.scale);
+        let mut gb = vec![T::zero(); m * r];
+        gemm_into((m, r, o), &mut gb, false, (g, 1, oi), (bv, 1, ri), T::one());
+        gemm_into((m, i, r), gx, acc, (&gb, 1, ri), (av, 1, ii), s);
+        let mut ga = vec![T::zero(); r * i];
+        gemm_into((r, i, m), &mut ga, false, (&gb, ri, 1), (xv, 1, ii), s);
+        let mut u = vec![T::zero(); m * r];
+        gemm_into((m, r, i), &mut u, false, (xv, 1, ii), (av, ii, 1), T::one());
+        let mut gbb = vec![T::zero(); o * r];
+        gemm_into((o, r, m), &mut gbb, false, (g, oi, 1), (&u, 1, ri), s);
+        (ga, gbb)
     }
 }
 
@@ -1302,6 +1413,7 @@ mod tests {
                     heads,
                     hd,
                     rope: rotate.then(|| Rope::new(&inv, start, len)),
+                    f16: false,
                 };
                 check(
                     std::slice::from_ref(&x),
@@ -1356,6 +1468,7 @@ mod tests {
             heads: 1,
             hd: 2,
             rope: Some(Rope::new(&[1.0], 0, 1)),
+            f16: false,
         };
         let wrong = random(&[1, 4], 11, DType::F32);
         assert!(

@@ -7,6 +7,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::error::TrainError;
 use super::fused::LoraDelta;
+use crate::model::adapter::{int8_rows, transpose};
 use crate::model::Proj;
 
 /// Shape and initialisation of the LoRA part of an adapter.
@@ -99,17 +100,7 @@ impl LoraLayer {
     /// ([`crate::model::adapter::lora_int8_values`]), their gradients passing straight
     /// through to the f32 parameters.
     pub fn delta(&self, x: &Tensor, int8: bool) -> Result<Tensor, TrainError> {
-        let (mut a, mut b) = (self.a.as_tensor().clone(), self.b.as_tensor().clone());
-        if int8 {
-            a = a.contiguous()?.apply_op1(Int8Rows)?;
-            // `B`'s blocks run along its columns (rows of `Bᵀ`, which the server keeps).
-            b = b
-                .t()?
-                .contiguous()?
-                .apply_op1(Int8Rows)?
-                .t()?
-                .contiguous()?;
-        }
+        let (a, b) = self.factors(int8)?;
         if x.device().is_cpu() {
             let op = LoraDelta { scale: self.scale };
             return Ok(x.contiguous()?.apply_op3(&a, &b, op)?);
@@ -119,12 +110,31 @@ impl LoraLayer {
     }
 }
 
-/// A matrix's rows through 8-bit blocks and back (f32 on the CPU); the identity backward.
-struct Int8Rows;
+impl LoraLayer {
+    /// `A` and `B` as the forward multiplies them: with `int8`, their 8-bit values.
+    pub(crate) fn factors(&self, int8: bool) -> Result<(Tensor, Tensor), TrainError> {
+        let (a, b) = (self.a.as_tensor(), self.b.as_tensor());
+        if !int8 {
+            return Ok((a.clone(), b.clone()));
+        }
+        Ok((
+            a.contiguous()?
+                .apply_op1(Int8Blocks { along_cols: false })?,
+            // `B`'s blocks run along its columns (rows of `Bᵀ`, which the server keeps).
+            b.contiguous()?.apply_op1(Int8Blocks { along_cols: true })?,
+        ))
+    }
+}
 
-impl CustomOp1 for Int8Rows {
+/// A matrix through 8-bit blocks and back (f32 on the CPU), the blocks running along its rows
+/// or (`along_cols`) along its columns; the identity backward.
+struct Int8Blocks {
+    along_cols: bool,
+}
+
+impl CustomOp1 for Int8Blocks {
     fn name(&self) -> &'static str {
-        "lora-int8-rows"
+        "lora-int8-blocks"
     }
 
     fn cpu_fwd(
@@ -132,14 +142,19 @@ impl CustomOp1 for Int8Rows {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(v), Some((start, end)), &[_, cols]) =
+        let (CpuStorage::F32(v), Some((start, end)), &[rows, cols]) =
             (storage, layout.contiguous_offsets(), layout.dims())
         else {
             candle_core::bail!("int8 LoRA values need a contiguous f32 matrix");
         };
-        let values = match cols {
-            0 => Vec::new(),
-            _ => crate::model::adapter::int8_rows(&v[start..end], cols),
+        let v = &v[start..end];
+        let values = if rows == 0 || cols == 0 {
+            Vec::new()
+        } else if self.along_cols {
+            let t = transpose(v, cols);
+            transpose(&int8_rows(&t, rows), rows)
+        } else {
+            int8_rows(v, cols)
         };
         Ok((CpuStorage::F32(values), layout.shape().clone()))
     }

@@ -3,19 +3,21 @@
 //! candle's `QMatMul` has no backward, and dequantising a whole base model to f32 multiplies
 //! its memory by up to eight. [`QMatMulOp`] runs the forward with the serving kernel
 //! (`QMatrix::matmul`, so the arithmetic is the serving arithmetic) and the backward as
-//! `grad_x = grad_y · W`, dequantising `W` a block of rows at a time into a reused buffer and
-//! accumulating each block's product into one output with the gemm crate candle uses, rows
-//! split over the compute pool (reading the gradient's columns in place, no copies). The
-//! weight itself never
-//! receives gradient: it is not a variable of the graph. CPU only (the forward reads host
-//! memory); on CUDA use the dense f32 base.
+//! `grad_x = grad_y · W`, split by `grad_x`'s columns over the compute pool: each task
+//! dequantises its columns of `W` a block of rows at a time into a reused buffer and
+//! accumulates each block's product with the gemm crate candle uses (reading the gradient's
+//! columns in place, no copies). The weight itself never receives gradient: it is not a
+//! variable of the graph. CPU only (the forward reads host memory); on CUDA use the dense f32
+//! base.
 
 use std::cell::RefCell;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, Error, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp3, Error, Layout, Result, Shape, Storage, Tensor,
+};
 
-use super::fused::gemm_into;
+use super::fused::{column_windows, LoraDelta};
 use crate::quant::{with_buffer, QMatrix};
 
 /// f32 elements of `W` dequantised at once in the backward (4 MiB).
@@ -61,6 +63,56 @@ impl QMatMulOp {
         &self.weight
     }
 
+    /// `g · W` for the row-major output gradient `g` `[m, rows]`: `[m, cols]`, split by
+    /// column over the compute pool. Each task dequantises only its columns of `W` (whole
+    /// quantization blocks), a block of rows at a time, into its own reused buffer, so the
+    /// dequantisation runs in parallel and its output is used while hot; the gradient's
+    /// columns are read in place.
+    fn grad_input(&self, g: &[f32], m: usize) -> Result<Vec<f32>> {
+        let (rows, cols) = (self.rows.len(), self.weight.cols());
+        if g.len() != m * rows {
+            bail!(
+                "qmatmul backward: {} gradient values for {m} x {rows}",
+                g.len()
+            );
+        }
+        let mut grad_x = vec![0f32; m * cols];
+        let bs = self.weight.dtype().block_size();
+        let blocks = cols / bs.max(1);
+        let tasks = crate::quant::num_threads().min(blocks).max(1);
+        let bounds: Vec<usize> = (0..=tasks).map(|t| blocks * t / tasks * bs).collect();
+        let failed = std::sync::Mutex::new(None);
+        column_windows(&mut grad_x, (m, cols), &bounds, &|_, mut window| {
+            let c = window.cols();
+            let width = c.len();
+            let block = (BACKWARD_BLOCK_ELEMS / tasks / width.max(1)).max(1);
+            with_buffer(&DEQUANTIZED, block.min(rows) * width, |w| {
+                for r0 in (0..rows).step_by(block) {
+                    let n = block.min(rows - r0);
+                    let w = &mut w[..n * width];
+                    if let Err(e) = self
+                        .weight
+                        .dequantize_block(self.rows.start + r0, c.clone(), w)
+                    {
+                        *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                        return;
+                    }
+                    // grad_x[:, c] (+)= g[:, r0..r0 + n] · W[r0..r0 + n, c].
+                    window.gemm(
+                        n,
+                        r0 > 0,
+                        (&g[r0..], 1, rows as isize),
+                        (w, 1, width as isize),
+                    );
+                }
+            })
+        });
+        match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(Error::wrap(e)),
+            None => Ok(grad_x),
+        }
+    }
+
     fn out_shape(&self, dims: &[usize]) -> Result<(usize, Shape)> {
         let cols = self.weight.cols();
         match dims.split_last() {
@@ -97,44 +149,131 @@ impl CustomOp1 for QMatMulOp {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let (rows, cols) = (self.rows.len(), self.weight.cols());
         let g = grad_res.contiguous()?;
-        let m = g.elem_count() / rows.max(1);
-        if m * cols != arg.elem_count() {
+        let m = g.elem_count() / self.rows.len().max(1);
+        if m * self.weight.cols() != arg.elem_count() {
             bail!("qmatmul backward: gradient of shape {:?}", g.dims());
         }
-        let mut grad_x = vec![0f32; m * cols];
-        {
-            let (storage, layout) = g.storage_and_layout();
-            let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
-                bail!("qmatmul backward: f32 CPU gradient expected")
-            };
-            let Some((start, end)) = layout.contiguous_offsets() else {
-                bail!("qmatmul backward: gradient must be contiguous")
-            };
-            let g = &data[start..end];
-            let block = (BACKWARD_BLOCK_ELEMS / cols.max(1)).max(1);
-            with_buffer(&DEQUANTIZED, block.min(rows) * cols, |w| -> Result<()> {
-                for r0 in (0..rows).step_by(block) {
-                    let n = block.min(rows - r0);
-                    let w = &mut w[..n * cols];
-                    self.weight
-                        .dequantize_rows(self.rows.start + r0, w)
-                        .map_err(Error::wrap)?;
-                    // grad_x[m, cols] += g[:, r0..r0 + n] · W[r0..r0 + n, :], reading the
-                    // gradient's columns in place.
-                    gemm_into(
-                        (m, cols, n),
-                        &mut grad_x,
-                        r0 > 0,
-                        (&g[r0..], 1, rows as isize),
-                        (w, 1, cols as isize),
-                        1.0,
-                    );
-                }
-                Ok(())
-            })?;
-        }
+        let grad_x = with_f32(&g, "qmatmul backward", |g| self.grad_input(g, m))?;
         Ok(Some(Tensor::from_vec(grad_x, arg.shape(), arg.device())?))
+    }
+}
+
+/// The values of a contiguous f32 CPU storage, borrowed in place.
+fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
+        bail!("{what}: a contiguous f32 input expected")
+    };
+    Ok(&data[start..end])
+}
+
+/// Runs `f` on the values of a contiguous f32 CPU tensor, borrowed in place.
+fn with_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(storage) = &*storage else {
+        bail!("{what}: a CPU tensor expected")
+    };
+    f(f32_slice(storage, layout, what)?)
+}
+
+/// A quantized base projection and its LoRA pair as one op: `y = x Wᵀ + scale · (x Aᵀ) Bᵀ`
+/// for `x` `[rows, in]`, `A` `[r, in]`, `B` `[out, r]`. The same numbers as [`QMatMulOp`]
+/// plus [`LoraDelta`] added after, but one node instead of three: the sum is made in place,
+/// and the backward writes `x`'s gradient once (the base's part, then the LoRA's added into
+/// it) instead of zeroing and adding a buffer per branch.
+#[derive(Debug, Clone)]
+pub struct QLoraLinear {
+    base: QMatMulOp,
+    lora: LoraDelta,
+}
+
+impl QLoraLinear {
+    /// The base projection `base` with a LoRA pair of scale `scale`.
+    pub fn new(base: QMatMulOp, scale: f64) -> Self {
+        QLoraLinear {
+            base,
+            lora: LoraDelta { scale },
+        }
+    }
+
+    fn dims(&self, x: &[usize], a: &[usize], b: &[usize]) -> Result<(usize, usize, usize, usize)> {
+        let dims = self.lora.dims(x, a, b)?;
+        let (_, i, _, o) = dims;
+        if i != self.base.weight.cols() || o != self.base.rows.len() {
+            bail!(
+                "lora linear: a {o} x {i} LoRA on a {} x {} projection",
+                self.base.rows.len(),
+                self.base.weight.cols()
+            );
+        }
+        Ok(dims)
+    }
+}
+
+impl CustomOp3 for QLoraLinear {
+    fn name(&self) -> &'static str {
+        "qmatmul-lora"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        as_: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = self.dims(xl.dims(), al.dims(), bl.dims())?;
+        let (m, _, _, o) = dims;
+        let what = self.name();
+        let x = f32_slice(xs, xl, what)?;
+        let (a, b) = (f32_slice(as_, al, what)?, f32_slice(bs, bl, what)?);
+        let mut out = vec![0f32; m * o];
+        self.base
+            .weight
+            .matmul_rows(self.base.rows.clone(), x, m, &mut out)
+            .map_err(Error::wrap)?;
+        let delta = self.lora.values(x, a, b, dims);
+        for (y, d) in out.iter_mut().zip(&delta) {
+            *y += d;
+        }
+        Ok((CpuStorage::F32(out), Shape::from((m, o))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dims = self.dims(x.dims(), a.dims(), b.dims())?;
+        let (m, i, r, o) = dims;
+        let (x, a, b, g) = (
+            x.contiguous()?,
+            a.contiguous()?,
+            b.contiguous()?,
+            grad.contiguous()?,
+        );
+        let what = self.name();
+        let (gx, ga, gb) = with_f32(&g, what, |g| {
+            let mut gx = self.base.grad_input(g, m)?;
+            let (ga, gb) = with_f32(&x, what, |x| {
+                with_f32(&a, what, |a| {
+                    with_f32(&b, what, |b| {
+                        Ok(self.lora.grads_into((x, a, b, g), dims, (&mut gx, true)))
+                    })
+                })
+            })?;
+            Ok((gx, ga, gb))
+        })?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(gx, (m, i), dev)?),
+            Some(Tensor::from_vec(ga, (r, i), dev)?),
+            Some(Tensor::from_vec(gb, (o, r), dev)?),
+        ))
     }
 }

@@ -302,6 +302,30 @@ pub struct TrainOutput {
     pub metrics: TrainMetrics,
 }
 
+/// Preference metrics of `scores` (policy chosen, rejected) against their reference `refs`;
+/// `None` for no pairs.
+fn eval_metrics(scores: &[(f64, f64)], refs: &[(f64, f64)]) -> Option<EvalMetrics> {
+    if scores.is_empty() {
+        return None;
+    }
+    let (mut r_acc, mut r_margin, mut l_acc, mut l_margin) = (0usize, 0.0, 0usize, 0.0);
+    for (&(w, l), &(rw, rl)) in scores.iter().zip(refs) {
+        let reward = (w - rw) - (l - rl);
+        r_acc += usize::from(reward > 0.0);
+        r_margin += reward;
+        l_acc += usize::from(w > l);
+        l_margin += w - l;
+    }
+    let n = scores.len() as f64;
+    Some(EvalMetrics {
+        pairs: scores.len(),
+        reward_accuracy: r_acc as f64 / n,
+        reward_margin: r_margin / n,
+        logp_accuracy: l_acc as f64 / n,
+        logp_margin: l_margin / n,
+    })
+}
+
 /// Summed completion log-probabilities of one preference pair.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct PairLogps {
@@ -510,26 +534,34 @@ impl<'m> Trainer<'m> {
         pairs: &[Pair],
         refs: &[(f64, f64)],
     ) -> Result<Option<EvalMetrics>, TrainerError> {
-        if pairs.is_empty() {
-            return Ok(None);
+        let scores = pairs
+            .iter()
+            .map(|p| self.score_pair(p, Some(&self.adapter)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(eval_metrics(&scores, refs))
+    }
+
+    /// Whether the adapter as it is now computes exactly what the reference computes: the
+    /// reference is its own initial values, or it is the bare base and the adapter a LoRA
+    /// whose `B` factors are all zero (a fresh one adds exact zeros). Its metrics before the
+    /// first step then follow from the reference pass without another pass.
+    fn policy_is_reference(&self) -> Result<bool, TrainerError> {
+        match self.reference {
+            Reference::Initial => Ok(true),
+            Reference::Base => {
+                if self.adapter.prefix_len() > 0 {
+                    return Ok(false);
+                }
+                for (_, l) in self.adapter.lora_layers() {
+                    let b = l.b.as_tensor();
+                    let nonzero = b.ne(&b.zeros_like()?)?.to_dtype(DType::F32)?.sum_all()?;
+                    if nonzero.to_scalar::<f32>()? > 0.0 {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            }
         }
-        let (mut r_acc, mut r_margin, mut l_acc, mut l_margin) = (0usize, 0.0, 0usize, 0.0);
-        for (p, &(rw, rl)) in pairs.iter().zip(refs) {
-            let (w, l) = self.score_pair(p, Some(&self.adapter))?;
-            let reward = (w - rw) - (l - rl);
-            r_acc += usize::from(reward > 0.0);
-            r_margin += reward;
-            l_acc += usize::from(w > l);
-            l_margin += w - l;
-        }
-        let n = pairs.len() as f64;
-        Ok(Some(EvalMetrics {
-            pairs: pairs.len(),
-            reward_accuracy: r_acc as f64 / n,
-            reward_margin: r_margin / n,
-            logp_accuracy: l_acc as f64 / n,
-            logp_margin: l_margin / n,
-        }))
     }
 
     /// The loss of one batch and its gradient for each of `vars`, accumulated over
@@ -737,7 +769,11 @@ impl<'m> Trainer<'m> {
         } else {
             (&data.eval_pairs, &refs.eval_pairs, true)
         };
-        let eval_before = self.evaluate(eval_set, eval_refs)?;
+        let eval_before = if self.policy_is_reference()? {
+            eval_metrics(eval_refs, eval_refs)
+        } else {
+            self.evaluate(eval_set, eval_refs)?
+        };
 
         let examples = Example::all(data);
         let mut rng = ChaCha8Rng::seed_from_u64(self.params.seed);
