@@ -95,6 +95,48 @@ fn f32_bytes(x: &[f32]) -> &[u8] {
 /// Weight rows per task when processing several activation rows (keeps the tile in L1).
 const PREFILL_TILE: usize = 16;
 
+/// Fewest activation rows whose quantization is split over the compute pool (a decode step's
+/// few rows stay on the calling thread: waking the pool costs more than it saves).
+const PARALLEL_QUANTIZE_ROWS: usize = 32;
+
+/// Quantizes every row of `x` (`cols` values each) into its `row_bytes` of `act`, rows split
+/// over the compute pool when there are many (each row's bytes are the same either way).
+fn quantize_rows(
+    dtype: GgmlDType,
+    (x, cols): (&[f32], usize),
+    (act, row_bytes): (&mut [u8], usize),
+) -> Result<(), QuantError> {
+    let m = act.len() / row_bytes.max(1);
+    let threads = num_threads();
+    if m < PARALLEL_QUANTIZE_ROWS || threads < 2 {
+        for (xr, ar) in x.chunks_exact(cols).zip(act.chunks_exact_mut(row_bytes)) {
+            quantize_into(dtype, xr, ar)?;
+        }
+        return Ok(());
+    }
+    let per = m.div_ceil(threads);
+    let parts: Vec<std::sync::Mutex<(&[f32], &mut [u8])>> = x
+        .chunks(per * cols)
+        .zip(act.chunks_mut(per * row_bytes))
+        .map(std::sync::Mutex::new)
+        .collect();
+    let failed = std::sync::Mutex::new(None);
+    parallel_for(parts.len(), &|t| {
+        let mut part = parts[t].lock().unwrap_or_else(|p| p.into_inner());
+        let (xs, acts) = &mut *part;
+        for (xr, ar) in xs.chunks_exact(cols).zip(acts.chunks_exact_mut(row_bytes)) {
+            if let Err(e) = quantize_into(dtype, xr, ar) {
+                *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                return;
+            }
+        }
+    });
+    match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
 impl QMatrix {
     /// Wraps `bytes` as a `rows x cols` matrix of `dtype`, checking shape and length.
     pub fn new(
@@ -345,9 +387,7 @@ impl QMatrix {
                     reason: "cols is not a multiple of the activation block size",
                 })?;
                 with_scratch(arb * m, |act| {
-                    for (xr, ar) in x.chunks_exact(cols).zip(act.chunks_exact_mut(arb)) {
-                        quantize_into(vdt, xr, ar)?;
-                    }
+                    quantize_rows(vdt, (x, cols), (act, arb))?;
                     self.matmul_prepared(first..first + rows, act, arb, m, out);
                     Ok(())
                 })

@@ -302,6 +302,15 @@ pub struct TrainOutput {
     pub metrics: TrainMetrics,
 }
 
+/// `examples` in a fresh random order, reversed: batches pop from the back, so they follow
+/// the drawn order.
+fn shuffled(examples: &[Example], rng: &mut ChaCha8Rng) -> Vec<Example> {
+    let mut order = examples.to_vec();
+    order.shuffle(rng);
+    order.reverse();
+    order
+}
+
 /// Preference metrics of `scores` (policy chosen, rejected) against their reference `refs`;
 /// `None` for no pairs.
 fn eval_metrics(scores: &[(f64, f64)], refs: &[(f64, f64)]) -> Option<EvalMetrics> {
@@ -371,6 +380,9 @@ impl Example {
 #[derive(Debug, Clone, Default)]
 struct ReferenceCache {
     pairs: Vec<(f64, f64)>,
+    /// Pairs of the first batch whose reference values the first step's forward gives (the
+    /// adapter still equals the reference there), per pair.
+    pending: Vec<bool>,
     eval_pairs: Vec<(f64, f64)>,
     unpaired: Vec<f64>,
 }
@@ -501,15 +513,39 @@ impl<'m> Trainer<'m> {
         }
     }
 
-    /// Reference log-probabilities of every pair and unpaired example; must run before the
-    /// first update when the reference is the adapter's initial values.
-    fn reference_cache(&self, data: &Dataset) -> Result<ReferenceCache, TrainerError> {
+    /// Reference log-probabilities of every pair and unpaired example, except the pairs
+    /// `deferred` (left pending for the first step); must run before the first update when the
+    /// reference is the adapter's initial values.
+    fn reference_cache(
+        &self,
+        data: &Dataset,
+        deferred: &[usize],
+    ) -> Result<ReferenceCache, TrainerError> {
         let r = self.reference_adapter();
-        let pairs = |ps: &[Pair]| {
-            ps.iter()
-                .map(|p| self.score_pair(p, r))
-                .collect::<Result<Vec<_>, _>>()
+        let mut pending = vec![false; data.pairs.len()];
+        for &i in deferred {
+            if let Some(p) = pending.get_mut(i) {
+                *p = true;
+            }
+        }
+        let score = |p: &Pair, skip: bool| {
+            if skip {
+                Ok((f64::NAN, f64::NAN))
+            } else {
+                self.score_pair(p, r)
+            }
         };
+        let pairs = data
+            .pairs
+            .iter()
+            .zip(&pending)
+            .map(|(p, &skip)| score(p, skip))
+            .collect::<Result<Vec<_>, TrainerError>>()?;
+        let eval_pairs = data
+            .eval_pairs
+            .iter()
+            .map(|p| score(p, false))
+            .collect::<Result<Vec<_>, TrainerError>>()?;
         let unpaired = data
             .unpaired
             .iter()
@@ -521,8 +557,9 @@ impl<'m> Trainer<'m> {
             })
             .collect::<Result<Vec<_>, TrainerError>>()?;
         Ok(ReferenceCache {
-            pairs: pairs(&data.pairs)?,
-            eval_pairs: pairs(&data.eval_pairs)?,
+            pairs,
+            pending,
+            eval_pairs,
             unpaired,
         })
     }
@@ -572,7 +609,7 @@ impl<'m> Trainer<'m> {
     fn batch_grads(
         &self,
         data: &Dataset,
-        refs: &ReferenceCache,
+        refs: &mut ReferenceCache,
         batch: &[Example],
         vars: &[Var],
         at: StepAt,
@@ -621,11 +658,30 @@ impl<'m> Trainer<'m> {
                 Example::Pair(i) => {
                     let p = &data.pairs[i];
                     let s = self.score(&p.prompt, &[&p.chosen, &p.rejected], a)?;
+                    if refs.pending[i] {
+                        if at.step != 0 {
+                            return Err(TrainerError::Data(format!(
+                                "pair {i} has no reference values at step {}",
+                                at.step
+                            )));
+                        }
+                        // Before the first update the adapter computes what the reference
+                        // does: its scores are the reference's.
+                        let v = s.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                        let &[w, l] = v.as_slice() else {
+                            return Err(TrainerError::Data(
+                                "a pair scored to the wrong shape".into(),
+                            ));
+                        };
+                        refs.pairs[i] = (w, l);
+                        refs.pending[i] = false;
+                    }
+                    let (rw, rl) = refs.pairs[i];
                     let loss = objective::dpo_losses(
                         &s.narrow(0, 0, 1)?,
                         &s.narrow(0, 1, 1)?,
-                        &column(vec![refs.pairs[i].0])?,
-                        &column(vec![refs.pairs[i].1])?,
+                        &column(vec![rw])?,
+                        &column(vec![rl])?,
                         self.params.beta,
                     )?;
                     accumulate(loss.sum_all()?.affine(1.0 / n_pairs as f64, 0.0)?)?;
@@ -740,11 +796,11 @@ impl<'m> Trainer<'m> {
     /// lets the objective be checked against another implementation on the same batch.
     pub fn batch_gradients(&self, data: &Dataset) -> Result<BatchGradients, TrainerError> {
         data.validate()?;
-        let refs = self.reference_cache(data)?;
+        let mut refs = self.reference_cache(data, &[])?;
         let (names, vars): (Vec<String>, Vec<Var>) = self.adapter.named_vars().into_iter().unzip();
         let at = StepAt { step: 0, total: 1 };
         let BatchOut { loss, grads, .. } =
-            self.batch_grads(data, &refs, &Example::all(data), &vars, at)?;
+            self.batch_grads(data, &mut refs, &Example::all(data), &vars, at)?;
         Ok(BatchGradients {
             loss,
             grads: names.into_iter().zip(grads).collect(),
@@ -761,23 +817,47 @@ impl<'m> Trainer<'m> {
     ) -> Result<TrainOutput, TrainerError> {
         data.validate()?;
         let total = self.params.total_steps(data.len());
-        let reference_start = Instant::now();
-        let refs = self.reference_cache(data)?;
-        let reference_seconds = reference_start.elapsed().as_secs_f64();
-        let (eval_set, eval_refs, held_out) = if data.eval_pairs.is_empty() {
-            (&data.pairs, &refs.pairs, false)
-        } else {
-            (&data.eval_pairs, &refs.eval_pairs, true)
-        };
-        let eval_before = if self.policy_is_reference()? {
-            eval_metrics(eval_refs, eval_refs)
-        } else {
-            self.evaluate(eval_set, eval_refs)?
-        };
-
         let examples = Example::all(data);
         let mut rng = ChaCha8Rng::seed_from_u64(self.params.seed);
-        let mut order: Vec<Example> = Vec::new();
+        // The first epoch's order is drawn before the reference pass (the generator serves
+        // nothing else), so the first batch is known: while the adapter equals its reference,
+        // the first step's forward gives those pairs' reference values, and the pass skips
+        // them.
+        let mut order = shuffled(&examples, &mut rng);
+        let at_reference = self.policy_is_reference()?;
+        let deferred: Vec<usize> = if at_reference && total > 0 {
+            order
+                .iter()
+                .rev()
+                .take(self.params.batch_size)
+                .filter_map(|e| match e {
+                    Example::Pair(i) => Some(*i),
+                    _ => None,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let reference_start = Instant::now();
+        let mut refs = self.reference_cache(data, &deferred)?;
+        let reference_seconds = reference_start.elapsed().as_secs_f64();
+        let (eval_set, held_out) = if data.eval_pairs.is_empty() {
+            (&data.pairs, false)
+        } else {
+            (&data.eval_pairs, true)
+        };
+        // At the reference, the metrics follow from its values (once the first step has
+        // filled them in).
+        let eval_before = if at_reference {
+            None
+        } else {
+            let eval_refs = if held_out {
+                &refs.eval_pairs
+            } else {
+                &refs.pairs
+            };
+            Some(self.evaluate(eval_set, eval_refs)?)
+        };
 
         let vars = self.adapter.vars();
         let mut opt = AdamW::new(&vars, self.params.weight_decay)?;
@@ -791,10 +871,7 @@ impl<'m> Trainer<'m> {
             let mut batch = Vec::with_capacity(self.params.batch_size);
             while batch.len() < self.params.batch_size {
                 if order.is_empty() {
-                    order = examples.clone();
-                    order.shuffle(&mut rng);
-                    // Popped from the back: reverse so the batch follows the shuffled order.
-                    order.reverse();
+                    order = shuffled(&examples, &mut rng);
                 }
                 // A batch is never larger than the data.
                 if batch.len() >= examples.len() {
@@ -809,7 +886,7 @@ impl<'m> Trainer<'m> {
                 loss: loss_value,
                 mut grads,
                 rewards,
-            } = self.batch_grads(data, &refs, &batch, &vars, at)?;
+            } = self.batch_grads(data, &mut refs, &batch, &vars, at)?;
             if !rewards.is_empty() {
                 rft_rewards.push(rewards.iter().sum::<f64>() / rewards.len() as f64);
             }
@@ -849,6 +926,20 @@ impl<'m> Trainer<'m> {
             });
         }
         let train_seconds = start.elapsed().as_secs_f64();
+        if refs.pending.iter().any(|&p| p) {
+            return Err(TrainerError::Data(
+                "the first step left reference values unfilled".into(),
+            ));
+        }
+        let eval_refs = if held_out {
+            &refs.eval_pairs
+        } else {
+            &refs.pairs
+        };
+        let eval_before = match eval_before {
+            Some(m) => m,
+            None => eval_metrics(eval_refs, eval_refs),
+        };
         let eval_after = self.evaluate(eval_set, eval_refs)?;
         let weights = self.adapter.to_weights(self.model.config())?;
         Ok(TrainOutput {
@@ -1151,6 +1242,45 @@ mod tests {
         assert!(after.reward_margin > 0.0, "{after:?}");
         assert!(after.reward_accuracy >= 0.5, "{after:?}");
         println!("held-out after: {after:?}");
+    }
+
+    /// The first batch's reference values come from the first step's forward (the pass skips
+    /// them); they are the values the pass would have computed, for a fresh adapter against
+    /// the base and for a child against its parent.
+    #[test]
+    fn first_step_fills_the_reference_values_the_pass_skipped() {
+        let model = tiny();
+        let data = Dataset {
+            pairs: synthetic_pairs(6, 5),
+            ..Dataset::default()
+        };
+        let expected = |t: &Trainer| -> (f64, usize) {
+            let (mut margin, mut wins) = (0.0, 0);
+            for p in &data.pairs {
+                let l = t.pair_logps(p).expect("logps");
+                margin += l.reference_chosen - l.reference_rejected;
+                wins += usize::from(l.reference_chosen > l.reference_rejected);
+            }
+            (margin / data.pairs.len() as f64, wins)
+        };
+        let fresh = || Trainer::fresh(&model, Some(&lora(4)), None, params(3)).expect("trainer");
+        let parent = train(&model, &data, params(4)).weights;
+        let child = || Trainer::from_parent(&model, &parent, params(3)).expect("trainer");
+        for (name, want, trainer) in [
+            ("fresh", expected(&fresh()), fresh()),
+            ("child", expected(&child()), child()),
+        ] {
+            let out = trainer.run(&data, &mut |_| {}, &|| false).expect("run");
+            let before = out.metrics.eval_before.expect("eval before");
+            assert_eq!(before.logp_margin, want.0, "{name}");
+            assert_eq!(
+                before.logp_accuracy,
+                want.1 as f64 / data.pairs.len() as f64,
+                "{name}"
+            );
+            assert_eq!(before.reward_margin, 0.0, "{name}");
+            assert!((out.metrics.losses[0] - std::f64::consts::LN_2).abs() < 1e-6);
+        }
     }
 
     #[test]
