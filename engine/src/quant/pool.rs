@@ -55,6 +55,27 @@ thread_local! {
     /// Set on background threads (training), whose `parallel_for` runs inline so they never
     /// hold the pool the serving forward needs.
     static IS_BACKGROUND: Cell<bool> = const { Cell::new(false) };
+    /// Set while the thread runs [`serial`] work.
+    static IS_SERIAL: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the calling thread was marked by [`background_thread`].
+pub fn is_background_thread() -> bool {
+    IS_BACKGROUND.with(Cell::get)
+}
+
+/// Runs `f` with every `parallel_for` it makes on the calling thread alone: for work spread
+/// over threads of its own (one item per thread), where the pool would only contend for the
+/// same cores. Tasks are still split as [`num_threads`] says, so results do not change.
+pub fn serial<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            IS_SERIAL.with(|s| s.set(self.0));
+        }
+    }
+    let _reset = Reset(IS_SERIAL.with(|s| s.replace(true)));
+    f()
 }
 
 /// Marks the calling thread as background work: its `parallel_for` calls run on it alone
@@ -194,7 +215,8 @@ pub fn parallel_for(n_tasks: usize, f: &(dyn Fn(usize) + Sync)) {
         return;
     }
     let p = pool();
-    let nested = IS_WORKER.with(Cell::get) || IS_BACKGROUND.with(Cell::get);
+    let nested =
+        IS_WORKER.with(Cell::get) || IS_BACKGROUND.with(Cell::get) || IS_SERIAL.with(Cell::get);
     if n_tasks == 1
         || nested
         || p.active.load(Relaxed) == 0

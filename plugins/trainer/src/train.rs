@@ -11,10 +11,13 @@
 //! be checked against TRL's `DPOTrainer` (tests/trl_dpo.rs). This module does no I/O: files
 //! and JSON live in the plugin and the CLI.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use candle_core::{DType, Tensor, Var};
 use prefix_rft_engine::model::AdapterWeights;
+use prefix_rft_engine::quant::{is_background_thread, num_threads, serial};
 use prefix_rft_engine::train::{LoraConfig, PrefixConfig, TrainAdapter, TrainModel};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -302,6 +305,164 @@ pub struct TrainOutput {
     pub metrics: TrainMetrics,
 }
 
+/// Summed completion log-probabilities `[continuations]` of `prompt` followed by each
+/// continuation, with the prompt run once.
+fn score(
+    model: &TrainModel,
+    prompt: &[u32],
+    continuations: &[&[u32]],
+    adapter: Option<&TrainAdapter>,
+) -> Result<Tensor, TrainerError> {
+    let cache = model.prompt_cache(prompt, adapter)?;
+    let lp = model.continuation_logprobs(&cache, continuations, adapter)?;
+    Ok(lp.sum(1)?)
+}
+
+/// The (chosen, rejected) values of `scores` `[2]`.
+fn pair_values(scores: &Tensor) -> Result<(f64, f64), TrainerError> {
+    let v = scores.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    match v.as_slice() {
+        [w, l] => Ok((*w, *l)),
+        _ => Err(TrainerError::Data(
+            "a pair scored to the wrong shape".into(),
+        )),
+    }
+}
+
+/// Summed completion log-probabilities of `p`'s chosen and rejected answers.
+fn score_pair(
+    model: &TrainModel,
+    p: &Pair,
+    adapter: Option<&TrainAdapter>,
+) -> Result<(f64, f64), TrainerError> {
+    pair_values(&score(
+        model,
+        &p.prompt,
+        &[&p.chosen, &p.rejected],
+        adapter,
+    )?)
+}
+
+/// A loss's value and its gradient for each of `vars` (detached; `None` where it has none).
+fn loss_grads(loss: &Tensor, vars: &[Var]) -> Result<(f64, Vec<Option<Tensor>>), TrainerError> {
+    let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let store = loss.backward()?;
+    let grads = vars
+        .iter()
+        .map(|v| store.get(v.as_tensor()).map(Tensor::detach))
+        .collect();
+    Ok((value, grads))
+}
+
+/// What one pair's micro-batch contributes to a step.
+struct PairOut {
+    loss: f64,
+    grads: Vec<Option<Tensor>>,
+    /// The reference values its forward gave, when they were pending.
+    filled: Option<(f64, f64)>,
+}
+
+/// The DPO loss of one pair (its share of a batch of `n_pairs`) and its gradients, given its
+/// reference values or, when `pending` (first step, adapter still at the reference), taking
+/// them from its own forward.
+fn pair_grads(
+    (model, adapter): (&TrainModel, &TrainAdapter),
+    p: &Pair,
+    ((rw, rl), pending): ((f64, f64), bool),
+    (beta, n_pairs, at): (f64, usize, StepAt),
+    vars: &[Var],
+) -> Result<PairOut, TrainerError> {
+    let s = score(model, &p.prompt, &[&p.chosen, &p.rejected], Some(adapter))?;
+    let filled = if pending {
+        if at.step != 0 {
+            return Err(TrainerError::Data(format!(
+                "a pair has no reference values at step {}",
+                at.step
+            )));
+        }
+        // Before the first update the adapter computes what the reference does: its scores
+        // are the reference's.
+        Some(pair_values(&s)?)
+    } else {
+        None
+    };
+    let (rw, rl) = filled.unwrap_or((rw, rl));
+    let column = |v: f64| -> Result<Tensor, TrainerError> {
+        Ok(Tensor::new(vec![v], model.device())?.to_dtype(model.dtype())?)
+    };
+    let loss = objective::dpo_losses(
+        &s.narrow(0, 0, 1)?,
+        &s.narrow(0, 1, 1)?,
+        &column(rw)?,
+        &column(rl)?,
+        beta,
+    )?;
+    let (loss, grads) = loss_grads(&loss.sum_all()?.affine(1.0 / n_pairs as f64, 0.0)?, vars)?;
+    Ok(PairOut {
+        loss,
+        grads,
+        filled,
+    })
+}
+
+/// `f` of every item, in item order. Outside a background thread (the server trains on one,
+/// beside serving) the items are shared among [`num_threads`] threads, each running its items
+/// with the compute pool's work inline: independent micro-batches then keep every core busy
+/// through the serial parts of a forward and backward, where one batch at a time on the pool
+/// leaves its second core waiting. Each item computes the same numbers either way.
+fn parallel_map<T: Sync, R: Send>(
+    items: &[T],
+    f: &(dyn Fn(&T) -> Result<R, TrainerError> + Sync),
+) -> Result<Vec<R>, TrainerError> {
+    let workers = if is_background_thread() {
+        1
+    } else {
+        num_threads().min(items.len())
+    };
+    if workers <= 1 {
+        return items.iter().map(f).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let slots: Vec<Mutex<Option<Result<R, TrainerError>>>> =
+        items.iter().map(|_| Mutex::new(None)).collect();
+    let work = || {
+        serial(|| loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(item) = items.get(i) else { break };
+            let r = f(item);
+            *slots[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        })
+    };
+    std::thread::scope(|s| -> Result<(), TrainerError> {
+        let helpers = (1..workers)
+            .map(|_| {
+                std::thread::Builder::new()
+                    .name("trainer".into())
+                    .stack_size(WORKER_STACK)
+                    .spawn_scoped(s, work)
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TrainerError::Data(format!("starting a trainer thread: {e}")))?;
+        work();
+        for h in helpers {
+            h.join()
+                .map_err(|_| TrainerError::Data("a trainer thread panicked".into()))?;
+        }
+        Ok(())
+    })?;
+    slots
+        .into_iter()
+        .map(|m| {
+            m.into_inner()
+                .unwrap_or_else(|p| p.into_inner())
+                .unwrap_or_else(|| Err(TrainerError::Data("an item was not computed".into())))
+        })
+        .collect()
+}
+
+/// Stack of a trainer thread (candle's backward walks the graph recursively).
+const WORKER_STACK: usize = 16 << 20;
+
 /// `examples` in a fresh random order, reversed: batches pop from the back, so they follow
 /// the drawn order.
 fn shuffled(examples: &[Example], rng: &mut ChaCha8Rng) -> Vec<Example> {
@@ -475,11 +636,7 @@ impl<'m> Trainer<'m> {
         continuations: &[&[u32]],
         adapter: Option<&TrainAdapter>,
     ) -> Result<Tensor, TrainerError> {
-        let cache = self.model.prompt_cache(prompt, adapter)?;
-        let lp = self
-            .model
-            .continuation_logprobs(&cache, continuations, adapter)?;
-        Ok(lp.sum(1)?)
+        score(self.model, prompt, continuations, adapter)
     }
 
     fn score_f64(
@@ -497,13 +654,7 @@ impl<'m> Trainer<'m> {
         p: &Pair,
         adapter: Option<&TrainAdapter>,
     ) -> Result<(f64, f64), TrainerError> {
-        let s = self.score_f64(&p.prompt, &[&p.chosen, &p.rejected], adapter)?;
-        match s.as_slice() {
-            [w, l] => Ok((*w, *l)),
-            _ => Err(TrainerError::Data(
-                "a pair scored to the wrong shape".into(),
-            )),
-        }
+        score_pair(self.model, p, adapter)
     }
 
     fn reference_adapter(&self) -> Option<&TrainAdapter> {
@@ -528,24 +679,16 @@ impl<'m> Trainer<'m> {
                 *p = true;
             }
         }
-        let score = |p: &Pair, skip: bool| {
+        let model = self.model;
+        let todo: Vec<(&Pair, bool)> = data.pairs.iter().zip(pending.iter().copied()).collect();
+        let pairs = parallel_map(&todo, &|&(p, skip)| {
             if skip {
                 Ok((f64::NAN, f64::NAN))
             } else {
-                self.score_pair(p, r)
+                score_pair(model, p, r)
             }
-        };
-        let pairs = data
-            .pairs
-            .iter()
-            .zip(&pending)
-            .map(|(p, &skip)| score(p, skip))
-            .collect::<Result<Vec<_>, TrainerError>>()?;
-        let eval_pairs = data
-            .eval_pairs
-            .iter()
-            .map(|p| score(p, false))
-            .collect::<Result<Vec<_>, TrainerError>>()?;
+        })?;
+        let eval_pairs = parallel_map(&data.eval_pairs, &|p| score_pair(model, p, r))?;
         let unpaired = data
             .unpaired
             .iter()
@@ -636,14 +779,33 @@ impl<'m> Trainer<'m> {
             .iter()
             .filter(|e| matches!(e, Example::Demo(_)))
             .count();
+        // Pairs are independent micro-batches: they run on threads of their own, and their
+        // losses and gradients are added below in batch order (the same sums as one by one).
+        let pair_items: Vec<usize> = batch
+            .iter()
+            .filter_map(|e| match e {
+                Example::Pair(i) => Some(*i),
+                _ => None,
+            })
+            .collect();
+        let (model, adapter, beta) = (self.model, &self.adapter, self.params.beta);
+        let pending: &ReferenceCache = refs;
+        let mut pair_outs = parallel_map(&pair_items, &|&i| {
+            pair_grads(
+                (model, adapter),
+                &data.pairs[i],
+                (pending.pairs[i], pending.pending[i]),
+                (beta, n_pairs, at),
+                vars,
+            )
+        })?
+        .into_iter();
         let mut total = 0.0;
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
-        let mut accumulate = |loss: Tensor| -> Result<(), TrainerError> {
-            total += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let store = loss.backward()?;
-            for (acc, v) in grads.iter_mut().zip(vars) {
-                if let Some(g) = store.get(v.as_tensor()) {
-                    let g = g.detach();
+        let mut add = |value: f64, gs: Vec<Option<Tensor>>| -> Result<(), TrainerError> {
+            total += value;
+            for (acc, g) in grads.iter_mut().zip(gs) {
+                if let Some(g) = g {
                     *acc = Some(match acc.take() {
                         Some(prev) => (prev + g)?,
                         None => g,
@@ -652,52 +814,35 @@ impl<'m> Trainer<'m> {
             }
             Ok(())
         };
+
         let (mut un, mut un_ref, mut un_desirable) = (vec![], vec![], vec![]);
         for &ex in batch {
             match ex {
                 Example::Pair(i) => {
-                    let p = &data.pairs[i];
-                    let s = self.score(&p.prompt, &[&p.chosen, &p.rejected], a)?;
-                    if refs.pending[i] {
-                        if at.step != 0 {
-                            return Err(TrainerError::Data(format!(
-                                "pair {i} has no reference values at step {}",
-                                at.step
-                            )));
-                        }
-                        // Before the first update the adapter computes what the reference
-                        // does: its scores are the reference's.
-                        let v = s.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?;
-                        let &[w, l] = v.as_slice() else {
-                            return Err(TrainerError::Data(
-                                "a pair scored to the wrong shape".into(),
-                            ));
-                        };
-                        refs.pairs[i] = (w, l);
+                    let out = pair_outs
+                        .next()
+                        .ok_or_else(|| TrainerError::Data(format!("pair {i} was not computed")))?;
+                    if let Some(filled) = out.filled {
+                        refs.pairs[i] = filled;
                         refs.pending[i] = false;
                     }
-                    let (rw, rl) = refs.pairs[i];
-                    let loss = objective::dpo_losses(
-                        &s.narrow(0, 0, 1)?,
-                        &s.narrow(0, 1, 1)?,
-                        &column(vec![rw])?,
-                        &column(vec![rl])?,
-                        self.params.beta,
-                    )?;
-                    accumulate(loss.sum_all()?.affine(1.0 / n_pairs as f64, 0.0)?)?;
+                    add(out.loss, out.grads)?;
                 }
                 Example::Demo(i) => {
                     let d = &data.demonstrations[i];
                     if self.params.alpha > 0.0 {
                         let s = self.score(&d.prompt, &[&d.completion], a)?;
                         let sft = objective::sft_loss(&s, demo_tokens)?;
-                        accumulate(sft.affine(self.params.alpha, 0.0)?)?;
+                        let (v, gs) = loss_grads(&sft.affine(self.params.alpha, 0.0)?, vars)?;
+                        add(v, gs)?;
                     }
                     if let Some(group) = self.rft_group(d, i, at)? {
                         rewards.extend(&group.rewards);
                         if let Some(loss) = group.loss {
                             let weight = self.rft.as_ref().map_or(0.0, |(p, _)| p.weight);
-                            accumulate(loss.affine(weight / n_demos as f64, 0.0)?)?;
+                            let (v, gs) =
+                                loss_grads(&loss.affine(weight / n_demos as f64, 0.0)?, vars)?;
+                            add(v, gs)?;
                         }
                     }
                 }
@@ -717,7 +862,9 @@ impl<'m> Trainer<'m> {
                 desirable_weight: self.params.kto_desirable_weight,
                 undesirable_weight: self.params.kto_undesirable_weight,
             };
-            accumulate(objective::kto_losses(&rho, &un_desirable, z0, kto)?.mean_all()?)?;
+            let kto = objective::kto_losses(&rho, &un_desirable, z0, kto)?.mean_all()?;
+            let (v, gs) = loss_grads(&kto, vars)?;
+            add(v, gs)?;
         }
         let grads = grads
             .into_iter()
@@ -1281,6 +1428,24 @@ mod tests {
             assert_eq!(before.reward_margin, 0.0, "{name}");
             assert!((out.metrics.losses[0] - std::f64::consts::LN_2).abs() < 1e-6);
         }
+    }
+
+    #[test]
+    fn parallel_map_keeps_item_order_and_reports_errors() {
+        let items: Vec<usize> = (0..17).collect();
+        let doubled = parallel_map(&items, &|&i| Ok(i * 2)).expect("map");
+        assert_eq!(doubled, items.iter().map(|i| i * 2).collect::<Vec<_>>());
+        let failed = parallel_map(&items, &|&i| {
+            if i == 11 {
+                Err(TrainerError::Data("eleven".into()))
+            } else {
+                Ok(i)
+            }
+        });
+        assert!(matches!(failed, Err(TrainerError::Data(m)) if m == "eleven"));
+        assert!(parallel_map(&[] as &[usize], &|&i| Ok(i))
+            .expect("empty")
+            .is_empty());
     }
 
     #[test]
