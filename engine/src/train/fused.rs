@@ -22,8 +22,23 @@ use crate::quant::parallel_for;
 const TASK_ELEMS: usize = 1 << 14;
 
 /// A float element the fused ops compute in.
-pub(crate) trait Elem: WithDType + Float {}
-impl Elem for f32 {}
+pub(crate) trait Elem: WithDType + Float {
+    /// In place `x = exp(x − max)`, returning the sum of the results.
+    fn exp_sum(x: &mut [Self], max: Self) -> Self {
+        let mut sum = Self::zero();
+        for v in x.iter_mut() {
+            *v = (*v - max).exp();
+            sum = sum + *v;
+        }
+        sum
+    }
+}
+impl Elem for f32 {
+    /// The serving soft-max's vectorised exponential (AVX2 where the CPU has it).
+    fn exp_sum(x: &mut [f32], max: f32) -> f32 {
+        (crate::model::simd::kernels().exp_sum)(x, max)
+    }
+}
 impl Elem for f64 {}
 
 /// Dispatches `$body` with `T` bound to the storage's float type.
@@ -536,10 +551,16 @@ impl LogSoftmaxGather {
     }
 }
 
-/// `max + ln Σ exp(x − max)` of one row.
+/// `max + ln Σ exp(x − max)` of one row (the exponentials a stack buffer at a time).
 fn log_sum_exp<T: Elem>(row: &[T]) -> T {
     let max = row.iter().fold(T::neg_infinity(), |m, &v| Float::max(m, v));
-    let sum = row.iter().fold(T::zero(), |a, &v| a + (v - max).exp());
+    let mut buf = [T::zero(); 256];
+    let mut sum = T::zero();
+    for c in row.chunks(buf.len()) {
+        let b = &mut buf[..c.len()];
+        b.copy_from_slice(c);
+        sum = sum + T::exp_sum(b, max);
+    }
     max + sum.ln()
 }
 
@@ -597,8 +618,10 @@ impl CustomOp2 for LogSoftmaxGatherBackward<'_> {
                 }
                 let row = &x[r * vocab..(r + 1) * vocab];
                 let lse = log_sum_exp(row);
-                for (d, &v) in dst.iter_mut().zip(row) {
-                    *d = -gr * (v - lse).exp();
+                dst.copy_from_slice(row);
+                T::exp_sum(dst, lse);
+                for d in dst.iter_mut() {
+                    *d = -gr * *d;
                 }
                 dst[self.0.targets[r] as usize] += gr;
             });
