@@ -5,6 +5,8 @@
 
 use std::sync::OnceLock;
 
+use crate::quant::{q8_amax, q8_round};
+
 /// `dst += wᵀ · q` over 8-bit rows (see [`Kernels::gemv_t_q8`]).
 pub(crate) type GemvQ8 = fn(&mut [f32], &[f32], &[i8], &[f32]);
 
@@ -92,28 +94,12 @@ impl Q8Rows {
 }
 
 /// The activation quantizer's block arithmetic (`quant::q8_block`: scale `amax / 127`, values
-/// `v · (127 / amax)` rounded half to even), written so that it vectorises: an adapter load
-/// quantizes millions of values.
+/// `v · (127 / amax)` rounded half to even) into signed values.
 fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let mut chunks = x.chunks_exact(8);
-    for c in &mut chunks {
-        for (m, &v) in lanes.iter_mut().zip(c) {
-            let a = v.abs();
-            *m = if a > *m { a } else { *m };
-        }
-    }
-    for &v in chunks.remainder() {
-        let a = v.abs();
-        lanes[0] = if a > lanes[0] { a } else { lanes[0] };
-    }
-    let amax = lanes.iter().fold(0f32, |m, &a| if a > m { a } else { m });
+    let amax = q8_amax(x);
     let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-    // Adding 1.5·2^23 rounds |v · id| <= 127 to an integer (half to even, the FPU's mode) that
-    // sits in the low bits of the sum: integer arithmetic from there, no saturating casts.
-    const MAGIC: f32 = 12_582_912.0;
     for (o, &v) in q.iter_mut().zip(x) {
-        *o = ((v * id + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32) as i8;
+        *o = q8_round(v * id);
     }
     amax / 127.0
 }

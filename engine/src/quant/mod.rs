@@ -28,6 +28,7 @@ pub(crate) use quantize::f16_round;
 #[cfg(test)]
 pub(crate) use quantize::q8_block;
 pub use quantize::quantize;
+pub(crate) use quantize::{q8_amax, q8_round};
 
 /// A ggml tensor element format (float or block-quantized).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

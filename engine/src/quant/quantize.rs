@@ -159,12 +159,27 @@ fn min_max(x: &[f32]) -> (f32, f32) {
 }
 
 /// Symmetric int8 quantization of 32 values; returns (scale, sum of q). Written so that it
-/// vectorises (every matmul quantizes its activations with it): eight running maxima, and
-/// the rounded value read from the bits of `v · id + 1.5·2^23` (the FPU rounds half to even)
-/// instead of a saturating float-to-int cast.
+/// vectorises (every matmul quantizes its activations with it): see [`q8_amax`] and
+/// [`q8_round`].
 #[inline(always)]
 pub(crate) fn q8_block(x: &[f32], q: &mut [u8]) -> (f32, i32) {
-    // `a > m` skips NaN as `f32::max` does.
+    let amax = q8_amax(x);
+    // 127/amax, not 1/d: llama.cpp's x86 quantizers (`quantize_row_q8_0/1`) scale this way, and
+    // the two differ in the last bit often enough to move a rounding.
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let mut sum = 0i32;
+    for (o, &v) in q.iter_mut().zip(x) {
+        let r = q8_round(v * id);
+        sum += r as i32;
+        *o = r as u8;
+    }
+    (amax / 127.0, sum)
+}
+
+/// The largest magnitude in `x` (NaN skipped, as `f32::max` does), as eight running maxima
+/// so that it vectorises.
+#[inline(always)]
+pub(crate) fn q8_amax(x: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let mut chunks = x.chunks_exact(8);
     for c in &mut chunks {
@@ -177,23 +192,17 @@ pub(crate) fn q8_block(x: &[f32], q: &mut [u8]) -> (f32, i32) {
         let a = v.abs();
         lanes[0] = if a > lanes[0] { a } else { lanes[0] };
     }
-    let amax = lanes.iter().fold(0f32, |m, &a| if a > m { a } else { m });
-    let d = amax / 127.0;
-    // 127/amax, not 1/d: llama.cpp's x86 quantizers (`quantize_row_q8_0/1`) scale this way, and
-    // the two differ in the last bit often enough to move a rounding.
-    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    lanes.iter().fold(0f32, |m, &a| if a > m { a } else { m })
+}
+
+/// `t` (|t| <= 127) rounded half to even: adding 1.5·2^23 leaves the integer in the low bits
+/// of the sum (the FPU rounds half to even), read without a saturating cast. NaN (a NaN
+/// value, or an infinite one times a zero scale) gives 0, as the cast did.
+#[inline(always)]
+pub(crate) fn q8_round(t: f32) -> i8 {
     const MAGIC: f32 = 12_582_912.0;
-    let mut sum = 0i32;
-    for (o, &v) in q.iter_mut().zip(x) {
-        let t = v * id;
-        // A NaN (a NaN value, or an infinite one times a zero scale) becomes 0, as the cast made
-        // it.
-        let t = if t.is_nan() { 0.0 } else { t };
-        let r = ((t + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32) as i8;
-        sum += r as i32;
-        *o = r as u8;
-    }
-    (d, sum)
+    let t = if t.is_nan() { 0.0 } else { t };
+    ((t + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32) as i8
 }
 
 /// Q8_K: f32 scale chosen so the largest-magnitude value maps to -128, plus 16-sums.

@@ -28,7 +28,7 @@ pub(crate) trait Elem: WithDType + Float {
         let mut sum = Self::zero();
         for v in x.iter_mut() {
             *v = (*v - max).exp();
-            sum = sum + *v;
+            sum += *v;
         }
         sum
     }
@@ -559,7 +559,7 @@ fn log_sum_exp<T: Elem>(row: &[T]) -> T {
     for c in row.chunks(buf.len()) {
         let b = &mut buf[..c.len()];
         b.copy_from_slice(c);
-        sum = sum + T::exp_sum(b, max);
+        sum += T::exp_sum(b, max);
     }
     max + sum.ln()
 }
@@ -621,7 +621,7 @@ impl CustomOp2 for LogSoftmaxGatherBackward<'_> {
                 dst.copy_from_slice(row);
                 T::exp_sum(dst, lse);
                 for d in dst.iter_mut() {
-                    *d = -gr * *d;
+                    *d *= -gr;
                 }
                 dst[self.0.targets[r] as usize] += gr;
             });
