@@ -9,9 +9,10 @@ use prefix_rft_engine::model::{
 };
 use prefix_rft_engine::quant::GgmlDType;
 use prefix_rft_engine::testing::{load_tiny_gguf, max_abs_diff, TinySpec};
-use prefix_rft_engine::train::fused::LoraDelta;
+use prefix_rft_engine::train::fused::{LogSoftmaxGather, LoraDelta};
 use prefix_rft_engine::train::{
-    ops, LoraConfig, PrefixConfig, QLoraLinear, QMatMulOp, TrainAdapter, TrainModel, TrainOptions,
+    ops, HeadLogSoftmax, LoraConfig, PrefixConfig, QLoraLinear, QMatMulOp, TrainAdapter,
+    TrainModel, TrainOptions,
 };
 use rand::{Rng, SeedableRng};
 
@@ -477,6 +478,52 @@ fn fused_quantized_lora_linear_equals_base_op_plus_delta() {
             assert!(diff < 1e-4, "gradient of {name} differs by {diff}");
         }
     }
+}
+
+/// The fused head + log-softmax op gives the two separate ops' values bit for bit and their
+/// gradient, masked rows (zero gradient) included, and again on a second backward.
+#[test]
+fn fused_head_log_softmax_equals_head_then_log_softmax_gather() {
+    let spec = TinySpec::default();
+    let (_d, model) = tiny_model(&spec, GgmlDType::Q8_0);
+    let head = &model.weights().lm_head;
+    let (vocab, hidden, rows) = (head.rows(), head.cols(), 6);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+    let xv: Vec<f32> = (0..rows * hidden)
+        .map(|_| rng.gen_range(-1.0..1.0))
+        .collect();
+    let x = Var::from_vec(xv, (rows, hidden), &Device::Cpu).expect("x");
+    let targets: Vec<u32> = (0..rows).map(|_| rng.gen_range(0..vocab as u32)).collect();
+    // Rows 2 and 5 are masked out by a zero weight.
+    let weights = Tensor::new(&[1.0f32, 0.5, 0.0, -2.0, 1.5, 0.0], &Device::Cpu).expect("w");
+    let fused = x
+        .as_tensor()
+        .apply_op1(HeadLogSoftmax::new(
+            QMatMulOp::new(head.clone()),
+            targets.clone(),
+        ))
+        .expect("fused");
+    let separate = x
+        .as_tensor()
+        .apply_op1(QMatMulOp::new(head.clone()))
+        .and_then(|l| l.apply_op1(LogSoftmaxGather::new(targets.clone())))
+        .expect("separate");
+    let values = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("v");
+    assert_eq!(values(&fused), values(&separate), "forward differs");
+    let grad = |y: &Tensor| {
+        let g = (y * &weights)
+            .and_then(|t| t.sum_all())
+            .and_then(|l| l.backward())
+            .expect("backward");
+        values(g.get(x.as_tensor()).expect("gradient"))
+    };
+    let want = grad(&separate);
+    let got = grad(&fused);
+    assert!(max_abs_diff(&got, &want) < 1e-5, "gradient differs");
+    assert!(
+        max_abs_diff(&grad(&fused), &want) < 1e-5,
+        "second backward differs"
+    );
 }
 
 #[test]

@@ -16,7 +16,7 @@ use super::error::TrainError;
 use super::fused::{self, Attention, Heads, LogSoftmaxGather, Rope, SwiGlu};
 use super::lora::LoraLayer;
 use super::ops::{self, RopeTables};
-use super::qmatmul::{QLoraLinear, QMatMulOp};
+use super::qmatmul::{HeadLogSoftmax, QLoraLinear, QMatMulOp};
 use crate::model::weights::{Fused, Linear};
 use crate::model::{Llama, ModelConfig, ModelWeights, Proj};
 use crate::quant::QMatrix;
@@ -388,25 +388,24 @@ impl TrainModel {
         } else {
             first.contiguous()?
         };
-        let logits = self
-            .lm_head
-            .forward(&scoring.reshape((b * t, h))?)?
-            .reshape((b, t, vocab))?;
+        let scoring = scoring.reshape((b * t, h))?;
+        if let (true, BaseWeight::Quantized(_, head), None) =
+            (self.fused, &self.lm_head.weight, &self.lm_head.bias)
+        {
+            // Head and log-softmax as one op: the logits never enter the graph.
+            let (ids, mask) = self.targets(continuations, (b, t))?;
+            let op = HeadLogSoftmax::new(head.clone(), ids);
+            let logp = scoring.contiguous()?.apply_op1(op)?.reshape((b, t))?;
+            return Ok((logp * mask)?);
+        }
+        let logits = self.lm_head.forward(&scoring)?.reshape((b, t, vocab))?;
         self.gather_targets(&logits, continuations)
     }
 
     /// `log_softmax(logits)[i, j, targets_i[j]]`, 0 past the end of `targets_i`.
     fn gather_targets(&self, logits: &Tensor, targets: &[&[u32]]) -> Result<Tensor, TrainError> {
         let (b, t, _) = logits.dims3()?;
-        let mut ids = vec![PAD_TOKEN; b * t];
-        let mut mask = vec![0f32; b * t];
-        for (i, seq) in targets.iter().enumerate() {
-            for (j, &tok) in seq.iter().take(t).enumerate() {
-                ids[i * t + j] = tok;
-                mask[i * t + j] = 1.0;
-            }
-        }
-        let mask = tensor(mask, (b, t), self.dtype, &self.device)?;
+        let (ids, mask) = self.targets(targets, (b, t))?;
         let logp = if self.fused {
             let vocab = logits.dim(2)?;
             logits
@@ -419,6 +418,24 @@ impl TrainModel {
             ops::gather_logprobs(&logits.contiguous()?, &ids)?
         };
         Ok((logp * mask)?)
+    }
+
+    /// Target ids `[b · t]` (padding past each sequence's end) and the mask `[b, t]` of real
+    /// ones.
+    fn targets(
+        &self,
+        targets: &[&[u32]],
+        (b, t): (usize, usize),
+    ) -> Result<(Vec<u32>, Tensor), TrainError> {
+        let mut ids = vec![PAD_TOKEN; b * t];
+        let mut mask = vec![0f32; b * t];
+        for (i, seq) in targets.iter().enumerate() {
+            for (j, &tok) in seq.iter().take(t).enumerate() {
+                ids[i * t + j] = tok;
+                mask[i * t + j] = 1.0;
+            }
+        }
+        Ok((ids, tensor(mask, (b, t), self.dtype, &self.device)?))
     }
 
     /// The adapter's virtual keys/values as the past every sequence starts from.

@@ -113,7 +113,7 @@ impl<T> RowsPtr<T> {
 
 /// A new `rows × width` buffer whose row `r` is written by `f(r, row)`, rows spread over the
 /// compute pool; `cost` is the elements one row reads (at least its width).
-fn map_rows<T: Elem>(
+pub(crate) fn map_rows<T: Elem>(
     rows: usize,
     width: usize,
     cost: usize,
@@ -129,6 +129,25 @@ fn map_rows<T: Elem>(
         }
     });
     out
+}
+
+/// `f(r, row)` on every row of `buf` (`width` values each) in place, rows spread over the
+/// compute pool as [`map_rows`] spreads them.
+pub(crate) fn for_rows_mut<T: Elem>(
+    buf: &mut [T],
+    width: usize,
+    cost: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
+    let rows = buf.len() / width.max(1);
+    let per_task = (TASK_ELEMS / cost.max(width).max(1)).max(1);
+    let ptr = RowsPtr(buf.as_mut_ptr());
+    parallel_for(rows.div_ceil(per_task), &|t| {
+        for r in t * per_task..((t + 1) * per_task).min(rows) {
+            // SAFETY: r < rows, so the row is inside `buf`; each row belongs to one task.
+            f(r, unsafe { ptr.row(r, width) });
+        }
+    });
 }
 
 fn cast<T: Elem>(v: f64) -> T {
@@ -552,7 +571,7 @@ impl LogSoftmaxGather {
 }
 
 /// `max + ln Σ exp(x − max)` of one row (the exponentials a stack buffer at a time).
-fn log_sum_exp<T: Elem>(row: &[T]) -> T {
+pub(crate) fn log_sum_exp<T: Elem>(row: &[T]) -> T {
     let max = row.iter().fold(T::neg_infinity(), |m, &v| Float::max(m, v));
     let mut buf = [T::zero(); 256];
     let mut sum = T::zero();
@@ -589,6 +608,17 @@ impl CustomOp1 for LogSoftmaxGather {
     }
 }
 
+/// `row` (logits) replaced by `∂(g · log_softmax(row)[target])/∂row`:
+/// `g · (onehot(target) − softmax(row))`.
+pub(crate) fn log_softmax_grad_row<T: Elem>(row: &mut [T], target: usize, g: T) {
+    let lse = log_sum_exp(row);
+    T::exp_sum(row, lse);
+    for d in row.iter_mut() {
+        *d *= -g;
+    }
+    row[target] += g;
+}
+
 /// `∂/∂logits` of [`LogSoftmaxGather`]: `g[n] · (onehot(target) − softmax(logits[n]))`.
 struct LogSoftmaxGatherBackward<'a>(&'a LogSoftmaxGather);
 
@@ -616,14 +646,8 @@ impl CustomOp2 for LogSoftmaxGatherBackward<'_> {
                 if gr == T::zero() {
                     return; // masked position: its row stays zero
                 }
-                let row = &x[r * vocab..(r + 1) * vocab];
-                let lse = log_sum_exp(row);
-                dst.copy_from_slice(row);
-                T::exp_sum(dst, lse);
-                for d in dst.iter_mut() {
-                    *d *= -gr;
-                }
-                dst[self.0.targets[r] as usize] += gr;
+                dst.copy_from_slice(&x[r * vocab..(r + 1) * vocab]);
+                log_softmax_grad_row(dst, self.0.targets[r] as usize, gr);
             });
             Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
         })

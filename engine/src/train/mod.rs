@@ -17,4 +17,4 @@ pub use error::TrainError;
 pub use forward::{PromptCache, TrainModel, TrainOptions};
 pub use lora::{LoraConfig, LoraLayer};
 pub use prefix::{PrefixConfig, PrefixLayer};
-pub use qmatmul::{QLoraLinear, QMatMulOp};
+pub use qmatmul::{HeadLogSoftmax, QLoraLinear, QMatMulOp};

@@ -11,13 +11,16 @@
 //! base.
 
 use std::cell::RefCell;
+use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp3, Error, Layout, Result, Shape, Storage, Tensor,
 };
 
-use super::fused::{column_windows, LoraDelta};
+use super::fused::{
+    column_windows, for_rows_mut, log_softmax_grad_row, log_sum_exp, map_rows, LoraDelta,
+};
 use crate::quant::{with_buffer, QMatrix};
 
 /// f32 elements of `W` dequantised at once in the backward (4 MiB).
@@ -275,5 +278,96 @@ impl CustomOp3 for QLoraLinear {
             Some(Tensor::from_vec(ga, (r, i), dev)?),
             Some(Tensor::from_vec(gb, (o, r), dev)?),
         ))
+    }
+}
+
+/// The quantized LM head and the log-softmax gather as one op: hidden states `[rows, hidden]`
+/// → `log_softmax(h Wᵀ)[r, targets[r]]` `[rows]`. The same numbers as [`QMatMulOp`] followed
+/// by [`LogSoftmaxGather`](super::fused::LogSoftmaxGather), but the `[rows, vocab]` logits stay
+/// inside the op (kept from the forward for the backward, which turns them into their
+/// gradient in place and multiplies by `W`): no logits tensor in the graph, so no zeroed
+/// `[rows, vocab]` gradient buffer and no add into it.
+#[derive(Debug)]
+pub struct HeadLogSoftmax {
+    head: QMatMulOp,
+    targets: Vec<u32>,
+    /// The forward's logits, taken by the backward.
+    logits: Mutex<Option<Vec<f32>>>,
+}
+
+impl HeadLogSoftmax {
+    /// The head `head` scoring one target id per row.
+    pub fn new(head: QMatMulOp, targets: Vec<u32>) -> Self {
+        HeadLogSoftmax {
+            head,
+            targets,
+            logits: Mutex::new(None),
+        }
+    }
+
+    /// `(rows, vocab)` for an input of `dims`, checked against the targets.
+    fn check(&self, dims: &[usize]) -> Result<(usize, usize)> {
+        let (rows, _) = self.head.out_shape(dims)?;
+        let vocab = self.head.rows.len();
+        if rows != self.targets.len() {
+            bail!(
+                "head log-softmax: {rows} rows for {} targets",
+                self.targets.len()
+            );
+        }
+        if let Some(&t) = self.targets.iter().find(|&&t| t as usize >= vocab) {
+            bail!("head log-softmax: target {t} outside a vocabulary of {vocab}");
+        }
+        Ok((rows, vocab))
+    }
+
+    fn logits(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let mut logits = vec![0f32; rows * self.head.rows.len()];
+        self.head
+            .weight
+            .matmul_rows(self.head.rows.clone(), x, rows, &mut logits)
+            .map_err(Error::wrap)?;
+        Ok(logits)
+    }
+}
+
+impl CustomOp1 for HeadLogSoftmax {
+    fn name(&self) -> &'static str {
+        "qmatmul-head-log-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (rows, vocab) = self.check(layout.dims())?;
+        let logits = self.logits(f32_slice(storage, layout, self.name())?, rows)?;
+        let out = map_rows(rows, 1, vocab, |r, dst: &mut [f32]| {
+            let row = &logits[r * vocab..(r + 1) * vocab];
+            dst[0] = row[self.targets[r] as usize] - log_sum_exp(row);
+        });
+        *self.logits.lock().unwrap_or_else(|p| p.into_inner()) = Some(logits);
+        Ok((CpuStorage::F32(out), Shape::from(rows)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (rows, vocab) = self.check(arg.dims())?;
+        let arg = arg.contiguous()?;
+        let kept = self.logits.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let mut logits = match kept {
+            Some(l) => l,
+            // A second backward through the same graph: compute them again.
+            None => with_f32(&arg, self.name(), |x| self.logits(x, rows))?,
+        };
+        let g = grad.contiguous()?.to_vec1::<f32>()?;
+        if g.len() != rows {
+            bail!("{}: {} gradients for {rows} rows", self.name(), g.len());
+        }
+        for_rows_mut(&mut logits, vocab, vocab, |r, row: &mut [f32]| {
+            if g[r] == 0.0 {
+                row.fill(0.0); // masked position
+            } else {
+                log_softmax_grad_row(row, self.targets[r] as usize, g[r]);
+            }
+        });
+        let grad_x = self.head.grad_input(&logits, rows)?;
+        Ok(Some(Tensor::from_vec(grad_x, arg.shape(), arg.device())?))
     }
 }
