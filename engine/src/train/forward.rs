@@ -7,9 +7,7 @@
 //! [`QMatMulOp`]s) and never receive gradient. A batch is right-padded: with a causal mask a
 //! real token never sees the padding after it, so no padding mask is needed.
 
-use std::sync::Arc;
-
-use candle_core::{CustomOp1, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::adapter::TrainAdapter;
 use super::error::TrainError;
@@ -48,8 +46,9 @@ impl Default for TrainOptions {
 #[derive(Clone)]
 enum BaseWeight {
     Dense(Tensor),
-    /// The op, shared by every forward, and the same op to fuse with a LoRA pair.
-    Quantized(Arc<Box<dyn CustomOp1 + Send + Sync>>, QMatMulOp),
+    /// Applied alone, or fused with a LoRA pair or the log-softmax (a clone shares the
+    /// weight's bytes).
+    Quantized(QMatMulOp),
 }
 
 /// A frozen projection (or a row range of a fused one), plus an optional bias.
@@ -73,9 +72,7 @@ impl BaseLinear {
         device: &Device,
     ) -> Result<Self, TrainError> {
         let weight = if opts.quantized_base {
-            let op = QMatMulOp::rows(l.weight.clone(), first, n)?;
-            let shared: Box<dyn CustomOp1 + Send + Sync> = Box::new(op.clone());
-            BaseWeight::Quantized(Arc::new(shared), op)
+            BaseWeight::Quantized(QMatMulOp::rows(l.weight.clone(), first, n)?)
         } else {
             let cols = l.weight.cols();
             let mut w = vec![0f32; n * cols];
@@ -133,7 +130,7 @@ impl BaseLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor, TrainError> {
         let y = match &self.weight {
             BaseWeight::Dense(w) => x.matmul(&w.t()?)?,
-            BaseWeight::Quantized(op, _) => x.contiguous()?.apply_op1_arc(op.clone())?,
+            BaseWeight::Quantized(op) => x.contiguous()?.apply_op1(op.clone())?,
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -153,7 +150,7 @@ impl BaseLinear {
             return self.forward(x);
         };
         match (&self.weight, &self.bias) {
-            (BaseWeight::Quantized(_, op), None) if x.device().is_cpu() => {
+            (BaseWeight::Quantized(op), None) if x.device().is_cpu() => {
                 let (a, b) = l.factors(int8)?;
                 let fused = QLoraLinear::new(op.clone(), l.scale);
                 Ok(x.contiguous()?.apply_op3(&a, &b, fused)?)
@@ -389,7 +386,7 @@ impl TrainModel {
             first.contiguous()?
         };
         let scoring = scoring.reshape((b * t, h))?;
-        if let (true, BaseWeight::Quantized(_, head), None) =
+        if let (true, BaseWeight::Quantized(head), None) =
             (self.fused, &self.lm_head.weight, &self.lm_head.bias)
         {
             // Head and log-softmax as one op: the logits never enter the graph.

@@ -560,14 +560,24 @@ impl LogSoftmaxGather {
 
     fn check(&self, layout: &Layout, what: &str) -> Result<(usize, usize)> {
         let (rows, vocab) = rows_of(layout, what)?;
-        if rows != self.targets.len() {
-            bail!("{what}: {rows} rows for {} targets", self.targets.len());
-        }
-        if let Some(&t) = self.targets.iter().find(|&&t| t as usize >= vocab) {
-            bail!("{what}: target {t} outside a vocabulary of {vocab}");
-        }
+        check_targets(&self.targets, (rows, vocab), what)?;
         Ok((rows, vocab))
     }
+}
+
+/// One target id per row, each inside the vocabulary.
+pub(crate) fn check_targets(
+    targets: &[u32],
+    (rows, vocab): (usize, usize),
+    what: &str,
+) -> Result<()> {
+    if rows != targets.len() {
+        bail!("{what}: {rows} rows for {} targets", targets.len());
+    }
+    if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
+        bail!("{what}: target {t} outside a vocabulary of {vocab}");
+    }
+    Ok(())
 }
 
 /// `max + ln Σ exp(x − max)` of one row (the exponentials a stack buffer at a time).

@@ -13,13 +13,13 @@
 use std::cell::RefCell;
 use std::sync::Mutex;
 
-use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp3, Error, Layout, Result, Shape, Storage, Tensor,
 };
 
 use super::fused::{
-    column_windows, for_rows_mut, log_softmax_grad_row, log_sum_exp, map_rows, LoraDelta,
+    check_targets, column_windows, for_rows_mut, log_softmax_grad_row, log_sum_exp, map_rows,
+    LoraDelta,
 };
 use crate::quant::{with_buffer, QMatrix};
 
@@ -116,6 +116,15 @@ impl QMatMulOp {
         }
     }
 
+    /// `x Wᵀ` for `m` row-major rows `x`: `[m, rows]`, with the serving kernel.
+    fn product(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; m * self.rows.len()];
+        self.weight
+            .matmul_rows(self.rows.clone(), x, m, &mut out)
+            .map_err(Error::wrap)?;
+        Ok(out)
+    }
+
     fn out_shape(&self, dims: &[usize]) -> Result<(usize, Shape)> {
         let cols = self.weight.cols();
         match dims.split_last() {
@@ -137,17 +146,8 @@ impl CustomOp1 for QMatMulOp {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            bail!("qmatmul: input must be f32, got {:?}", storage.dtype())
-        };
         let (m, shape) = self.out_shape(layout.dims())?;
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            bail!("qmatmul: input must be contiguous")
-        };
-        let mut out = vec![0f32; m * self.rows.len()];
-        self.weight
-            .matmul_rows(self.rows.clone(), &data[start..end], m, &mut out)
-            .map_err(Error::wrap)?;
+        let out = self.product(f32_slice(storage, layout, self.name())?, m)?;
         Ok((CpuStorage::F32(out), shape))
     }
 
@@ -232,11 +232,7 @@ impl CustomOp3 for QLoraLinear {
         let what = self.name();
         let x = f32_slice(xs, xl, what)?;
         let (a, b) = (f32_slice(as_, al, what)?, f32_slice(bs, bl, what)?);
-        let mut out = vec![0f32; m * o];
-        self.base
-            .weight
-            .matmul_rows(self.base.rows.clone(), x, m, &mut out)
-            .map_err(Error::wrap)?;
+        let mut out = self.base.product(x, m)?;
         let delta = self.lora.values(x, a, b, dims);
         for (y, d) in out.iter_mut().zip(&delta) {
             *y += d;
@@ -309,25 +305,8 @@ impl HeadLogSoftmax {
     fn check(&self, dims: &[usize]) -> Result<(usize, usize)> {
         let (rows, _) = self.head.out_shape(dims)?;
         let vocab = self.head.rows.len();
-        if rows != self.targets.len() {
-            bail!(
-                "head log-softmax: {rows} rows for {} targets",
-                self.targets.len()
-            );
-        }
-        if let Some(&t) = self.targets.iter().find(|&&t| t as usize >= vocab) {
-            bail!("head log-softmax: target {t} outside a vocabulary of {vocab}");
-        }
+        check_targets(&self.targets, (rows, vocab), self.name())?;
         Ok((rows, vocab))
-    }
-
-    fn logits(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        let mut logits = vec![0f32; rows * self.head.rows.len()];
-        self.head
-            .weight
-            .matmul_rows(self.head.rows.clone(), x, rows, &mut logits)
-            .map_err(Error::wrap)?;
-        Ok(logits)
     }
 }
 
@@ -338,7 +317,9 @@ impl CustomOp1 for HeadLogSoftmax {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (rows, vocab) = self.check(layout.dims())?;
-        let logits = self.logits(f32_slice(storage, layout, self.name())?, rows)?;
+        let logits = self
+            .head
+            .product(f32_slice(storage, layout, self.name())?, rows)?;
         let out = map_rows(rows, 1, vocab, |r, dst: &mut [f32]| {
             let row = &logits[r * vocab..(r + 1) * vocab];
             dst[0] = row[self.targets[r] as usize] - log_sum_exp(row);
@@ -354,7 +335,7 @@ impl CustomOp1 for HeadLogSoftmax {
         let mut logits = match kept {
             Some(l) => l,
             // A second backward through the same graph: compute them again.
-            None => with_f32(&arg, self.name(), |x| self.logits(x, rows))?,
+            None => with_f32(&arg, self.name(), |x| self.head.product(x, rows))?,
         };
         let g = grad.contiguous()?.to_vec1::<f32>()?;
         if g.len() != rows {

@@ -789,12 +789,12 @@ impl<'m> Trainer<'m> {
             })
             .collect();
         let (model, adapter, beta) = (self.model, &self.adapter, self.params.beta);
-        let pending: &ReferenceCache = refs;
+        let cache: &ReferenceCache = refs;
         let mut pair_outs = parallel_map(&pair_items, &|&i| {
             pair_grads(
                 (model, adapter),
                 &data.pairs[i],
-                (pending.pairs[i], pending.pending[i]),
+                (cache.pairs[i], cache.pending[i]),
                 (beta, n_pairs, at),
                 vars,
             )
