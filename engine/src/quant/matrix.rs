@@ -7,7 +7,7 @@
 //! Float weights (F32/F16/BF16) take the f32 activations unchanged (ggml would round
 //! activations to f16 for F16 weights; keeping f32 is slightly more accurate and simpler).
 
-use super::kernels::kernels;
+use super::kernels::{activation_scales, kernels, TILE_BLOCK_BYTES};
 use super::pool::{num_threads, parallel_for};
 use super::quantize::quantize_into;
 use super::{dequantize, quantize, GgmlDType, QuantError, WeightBytes};
@@ -45,6 +45,8 @@ thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     /// Per-thread tile of dequantized weight rows for [`Activations::F32`].
     static TILE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Per-thread packed four-row weight tile for the register-blocked kernels.
+    static PACKED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Whether the faster but batch-dependent multi-row kernels are enabled (see `matmul_prepared`).
@@ -481,12 +483,26 @@ impl QMatrix {
         // kernel does. The AVX2 1x4 kernel reduces differently and stays opt-in
         // (`PREFIX_RFT_QUANT_FAST_BATCH=1`).
         let blocked = kernels().blocked(self.dtype);
-        let (dot4, dot4x4) = if blocked.is_none() && m >= 4 && fast_batch() {
-            (kernels().dot4(self.dtype), kernels().dot4x4(self.dtype))
+        let dot4 = if blocked.is_none() && m >= 4 && fast_batch() {
+            kernels().dot4(self.dtype)
         } else {
-            (None, None)
+            None
         };
         let w: &[u8] = &self.bytes[range.start * rb..range.end * rb];
+        // The blocked kernels read each activation block's f16 header as f32, made once here
+        // for all weight tiles (two per block).
+        let spr = 2 * (cols / 32);
+        let scales = match (blocked, self.dtype.vec_dot_type()) {
+            (Some(_), Some(vdt)) => {
+                let mut s = vec![0f32; m * spr];
+                for (row, out) in act.chunks_exact(arb).zip(s.chunks_exact_mut(spr)) {
+                    activation_scales(vdt, row, out);
+                }
+                s
+            }
+            _ => Vec::new(),
+        };
+        let scales = &scales[..];
         let chunk = Self::task_rows(rows, rb, m);
         let n_tasks = rows.div_ceil(chunk);
         let optr = OutPtr(out.as_mut_ptr());
@@ -504,59 +520,46 @@ impl QMatrix {
                 debug_assert!(i < m && r < rows);
                 unsafe { *optr.0.add(i * rows + r) = v };
             };
-            if let Some((k44, k41)) = blocked {
-                // Weight rows four at a time; a short last group repeats its last row (same
-                // arithmetic per lane, results discarded).
-                let mut r = r0;
-                while r < r1 {
-                    let rr = [0, 1, 2, 3].map(|k| (r + k).min(r1 - 1));
-                    let ws = rr.map(wrow);
-                    let live = (r1 - r).min(4);
-                    let mut i = 0;
-                    while i + 4 <= m {
-                        let a = [0, 1, 2, 3].map(|k| &act[(i + k) * arb..(i + k + 1) * arb]);
-                        let v = k44(cols, ws, a);
-                        for (dr, vr) in v.into_iter().enumerate().take(live) {
-                            for (k, vk) in vr.into_iter().enumerate() {
-                                put(i + k, r + dr, vk);
-                            }
-                        }
-                        i += 4;
-                    }
-                    for i in i..m {
-                        let v = k41(cols, ws, &act[i * arb..(i + 1) * arb]);
-                        for (dr, vk) in v.into_iter().enumerate().take(live) {
-                            put(i, r + dr, vk);
-                        }
-                    }
-                    r += 4;
-                }
-                return;
-            }
-            let mut i = 0;
-            if dot4x4.is_some() || dot4.is_some() {
-                while i + 4 <= m {
-                    let a = [0, 1, 2, 3].map(|k| &act[(i + k) * arb..(i + k + 1) * arb]);
+            if let Some(tiled) = blocked {
+                // Weight rows four at a time, packed once for all activation rows; a short
+                // last group repeats its last row (same arithmetic per lane, results
+                // discarded).
+                with_buffer(&PACKED, cols / 32 * TILE_BLOCK_BYTES, |tile| {
                     let mut r = r0;
-                    if let Some(k44) = dot4x4 {
-                        // 4x4 register blocks: each weight block is unpacked once per four
-                        // activation rows, each activation block loaded once per four weights.
-                        while r + 4 <= r1 {
-                            let v = k44(cols, [0, 1, 2, 3].map(|k| wrow(r + k)), a);
-                            for (dr, vr) in v.into_iter().enumerate() {
+                    while r < r1 {
+                        let rr = [0, 1, 2, 3].map(|k| (r + k).min(r1 - 1));
+                        (tiled.pack)(cols, rr.map(wrow), tile);
+                        let live = (r1 - r).min(4);
+                        let mut i = 0;
+                        while i + 4 <= m {
+                            let a = [0, 1, 2, 3].map(|k| &act[(i + k) * arb..(i + k + 1) * arb]);
+                            let s = [0, 1, 2, 3].map(|k| &scales[(i + k) * spr..(i + k + 1) * spr]);
+                            let v = (tiled.k44)(cols, tile, a, s);
+                            for (dr, vr) in v.into_iter().enumerate().take(live) {
                                 for (k, vk) in vr.into_iter().enumerate() {
                                     put(i + k, r + dr, vk);
                                 }
                             }
-                            r += 4;
+                            i += 4;
                         }
+                        for i in i..m {
+                            let a = &act[i * arb..(i + 1) * arb];
+                            let v = (tiled.k41)(cols, tile, a, &scales[i * spr..(i + 1) * spr]);
+                            for (dr, vk) in v.into_iter().enumerate().take(live) {
+                                put(i, r + dr, vk);
+                            }
+                        }
+                        r += 4;
                     }
-                    for r in r..r1 {
-                        let v = match dot4 {
-                            Some(dot4) => dot4(cols, wrow(r), a),
-                            None => a.map(|ak| dot(cols, wrow(r), ak)),
-                        };
-                        for (k, vk) in v.into_iter().enumerate() {
+                });
+                return;
+            }
+            let mut i = 0;
+            if let Some(dot4) = dot4 {
+                while i + 4 <= m {
+                    let a = [0, 1, 2, 3].map(|k| &act[(i + k) * arb..(i + k + 1) * arb]);
+                    for r in r0..r1 {
+                        for (k, vk) in dot4(cols, wrow(r), a).into_iter().enumerate() {
                             put(i + k, r, vk);
                         }
                     }

@@ -1,7 +1,10 @@
 //! Tests of the quant module: candle as the dequantization reference, round-trip bounds,
 //! matmul against dequantized math, SIMD against the scalar oracle, validation and the pool.
 
-use super::kernels::{scalar_dot, simd_dequantizers, simd_dots, simd_dots4, simd_dots4x4};
+use super::kernels::{
+    activation_scales, scalar_dot, simd_dequantizers, simd_dots, simd_dots4, simd_tiled, Tiled,
+    TILE_BLOCK_BYTES,
+};
 use super::*;
 use candle_core::quantized::{GgmlDType as CDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -298,10 +301,36 @@ fn matmul_of_int8_kernel_formats_matches_reference_for_every_tile_remainder() {
     check_matmul(GgmlDType::Q8_0, 1003, 576, 5);
 }
 
+/// `out[r][c] = dot(w[r], a[c])` through a register-blocked kernel set as `matmul` runs it:
+/// the rows packed into a tile, the activation scales made, then the 4x4 kernel; also checks
+/// that the 4x1 kernel gives every column bit for bit.
+fn tiled_dots(t: GgmlDType, k: Tiled, n: usize, w: [&[u8]; 4], a: [&[u8]; 4]) -> [[f32; 4]; 4] {
+    let vdt = t.vec_dot_type().unwrap();
+    let mut tile = vec![0u8; n / 32 * TILE_BLOCK_BYTES];
+    (k.pack)(n, w, &mut tile);
+    let scales: Vec<Vec<f32>> = a
+        .iter()
+        .map(|a| {
+            let mut s = vec![0f32; n / 16];
+            activation_scales(vdt, a, &mut s);
+            s
+        })
+        .collect();
+    let s = [0, 1, 2, 3].map(|c| &scales[c][..]);
+    let out = (k.k44)(n, &tile, a, s);
+    for c in 0..4 {
+        let col = (k.k41)(n, &tile, a[c], s[c]);
+        for r in 0..4 {
+            assert_eq!(col[r].to_bits(), out[r][c].to_bits(), "4x1 and 4x4 differ");
+        }
+    }
+    out
+}
+
 #[test]
 fn simd_4x4_micro_kernels_equal_scalar_oracle() {
     let mut rng = StdRng::seed_from_u64(9);
-    let kernels = simd_dots4x4();
+    let kernels = simd_tiled();
     if cfg!(target_arch = "x86_64") && std::arch::is_x86_feature_detected!("avx512vnni") {
         assert!(!kernels.is_empty(), "no 4x4 kernel on a VNNI CPU");
     }
@@ -324,7 +353,9 @@ fn simd_4x4_micro_kernels_equal_scalar_oracle() {
                 let acts: Vec<Vec<u8>> = (0..4)
                     .map(|k| quantize(vdt, &data(n, 60 + k + 10 * trial)).unwrap())
                     .collect();
-                let got = k44(
+                let got = tiled_dots(
+                    t,
+                    k44,
                     n,
                     [0, 1, 2, 3].map(|r| &w[r][..]),
                     [0, 1, 2, 3].map(|k| &acts[k][..]),
@@ -453,13 +484,15 @@ fn simd_integer_parts_are_exact() {
             assert_eq!(simd(n, &w, &a), scalar_dot(t)(n, &w, &a), "{}", t.name());
         }
     }
-    for (name, t, k44) in simd_dots4x4() {
+    for (name, t, k44) in simd_tiled() {
         let vdt = t.vec_dot_type().unwrap();
         let w: Vec<Vec<u8>> = (0..4).map(|_| unit_scale_blocks(t, n, &mut rng)).collect();
         let a: Vec<Vec<u8>> = (0..4)
             .map(|_| unit_scale_blocks(vdt, n, &mut rng))
             .collect();
-        let got = k44(
+        let got = tiled_dots(
+            t,
+            k44,
             n,
             [0, 1, 2, 3].map(|r| &w[r][..]),
             [0, 1, 2, 3].map(|c| &a[c][..]),

@@ -20,13 +20,47 @@ pub(crate) type VecDotFn = fn(usize, &[u8], &[u8]) -> f32;
 /// activation rows, unpacking the weights once (prefill).
 pub(crate) type VecDot4Fn = fn(usize, &[u8], [&[u8]; 4]) -> [f32; 4];
 
-/// `dot4x4(n_elements, four_weight_rows, four_activation_rows)`: `out[r][c] = dot(w[r], a[c])`,
-/// a register-blocked micro-kernel that unpacks each weight block once for four activation rows
-/// and loads each activation block once for four weight rows (m >= 4).
-pub(crate) type VecDot4x4Fn = fn(usize, [&[u8]; 4], [&[u8]; 4]) -> [[f32; 4]; 4];
+/// Bytes per 32-element block of a packed 4-row weight tile (see [`Tiled`]): the four rows'
+/// weights as unsigned bytes (4 x 32), then four f32 scales `d` and four f32 `m` (zero where
+/// the format has none).
+pub(crate) const TILE_BLOCK_BYTES: usize = 160;
 
-/// Four weight rows · one activation row, with the 4x4 kernel's per-pair arithmetic.
-pub(crate) type VecDot4x1Fn = fn(usize, [&[u8]; 4], &[u8]) -> [f32; 4];
+/// `pack(n_elements, four_weight_rows, tile)`: four weight rows unpacked into a tile of
+/// `n / 32 * TILE_BLOCK_BYTES` bytes, once per tile rather than once per activation row.
+pub(crate) type TilePackFn = fn(usize, [&[u8]; 4], &mut [u8]);
+
+/// `dot4x4(n_elements, tile, four_activation_rows, their_scales)`:
+/// `out[r][c] = dot(w[r], a[c])`, a register-blocked micro-kernel that loads each weight block
+/// once for four activation rows and each activation block once for four weight rows.
+/// `scales[c]` is activation row `c`'s [`activation_scales`], made once per product.
+pub(crate) type VecDot4x4Fn = fn(usize, &[u8], [&[u8]; 4], [&[f32]; 4]) -> [[f32; 4]; 4];
+
+/// Four weight rows (a packed tile) · one activation row (and its scales), with the 4x4
+/// kernel's per-pair arithmetic.
+pub(crate) type VecDot4x1Fn = fn(usize, &[u8], &[u8], &[f32]) -> [f32; 4];
+
+/// The register-blocked kernels of one weight format: every (weight row, activation row) pair
+/// gets the same arithmetic whatever the batch.
+#[derive(Clone, Copy)]
+pub(crate) struct Tiled {
+    /// Packs four weight rows into a tile.
+    pub pack: TilePackFn,
+    /// Tile · four activation rows.
+    pub k44: VecDot4x4Fn,
+    /// Tile · one activation row.
+    pub k41: VecDot4x1Fn,
+}
+
+/// Each block's f16 header of an activation row in `vdt` (Q8_0 or Q8_1), as the f32 pairs the
+/// 4x4 kernels read: `(d, s)` for Q8_1, `(d, 0)` for Q8_0; `out` holds two per block.
+pub(crate) fn activation_scales(vdt: GgmlDType, row: &[u8], out: &mut [f32]) {
+    let bytes = vdt.type_size();
+    for (block, pair) in row.chunks_exact(bytes).zip(out.chunks_exact_mut(2)) {
+        let f16 = |k: usize| half::f16::from_le_bytes([block[k], block[k + 1]]).to_f32();
+        pair[0] = f16(0);
+        pair[1] = if vdt == GgmlDType::Q8_1 { f16(2) } else { 0.0 };
+    }
+}
 
 /// Dequantizes whole blocks (`bytes` of the format, `out` their elements), bit-identical to
 /// the reference code; [`crate::quant::dequantize`] uses it where one exists.
@@ -38,8 +72,7 @@ pub(crate) struct Kernels {
     pub name: &'static str,
     dots: [VecDotFn; 15],
     dots4: [Option<VecDot4Fn>; 15],
-    dots4x4: [Option<VecDot4x4Fn>; 15],
-    dots4x1: [Option<VecDot4x1Fn>; 15],
+    tiled: [Option<Tiled>; 15],
     dequant: [Option<DequantFn>; 15],
 }
 
@@ -56,17 +89,10 @@ impl Kernels {
         self.dots4[index(dtype)]
     }
 
-    /// The 4x4 micro-kernel for weights of `dtype`, where one exists.
+    /// The register-blocked kernels of `dtype`, where they exist.
     #[inline(always)]
-    pub fn dot4x4(&self, dtype: GgmlDType) -> Option<VecDot4x4Fn> {
-        self.dots4x4[index(dtype)]
-    }
-
-    /// The 4x4 and 4x1 kernels of `dtype` when both exist: with them every (weight row,
-    /// activation row) pair gets the same arithmetic whatever the batch.
-    #[inline(always)]
-    pub fn blocked(&self, dtype: GgmlDType) -> Option<(VecDot4x4Fn, VecDot4x1Fn)> {
-        Some((self.dots4x4[index(dtype)]?, self.dots4x1[index(dtype)]?))
+    pub fn blocked(&self, dtype: GgmlDType) -> Option<Tiled> {
+        self.tiled[index(dtype)]
     }
 
     /// A SIMD dequantizer for `dtype`, where one exists (else use the reference one).
@@ -109,8 +135,7 @@ fn scalar_kernels() -> Kernels {
         name: "scalar",
         dots: GgmlDType::ALL.map(scalar_dot),
         dots4: [None; 15],
-        dots4x4: [None; 15],
-        dots4x1: [None; 15],
+        tiled: [None; 15],
         dequant: [None; 15],
     }
 }
@@ -143,11 +168,8 @@ pub(crate) fn kernels() -> &'static Kernels {
                         for (t, f) in set.dots {
                             k.dots[index(t)] = f;
                         }
-                        for (t, f) in set.dots4x4 {
-                            k.dots4x4[index(t)] = Some(f);
-                        }
-                        for (t, f) in set.dots4x1 {
-                            k.dots4x1[index(t)] = Some(f);
+                        for (t, f) in set.tiled {
+                            k.tiled[index(t)] = Some(f);
                         }
                     }
                 }
@@ -183,14 +205,14 @@ pub(crate) fn simd_dots4() -> Vec<(GgmlDType, VecDot4Fn)> {
     }
 }
 
-/// Every 4x4 micro-kernel available on this CPU, with its set's name (for tests).
+/// Every set of register-blocked kernels available on this CPU, with its set's name (tests).
 #[cfg(test)]
-pub(crate) fn simd_dots4x4() -> Vec<(&'static str, GgmlDType, VecDot4x4Fn)> {
+pub(crate) fn simd_tiled() -> Vec<(&'static str, GgmlDType, Tiled)> {
     #[cfg(target_arch = "x86_64")]
     {
         vnni::sets()
             .into_iter()
-            .flat_map(|s| s.dots4x4.into_iter().map(move |(t, f)| (s.name, t, f)))
+            .flat_map(|s| s.tiled.into_iter().map(move |(t, f)| (s.name, t, f)))
             .collect()
     }
     #[cfg(not(target_arch = "x86_64"))]

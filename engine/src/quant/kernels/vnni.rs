@@ -14,21 +14,19 @@
 //!   used as the accumulator input, so each weight×activation pair costs a single `vpdpbusd`.
 
 use super::avx2::{h2f, h2f_pair, hsum, ld256, nibbles};
-use super::{VecDot4x1Fn, VecDot4x4Fn, VecDotFn};
+use super::{Tiled, VecDotFn, TILE_BLOCK_BYTES};
 use crate::quant::GgmlDType;
 use std::arch::x86_64::*;
 
-/// One VNNI kernel set: its name, one-row kernels and 4x4 micro-kernels.
+/// One VNNI kernel set: its name, one-row kernels and register-blocked kernels.
 pub(super) struct Set {
     /// Instruction-set name reported by `Kernels::name`.
     pub name: &'static str,
     /// One weight row · one activation row.
     pub dots: Vec<(GgmlDType, VecDotFn)>,
-    /// Four weight rows · four activation rows.
-    pub dots4x4: Vec<(GgmlDType, VecDot4x4Fn)>,
-    /// Four weight rows · one activation row, lane for lane the same arithmetic as `dots4x4`,
-    /// so a pair's result does not depend on which kernel computed it.
-    pub dots4x1: Vec<(GgmlDType, VecDot4x1Fn)>,
+    /// Packed four-row weight tiles · four or one activation rows, lane for lane the same
+    /// arithmetic in both, so a pair's result does not depend on which kernel computed it.
+    pub tiled: Vec<(GgmlDType, Tiled)>,
 }
 
 /// Every VNNI set this CPU supports, best first (tests check them all; dispatch takes the first).
@@ -62,18 +60,24 @@ macro_rules! vnni_set {
                         (GgmlDType::Q4_1, q4_1_dot),
                         (GgmlDType::Q8_0, q8_0_dot),
                     ],
-                    dots4x4: if $x4x4 {
+                    tiled: if $x4x4 {
                         vec![
-                            (GgmlDType::Q4_1, q4_1_dot4x4 as VecDot4x4Fn),
-                            (GgmlDType::Q8_0, q8_0_dot4x4),
-                        ]
-                    } else {
-                        Vec::new()
-                    },
-                    dots4x1: if $x4x4 {
-                        vec![
-                            (GgmlDType::Q4_1, q4_1_dot4x1 as VecDot4x1Fn),
-                            (GgmlDType::Q8_0, q8_0_dot4x1),
+                            (
+                                GgmlDType::Q4_1,
+                                Tiled {
+                                    pack: q4_1_pack,
+                                    k44: q4_1_dot4x4,
+                                    k41: q4_1_dot4x1,
+                                },
+                            ),
+                            (
+                                GgmlDType::Q8_0,
+                                Tiled {
+                                    pack: q8_0_pack,
+                                    k44: q8_0_dot4x4,
+                                    k41: q8_0_dot4x1,
+                                },
+                            ),
                         ]
                     } else {
                         Vec::new()
@@ -98,22 +102,51 @@ macro_rules! vnni_set {
                 };
             }
 
-            /// Safe 4x4 wrapper: checks all eight operands.
-            macro_rules! wrapper4x4 {
-                ($name_:ident, $imp:ident, $wt:expr, $at:expr) => {
-                    fn $name_(n: usize, w: [&[u8]; 4], a: [&[u8]; 4]) -> [[f32; 4]; 4] {
-                        let (wt, at): (GgmlDType, GgmlDType) = ($wt, $at);
+            /// Safe tile-packing wrapper: checks the four rows and the tile.
+            macro_rules! wrapper_pack {
+                ($name_:ident, $imp:ident, $wt:expr) => {
+                    fn $name_(n: usize, w: [&[u8]; 4], tile: &mut [u8]) {
+                        let wt: GgmlDType = $wt;
                         assert!(
                             wt.row_bytes(n)
                                 .is_some_and(|b| w.iter().all(|w| w.len() >= b))
+                                && tile.len() >= n / 32 * TILE_BLOCK_BYTES,
+                            "tile operand too short"
+                        );
+                        // SAFETY: as for the one-row wrapper.
+                        unsafe { $imp(n, w.map(<[u8]>::as_ptr), tile.as_mut_ptr()) }
+                    }
+                };
+            }
+
+            /// Safe 4x4 wrapper: checks the tile, the four rows and their scales.
+            macro_rules! wrapper4x4 {
+                ($name_:ident, $imp:ident, $at:expr) => {
+                    fn $name_(
+                        n: usize,
+                        tile: &[u8],
+                        a: [&[u8]; 4],
+                        s: [&[f32]; 4],
+                    ) -> [[f32; 4]; 4] {
+                        let at: GgmlDType = $at;
+                        assert!(
+                            n % 32 == 0
+                                && tile.len() >= n / 32 * TILE_BLOCK_BYTES
                                 && at
                                     .row_bytes(n)
-                                    .is_some_and(|b| a.iter().all(|a| a.len() >= b)),
+                                    .is_some_and(|b| a.iter().all(|a| a.len() >= b))
+                                && s.iter().all(|s| s.len() >= n / 16),
                             "vec-dot operand too short"
                         );
                         // SAFETY: as for the one-row wrapper.
-                        let cols =
-                            unsafe { $imp::<4>(n, w.map(<[u8]>::as_ptr), a.map(<[u8]>::as_ptr)) };
+                        let cols = unsafe {
+                            $imp::<4>(
+                                n,
+                                tile.as_ptr(),
+                                a.map(<[u8]>::as_ptr),
+                                s.map(<[f32]>::as_ptr),
+                            )
+                        };
                         let mut out = [[0f32; 4]; 4];
                         for (c, col) in cols.into_iter().enumerate() {
                             for (r, v) in col.into_iter().enumerate() {
@@ -127,17 +160,19 @@ macro_rules! vnni_set {
 
             /// Safe 4x1 wrapper: the 4x4 body with one activation row.
             macro_rules! wrapper4x1 {
-                ($name_:ident, $imp:ident, $wt:expr, $at:expr) => {
-                    fn $name_(n: usize, w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
-                        let (wt, at): (GgmlDType, GgmlDType) = ($wt, $at);
+                ($name_:ident, $imp:ident, $at:expr) => {
+                    fn $name_(n: usize, tile: &[u8], a: &[u8], s: &[f32]) -> [f32; 4] {
+                        let at: GgmlDType = $at;
                         assert!(
-                            wt.row_bytes(n)
-                                .is_some_and(|b| w.iter().all(|w| w.len() >= b))
-                                && at.row_bytes(n).is_some_and(|b| a.len() >= b),
+                            n % 32 == 0
+                                && tile.len() >= n / 32 * TILE_BLOCK_BYTES
+                                && at.row_bytes(n).is_some_and(|b| a.len() >= b)
+                                && s.len() >= n / 16,
                             "vec-dot operand too short"
                         );
                         // SAFETY: as for the one-row wrapper.
-                        let [col] = unsafe { $imp::<1>(n, w.map(<[u8]>::as_ptr), [a.as_ptr()]) };
+                        let [col] =
+                            unsafe { $imp::<1>(n, tile.as_ptr(), [a.as_ptr()], [s.as_ptr()]) };
                         col
                     }
                 };
@@ -146,10 +181,12 @@ macro_rules! vnni_set {
             wrapper!(q4_0_dot, q4_0_impl, GgmlDType::Q4_0, GgmlDType::Q8_0);
             wrapper!(q4_1_dot, q4_1_impl, GgmlDType::Q4_1, GgmlDType::Q8_1);
             wrapper!(q8_0_dot, q8_0_impl, GgmlDType::Q8_0, GgmlDType::Q8_0);
-            wrapper4x4!(q4_1_dot4x4, q4_1_4x4_impl, GgmlDType::Q4_1, GgmlDType::Q8_1);
-            wrapper4x4!(q8_0_dot4x4, q8_0_4x4_impl, GgmlDType::Q8_0, GgmlDType::Q8_0);
-            wrapper4x1!(q4_1_dot4x1, q4_1_4x4_impl, GgmlDType::Q4_1, GgmlDType::Q8_1);
-            wrapper4x1!(q8_0_dot4x1, q8_0_4x4_impl, GgmlDType::Q8_0, GgmlDType::Q8_0);
+            wrapper_pack!(q4_1_pack, q4_1_pack_impl, GgmlDType::Q4_1);
+            wrapper_pack!(q8_0_pack, q8_0_pack_impl, GgmlDType::Q8_0);
+            wrapper4x4!(q4_1_dot4x4, q4_1_4x4_impl, GgmlDType::Q8_1);
+            wrapper4x4!(q8_0_dot4x4, q8_0_4x4_impl, GgmlDType::Q8_0);
+            wrapper4x1!(q4_1_dot4x1, q4_1_4x4_impl, GgmlDType::Q8_1);
+            wrapper4x1!(q8_0_dot4x1, q8_0_4x4_impl, GgmlDType::Q8_0);
 
             /// Sums of four adjacent u8·i8 products added to the i32 lanes of `acc`.
             #[inline]
@@ -164,6 +201,18 @@ macro_rules! vnni_set {
             unsafe fn rd32(p: *const u8) -> i32 {
                 // SAFETY: the caller guarantees four readable bytes at `p`.
                 unsafe { std::ptr::read_unaligned(p as *const i32) }
+            }
+
+            /// [`nibbles`] with one shift: the 16 bytes broadcast to both halves, the upper
+            /// half shifted right by four (bits crossing into a byte's high nibble are masked).
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn nibbles2(p: *const u8) -> __m256i {
+                // SAFETY: the caller guarantees 16 readable bytes at `p`.
+                let t =
+                    unsafe { _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i)) };
+                let shifted = _mm256_srlv_epi32(t, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
+                _mm256_and_si256(shifted, _mm256_set1_epi8(0xF))
             }
 
             /// One Q4_0·Q8_0 block added to `acc`.
@@ -278,109 +327,142 @@ macro_rules! vnni_set {
                 out
             }
 
-            /// Four Q4_1 weight rows × four Q8_1 activation rows; `out[r][c]` is
-            /// `dot(w[r], a[c])`. Each weight block is unpacked once and each activation block
-            /// loaded once per step, then reused across the 16 pairs (prefill / batched decode).
-            /// Every pair keeps ggml's arithmetic: eight i32 lanes of four products each,
-            /// `acc = fma(d_w·d_a, lanes, acc)` block after block in its own accumulator (16
-            /// of them: this needs the 32 registers of AVX512VL), and `m_w·s_a` (exact: two
-            /// f16) summed in order.
+            /// Packs four Q4_1 rows: per block the 4 x 32 nibbles as bytes (ggml order), then
+            /// `d0..d3`, `m0..m3` as f32.
             #[target_feature(enable = $feat)]
-            unsafe fn q4_1_4x4_impl<const C: usize>(
-                n: usize,
-                w: [*const u8; 4],
-                a: [*const u8; C],
-            ) -> [[f32; 4]; C] {
-                let mut acc = [[_mm256_setzero_ps(); 4]; C];
-                let mut mins = [_mm_setzero_ps(); C];
-                let odd = _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7);
-                let even = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
-                let lane = [
-                    _mm256_set1_epi32(0),
-                    _mm256_set1_epi32(1),
-                    _mm256_set1_epi32(2),
-                    _mm256_set1_epi32(3),
-                ];
-                let z = _mm256_setzero_si256();
-                // SAFETY (whole body): n/32 blocks of 20 bytes at each w[r] and 36 at each a[c].
+            unsafe fn q4_1_pack_impl(n: usize, w: [*const u8; 4], tile: *mut u8) {
+                let order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+                // SAFETY (whole body): n/32 blocks of 20 bytes at each w[r]; the tile holds
+                // n/32 blocks of TILE_BLOCK_BYTES.
                 unsafe {
                     for i in 0..n / 32 {
                         let wb = w.map(|p| p.add(20 * i));
-                        // [d0 m0 d1 m1 d2 m2 d3 m3] from the four block headers; [m0..m3].
+                        let tb = tile.add(TILE_BLOCK_BYTES * i);
+                        for (r, p) in wb.iter().enumerate() {
+                            _mm256_storeu_si256(tb.add(32 * r) as *mut __m256i, nibbles2(p.add(4)));
+                        }
+                        // [d0 m0 d1 m1 d2 m2 d3 m3] → [d0..d3 m0..m3].
                         let dm = _mm256_cvtph_ps(_mm_set_epi32(
                             rd32(wb[3]),
                             rd32(wb[2]),
                             rd32(wb[1]),
                             rd32(wb[0]),
                         ));
-                        let m = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, odd));
-                        let d = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, even));
-                        let q = [
-                            nibbles(wb[0].add(4)),
-                            nibbles(wb[1].add(4)),
-                            nibbles(wb[2].add(4)),
-                            nibbles(wb[3].add(4)),
-                        ];
+                        let dm = _mm256_permutevar8x32_ps(dm, order);
+                        _mm256_storeu_ps(tb.add(128) as *mut f32, dm);
+                    }
+                }
+            }
+
+            /// Packs four Q8_0 rows: per block the 4 x 32 weights plus 128 as unsigned bytes,
+            /// then `d0..d3` as f32 and four zeros.
+            #[target_feature(enable = $feat)]
+            unsafe fn q8_0_pack_impl(n: usize, w: [*const u8; 4], tile: *mut u8) {
+                let bias = _mm256_set1_epi8(-128);
+                // SAFETY (whole body): n/32 blocks of 34 bytes at each w[r]; the tile holds
+                // n/32 blocks of TILE_BLOCK_BYTES.
+                unsafe {
+                    for i in 0..n / 32 {
+                        let wb = w.map(|p| p.add(34 * i));
+                        let tb = tile.add(TILE_BLOCK_BYTES * i);
+                        for (r, p) in wb.iter().enumerate() {
+                            // w xor 0x80 is w + 128 as u8.
+                            let u = _mm256_xor_si256(ld256(p.add(2)), bias);
+                            _mm256_storeu_si256(tb.add(32 * r) as *mut __m256i, u);
+                        }
+                        let d = _mm_setr_ps(h2f(wb[0]), h2f(wb[1]), h2f(wb[2]), h2f(wb[3]));
+                        _mm256_storeu_ps(tb.add(128) as *mut f32, _mm256_castps128_ps256(d));
+                        _mm_storeu_ps(tb.add(144) as *mut f32, _mm_setzero_ps());
+                    }
+                }
+            }
+
+            /// A Q4_1 tile (four weight rows) × `C` Q8_1 activation rows; `out[c][r]` is
+            /// `dot(w[r], a[c])`, with `s[c]` the activation blocks' `(d, s)` as f32 (see
+            /// `activation_scales`). Every pair keeps ggml's arithmetic: eight i32 lanes of
+            /// four products each, `acc = fma(d_w·d_a, lanes, acc)` block after block in its
+            /// own accumulator (16 of them: this needs the 32 registers of AVX512VL), and
+            /// `m_w·s_a` (exact: two f16) summed in order. The weights come unpacked and the
+            /// scales as f32, so the loop is loads, `vpdpbusd`, convert and FMA; the 16 scales
+            /// `d_w·d_a` (exact) go through a small array that each pair reads with a broadcast
+            /// load (the load ports are idle), not a shuffle on the vector ports.
+            #[target_feature(enable = $feat)]
+            unsafe fn q4_1_4x4_impl<const C: usize>(
+                n: usize,
+                tile: *const u8,
+                a: [*const u8; C],
+                s: [*const f32; C],
+            ) -> [[f32; 4]; C] {
+                let mut acc = [[_mm256_setzero_ps(); 4]; C];
+                let mut mins = [_mm_setzero_ps(); C];
+                let mut scales = [[0f32; 4]; C];
+                let z = _mm256_setzero_si256();
+                // SAFETY (whole body): n/32 tile blocks, and n/32 blocks of 36 bytes at each
+                // a[c] and two f32 at each s[c].
+                unsafe {
+                    for i in 0..n / 32 {
+                        let tb = tile.add(TILE_BLOCK_BYTES * i);
+                        let d = _mm_loadu_ps(tb.add(128) as *const f32);
+                        let m = _mm_loadu_ps(tb.add(144) as *const f32);
+                        for (c, sc) in scales.iter_mut().enumerate() {
+                            // d_r·d_a for the four rows (exact: two f16).
+                            let da = _mm_set1_ps(*s[c].add(2 * i));
+                            _mm_storeu_ps(sc.as_mut_ptr(), _mm_mul_ps(d, da));
+                        }
+                        let q = [0, 1, 2, 3].map(|r| ld256(tb.add(32 * r)));
                         for c in 0..C {
-                            let ab = a[c].add(36 * i);
-                            let ds = h2f_pair(ab);
-                            // d_r·d_a for the four rows (exact: two f16), one lane each.
-                            let scale =
-                                _mm256_castps128_ps256(_mm_mul_ps(d, _mm_shuffle_ps(ds, ds, 0)));
-                            let y = ld256(ab.add(4));
+                            let y = ld256(a[c].add(36 * i + 4));
                             for r in 0..4 {
                                 let p = _mm256_cvtepi32_ps(dp(z, q[r], y));
-                                let sr = _mm256_permutevar8x32_ps(scale, lane[r]);
+                                // A load of its own (a broadcast load, no shuffle).
+                                let sr = _mm256_set1_ps(std::ptr::read_volatile(&scales[c][r]));
                                 acc[c][r] = _mm256_fmadd_ps(sr, p, acc[c][r]);
                             }
-                            let sa = _mm_movehdup_ps(ds);
-                            mins[c] = _mm_fmadd_ps(m, _mm_shuffle_ps(sa, sa, 0), mins[c]);
+                            let sa = _mm_set1_ps(*s[c].add(2 * i + 1));
+                            mins[c] = _mm_fmadd_ps(m, sa, mins[c]);
                         }
                     }
                 }
                 finish4x4(acc, mins)
             }
 
-            /// Four Q8_0 weight rows × four Q8_0 activation rows; `out[r][c]` is
+            /// A Q8_0 tile (four weight rows) × `C` Q8_0 activation rows; `out[c][r]` is
             /// `dot(w[r], a[c])`, each pair in ggml's arithmetic (as for Q4_1). Uses
             /// `(w + 128)·y − 128·Σy` (the same i32 lanes as ggml's signed products): the
-            /// unsigned weights are made once per block and `−128·Σy` once per activation block
-            /// (as the accumulator input), so each pair's integer part is one `vpdpbusd`.
+            /// tile holds the unsigned weights, and `−128·Σy` is made once per activation
+            /// block (as the accumulator input), so each pair's integer part is one
+            /// `vpdpbusd`.
             #[target_feature(enable = $feat)]
             unsafe fn q8_0_4x4_impl<const C: usize>(
                 n: usize,
-                w: [*const u8; 4],
+                tile: *const u8,
                 a: [*const u8; C],
+                s: [*const f32; C],
             ) -> [[f32; 4]; C] {
                 let mut acc = [[_mm256_setzero_ps(); 4]; C];
+                let mut scales = [[0f32; 4]; C];
                 let bias = _mm256_set1_epi8(-128);
                 let z = _mm256_setzero_si256();
-                // SAFETY (whole body): n/32 blocks of 34 bytes at each w[r] and a[c].
+                // SAFETY (whole body): n/32 tile blocks, and n/32 blocks of 34 bytes at each
+                // a[c] and two f32 at each s[c].
                 unsafe {
                     for i in 0..n / 32 {
-                        let wb = w.map(|p| p.add(34 * i));
-                        let d = [
-                            _mm256_set1_ps(h2f(wb[0])),
-                            _mm256_set1_ps(h2f(wb[1])),
-                            _mm256_set1_ps(h2f(wb[2])),
-                            _mm256_set1_ps(h2f(wb[3])),
-                        ];
-                        // w xor 0x80 is w + 128 as u8.
-                        let u = [
-                            _mm256_xor_si256(ld256(wb[0].add(2)), bias),
-                            _mm256_xor_si256(ld256(wb[1].add(2)), bias),
-                            _mm256_xor_si256(ld256(wb[2].add(2)), bias),
-                            _mm256_xor_si256(ld256(wb[3].add(2)), bias),
-                        ];
+                        let tb = tile.add(TILE_BLOCK_BYTES * i);
+                        let d = _mm_loadu_ps(tb.add(128) as *const f32);
+                        for (c, sc) in scales.iter_mut().enumerate() {
+                            let da = _mm_set1_ps(*s[c].add(2 * i));
+                            _mm_storeu_ps(sc.as_mut_ptr(), _mm_mul_ps(d, da));
+                        }
+                        let u = [0, 1, 2, 3].map(|r| ld256(tb.add(32 * r)));
                         for c in 0..C {
-                            let ab = a[c].add(34 * i);
-                            let y = ld256(ab.add(2));
-                            let da = _mm256_set1_ps(h2f(ab));
+                            let y = ld256(a[c].add(34 * i + 2));
                             // 0x80 as the unsigned operand: lanes of 128·Σy, negated.
                             let corr = _mm256_sub_epi32(z, dp(z, bias, y));
                             for r in 0..4 {
                                 let p = _mm256_cvtepi32_ps(dp(corr, u[r], y));
-                                acc[c][r] = _mm256_fmadd_ps(_mm256_mul_ps(d[r], da), p, acc[c][r]);
+                                // As in the Q4_1 kernel: a broadcast load, no shuffle.
+                                let sr = _mm256_set1_ps(std::ptr::read_volatile(&scales[c][r]));
+                                acc[c][r] = _mm256_fmadd_ps(sr, p, acc[c][r]);
                             }
                         }
                     }
