@@ -15,6 +15,7 @@ use candle_core::{
 };
 use num_traits::{Float, One, Zero};
 
+use crate::model::ggml;
 use crate::quant::parallel_for;
 
 /// Elements per task when rows are spread over the compute pool (smaller work stays on one
@@ -32,14 +33,63 @@ pub(crate) trait Elem: WithDType + Float {
         }
         sum
     }
+
+    /// Each value rounded to the nearest f16 (ggml's f16 keys, values and attention weights).
+    fn round_f16(x: &mut [Self]) {
+        for v in x.iter_mut() {
+            *v = cast(half::f16::from_f64(v.to_f64()).to_f64());
+        }
+    }
+
+    /// In-place soft-max of a row of scores, its weights rounded to f16 when `f16`.
+    fn soft_max(x: &mut [Self], f16: bool) {
+        soft_max_row(x, f16);
+    }
+
+    /// `out = silu(g) · u`, `silu(a) = a / (1 + e⁻ᵃ)`.
+    fn swiglu(g: &[Self], u: &[Self], out: &mut [Self]) {
+        for ((d, &a), &b) in out.iter_mut().zip(g).zip(u) {
+            *d = a / (Self::one() + (-a).exp()) * b;
+        }
+    }
 }
 impl Elem for f32 {
     /// The serving soft-max's vectorised exponential (AVX2 where the CPU has it).
     fn exp_sum(x: &mut [f32], max: f32) -> f32 {
         (crate::model::simd::kernels().exp_sum)(x, max)
     }
+
+    fn round_f16(x: &mut [f32]) {
+        ggml::f16_round_all(x);
+    }
+
+    /// With `f16`, the serving forward's ggml soft-max itself (its exponential, its sum).
+    fn soft_max(x: &mut [f32], f16: bool) {
+        if f16 {
+            ggml::soft_max_f16(x);
+        } else {
+            soft_max_row(x, false);
+        }
+    }
+
+    /// The serving forward's (ggml's vectorised) SwiGLU.
+    fn swiglu(g: &[f32], u: &[f32], out: &mut [f32]) {
+        ggml::swiglu(g, u, out);
+    }
 }
 impl Elem for f64 {}
+
+/// [`Elem::soft_max`] in plain arithmetic: `exp(x − max) / Σ`.
+fn soft_max_row<T: Elem>(x: &mut [T], f16: bool) {
+    let max = x.iter().fold(T::neg_infinity(), |m, &v| Float::max(m, v));
+    let sum = T::exp_sum(x, max);
+    for v in x.iter_mut() {
+        *v /= sum;
+    }
+    if f16 {
+        T::round_f16(x);
+    }
+}
 
 /// Dispatches `$body` with `T` bound to the storage's float type.
 macro_rules! with_float {
@@ -291,10 +341,7 @@ impl CustomOp2 for SwiGlu {
             let a = slice::<T>(gs, gl, self.name())?;
             let b = slice::<T>(us, ul, self.name())?;
             let out = map_rows(rows, n, n, |r, dst: &mut [T]| {
-                let (ar, br) = (&a[r * n..(r + 1) * n], &b[r * n..(r + 1) * n]);
-                for ((d, &av), &bv) in dst.iter_mut().zip(ar).zip(br) {
-                    *d = av / (T::one() + (-av).exp()) * bv;
-                }
+                T::swiglu(&a[r * n..(r + 1) * n], &b[r * n..(r + 1) * n], dst);
             });
             Ok((T::to_cpu_storage_owned(out), gl.shape().clone()))
         })
@@ -495,9 +542,7 @@ impl CustomOp1 for Heads {
                 let src = &x[(i * len + p) * heads * hd + h * hd..][..hd];
                 self.place(&tables, p, src, dst, false);
                 if self.f16 {
-                    for v in dst.iter_mut() {
-                        *v = cast(half::f16::from_f64(v.to_f64()).to_f64());
-                    }
+                    T::round_f16(dst);
                 }
             });
             Ok((
@@ -1062,22 +1107,10 @@ impl Attention {
         );
         let scale: T = cast(self.scale);
         for (r, row) in p.chunks_exact_mut(keys).enumerate() {
-            let visible = self.past + r + 1;
-            let max = row[..visible]
-                .iter()
-                .fold(T::neg_infinity(), |m, &v| Float::max(m, v * scale));
-            let mut sum = T::zero();
-            for x in &mut row[..visible] {
-                *x = (*x * scale - max).exp();
-                sum += *x;
-            }
-            for x in &mut row[..visible] {
-                *x /= sum;
-                if self.f16_weights {
-                    *x = cast(half::f16::from_f64(WithDType::to_f64(*x)).to_f64());
-                }
-            }
-            row[visible..].iter_mut().for_each(|x| *x = T::zero());
+            let (seen, hidden) = row.split_at_mut(self.past + r + 1);
+            seen.iter_mut().for_each(|x| *x *= scale);
+            T::soft_max(seen, self.f16_weights);
+            hidden.iter_mut().for_each(|x| *x = T::zero());
         }
         p
     }
