@@ -520,6 +520,14 @@ impl QMatrix {
                 debug_assert!(i < m && r < rows);
                 unsafe { *optr.0.add(i * rows + r) = v };
             };
+            // Consecutive outputs of activation row `i` from weight row `r` on.
+            let put_row = |i: usize, r: usize, v: &[f32]| {
+                assert!(i < m && r + v.len() <= rows, "matmul output out of range");
+                // SAFETY: in range (checked), and each (i, r) belongs to one task as above.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(v.as_ptr(), optr.0.add(i * rows + r), v.len())
+                };
+            };
             if let Some(tiled) = blocked {
                 // Weight rows four at a time, packed once for all activation rows; a short
                 // last group repeats its last row (same arithmetic per lane, results
@@ -535,19 +543,15 @@ impl QMatrix {
                             let a = [0, 1, 2, 3].map(|k| &act[(i + k) * arb..(i + k + 1) * arb]);
                             let s = [0, 1, 2, 3].map(|k| &scales[(i + k) * spr..(i + k + 1) * spr]);
                             let v = (tiled.k44)(cols, tile, a, s);
-                            for (dr, vr) in v.into_iter().enumerate().take(live) {
-                                for (k, vk) in vr.into_iter().enumerate() {
-                                    put(i + k, r + dr, vk);
-                                }
+                            for (k, vk) in v.iter().enumerate() {
+                                put_row(i + k, r, &vk[..live]);
                             }
                             i += 4;
                         }
                         for i in i..m {
                             let a = &act[i * arb..(i + 1) * arb];
                             let v = (tiled.k41)(cols, tile, a, &scales[i * spr..(i + 1) * spr]);
-                            for (dr, vk) in v.into_iter().enumerate().take(live) {
-                                put(i, r + dr, vk);
-                            }
+                            put_row(i, r, &v[..live]);
                         }
                         r += 4;
                     }

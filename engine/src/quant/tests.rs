@@ -320,11 +320,13 @@ fn tiled_dots(t: GgmlDType, k: Tiled, n: usize, w: [&[u8]; 4], a: [&[u8]; 4]) ->
     let out = (k.k44)(n, &tile, a, s);
     for c in 0..4 {
         let col = (k.k41)(n, &tile, a[c], s[c]);
-        for r in 0..4 {
-            assert_eq!(col[r].to_bits(), out[r][c].to_bits(), "4x1 and 4x4 differ");
-        }
+        assert_eq!(
+            col.map(f32::to_bits),
+            out[c].map(f32::to_bits),
+            "4x1 and 4x4 differ"
+        );
     }
-    out
+    [0, 1, 2, 3].map(|r| [0, 1, 2, 3].map(|c| out[c][r]))
 }
 
 #[test]

@@ -906,14 +906,14 @@ impl LoraDelta {
         }
     }
 
-    /// The delta `[m, o]` of row-major `x`, `A` and `B` of `dims` (from [`LoraDelta::dims`]).
-    pub(crate) fn values<T: Elem>(
+    /// The delta `[m, o]` of row-major `x`, `A` and `B` of `dims` (from [`LoraDelta::dims`]),
+    /// written into `out`, or added to it when `acc`.
+    pub(crate) fn values_into<T: Elem>(
         &self,
-        x: &[T],
-        a: &[T],
-        b: &[T],
+        (x, a, b): (&[T], &[T], &[T]),
         (m, i, r, o): (usize, usize, usize, usize),
-    ) -> Vec<T> {
+        (out, acc): (&mut [T], bool),
+    ) {
         let mut u = vec![T::zero(); m * r];
         gemm_into(
             (m, r, i),
@@ -923,16 +923,14 @@ impl LoraDelta {
             (a, i as isize, 1),
             T::one(),
         );
-        let mut out = vec![T::zero(); m * o];
         gemm_into(
             (m, o, r),
-            &mut out,
-            false,
+            out,
+            acc,
             (&u, 1, r as isize),
             (b, r as isize, 1),
             cast::<T>(self.scale),
         );
-        out
     }
 }
 
@@ -955,7 +953,8 @@ impl CustomOp3 for LoraDelta {
             let x = slice::<T>(xs, xl, self.name())?;
             let a = slice::<T>(as_, al, self.name())?;
             let b = slice::<T>(bs, bl, self.name())?;
-            let out = self.values(x, a, b, dims);
+            let mut out = vec![T::zero(); dims.0 * dims.3];
+            self.values_into((x, a, b), dims, (&mut out, false));
             Ok((T::to_cpu_storage_owned(out), Shape::from((dims.0, dims.3))))
         })
     }

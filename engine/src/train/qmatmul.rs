@@ -233,10 +233,7 @@ impl CustomOp3 for QLoraLinear {
         let x = f32_slice(xs, xl, what)?;
         let (a, b) = (f32_slice(as_, al, what)?, f32_slice(bs, bl, what)?);
         let mut out = self.base.product(x, m)?;
-        let delta = self.lora.values(x, a, b, dims);
-        for (y, d) in out.iter_mut().zip(&delta) {
-            *y += d;
-        }
+        self.lora.values_into((x, a, b), dims, (&mut out, true));
         Ok((CpuStorage::F32(out), Shape::from((m, o))))
     }
 

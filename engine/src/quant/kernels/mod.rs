@@ -30,7 +30,8 @@ pub(crate) const TILE_BLOCK_BYTES: usize = 160;
 pub(crate) type TilePackFn = fn(usize, [&[u8]; 4], &mut [u8]);
 
 /// `dot4x4(n_elements, tile, four_activation_rows, their_scales)`:
-/// `out[r][c] = dot(w[r], a[c])`, a register-blocked micro-kernel that loads each weight block
+/// `out[c][r] = dot(w[r], a[c])` (one output row's four columns together), a register-blocked
+/// micro-kernel that loads each weight block
 /// once for four activation rows and each activation block once for four weight rows.
 /// `scales[c]` is activation row `c`'s [`activation_scales`], made once per product.
 pub(crate) type VecDot4x4Fn = fn(usize, &[u8], [&[u8]; 4], [&[f32]; 4]) -> [[f32; 4]; 4];

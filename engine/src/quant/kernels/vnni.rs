@@ -139,21 +139,14 @@ macro_rules! vnni_set {
                             "vec-dot operand too short"
                         );
                         // SAFETY: as for the one-row wrapper.
-                        let cols = unsafe {
+                        unsafe {
                             $imp::<4>(
                                 n,
                                 tile.as_ptr(),
                                 a.map(<[u8]>::as_ptr),
                                 s.map(<[f32]>::as_ptr),
                             )
-                        };
-                        let mut out = [[0f32; 4]; 4];
-                        for (c, col) in cols.into_iter().enumerate() {
-                            for (r, v) in col.into_iter().enumerate() {
-                                out[r][c] = v;
-                            }
                         }
-                        out
                     }
                 };
             }
