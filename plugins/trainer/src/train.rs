@@ -649,14 +649,6 @@ impl<'m> Trainer<'m> {
         Ok(s.to_dtype(DType::F64)?.to_vec1::<f64>()?)
     }
 
-    fn score_pair(
-        &self,
-        p: &Pair,
-        adapter: Option<&TrainAdapter>,
-    ) -> Result<(f64, f64), TrainerError> {
-        score_pair(self.model, p, adapter)
-    }
-
     fn reference_adapter(&self) -> Option<&TrainAdapter> {
         match self.reference {
             Reference::Base => None,
@@ -714,10 +706,8 @@ impl<'m> Trainer<'m> {
         pairs: &[Pair],
         refs: &[(f64, f64)],
     ) -> Result<Option<EvalMetrics>, TrainerError> {
-        let scores = pairs
-            .iter()
-            .map(|p| self.score_pair(p, Some(&self.adapter)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let (model, adapter) = (self.model, &self.adapter);
+        let scores = parallel_map(pairs, &|p| score_pair(model, p, Some(adapter)))?;
         Ok(eval_metrics(&scores, refs))
     }
 
@@ -926,9 +916,9 @@ impl<'m> Trainer<'m> {
     /// Summed completion log-probabilities of `pair` under the adapter as it is now and under
     /// the reference.
     pub fn pair_logps(&self, pair: &Pair) -> Result<PairLogps, TrainerError> {
-        let (policy_chosen, policy_rejected) = self.score_pair(pair, Some(&self.adapter))?;
+        let (policy_chosen, policy_rejected) = score_pair(self.model, pair, Some(&self.adapter))?;
         let (reference_chosen, reference_rejected) =
-            self.score_pair(pair, self.reference_adapter())?;
+            score_pair(self.model, pair, self.reference_adapter())?;
         Ok(PairLogps {
             policy_chosen,
             policy_rejected,
