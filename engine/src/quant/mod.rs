@@ -22,7 +22,7 @@ pub(crate) use matrix::with_buffer;
 pub use matrix::{Activations, QMatrix};
 pub use pool::{
     background_thread, is_background_thread, lower_thread_priority, num_threads, parallel_for,
-    serial, set_num_threads,
+    runs_inline, serial, set_num_threads,
 };
 pub(crate) use quantize::f16_round;
 #[cfg(test)]

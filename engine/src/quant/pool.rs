@@ -64,6 +64,13 @@ pub fn is_background_thread() -> bool {
     IS_BACKGROUND.with(Cell::get)
 }
 
+/// Whether a `parallel_for` made on the calling thread runs its tasks on this thread alone
+/// (a pool worker, a background thread, or [`serial`] work): splitting work for the pool
+/// gains nothing there.
+pub fn runs_inline() -> bool {
+    IS_WORKER.with(Cell::get) || IS_BACKGROUND.with(Cell::get) || IS_SERIAL.with(Cell::get)
+}
+
 /// Runs `f` with every `parallel_for` it makes on the calling thread alone: for work spread
 /// over threads of its own (one item per thread), where the pool would only contend for the
 /// same cores. Tasks are still split as [`num_threads`] says, so results do not change.

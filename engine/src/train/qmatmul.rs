@@ -21,7 +21,7 @@ use super::fused::{
     check_targets, column_windows, for_rows_mut, log_softmax_grad_row, log_sum_exp, map_rows,
     LoraDelta,
 };
-use crate::quant::{with_buffer, QMatrix};
+use crate::quant::{num_threads, runs_inline, with_buffer, QMatrix};
 
 /// f32 elements of `W` dequantised at once in the backward (4 MiB).
 const BACKWARD_BLOCK_ELEMS: usize = 1 << 20;
@@ -82,7 +82,10 @@ impl QMatMulOp {
         let mut grad_x = vec![0f32; m * cols];
         let bs = self.weight.dtype().block_size();
         let blocks = cols / bs.max(1);
-        let tasks = crate::quant::num_threads().min(blocks).max(1);
+        // One window per thread of the pool; one window where the pool's tasks would run on
+        // this thread anyway (the gradient's rows are then packed once, not per window).
+        let threads = if runs_inline() { 1 } else { num_threads() };
+        let tasks = threads.min(blocks).max(1);
         let bounds: Vec<usize> = (0..=tasks).map(|t| blocks * t / tasks * bs).collect();
         let failed = std::sync::Mutex::new(None);
         column_windows(&mut grad_x, (m, cols), &bounds, &|_, mut window| {
