@@ -81,9 +81,21 @@ pub fn serial<R>(f: impl FnOnce() -> R) -> R {
             IS_SERIAL.with(|s| s.set(self.0));
         }
     }
+    struct Running;
+    impl Drop for Running {
+        fn drop(&mut self) {
+            SERIAL_RUNNING.fetch_sub(1, SeqCst);
+        }
+    }
     let _reset = Reset(IS_SERIAL.with(|s| s.replace(true)));
+    SERIAL_RUNNING.fetch_add(1, SeqCst);
+    let _running = Running;
     f()
 }
+
+/// Threads inside [`serial`] work now: they keep the cores busy themselves, so an idle pool
+/// worker parks at once instead of spinning for the next job beside them.
+static SERIAL_RUNNING: AtomicUsize = AtomicUsize::new(0);
 
 /// Marks the calling thread as background work: its `parallel_for` calls run on it alone
 /// (never taking the compute pool from the serving forward), and on Linux its scheduling
@@ -191,7 +203,7 @@ fn worker(p: &'static Pool, index: usize) {
             }
             std::hint::spin_loop();
             spins = spins.wrapping_add(1);
-            let inactive = index >= p.active.load(Relaxed);
+            let inactive = index >= p.active.load(Relaxed) || SERIAL_RUNNING.load(Relaxed) > 0;
             if inactive || (spins.is_multiple_of(64) && idle_since.elapsed() > SPIN) {
                 p.sleepers.fetch_add(1, SeqCst);
                 if p.state.load(SeqCst) == seen {
