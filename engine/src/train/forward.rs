@@ -538,7 +538,8 @@ impl TrainModel {
             let gate = g.forward_lora(&normed, lora(li, Proj::Gate), self.ggml)?;
             let up = u.forward_lora(&normed, lora(li, Proj::Up), self.ggml)?;
             let act = if self.fused {
-                gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)?
+                gate.contiguous()?
+                    .apply_op2(&up.contiguous()?, SwiGlu { ggml: self.ggml })?
             } else {
                 (ops::silu(&gate)? * up)?
             };

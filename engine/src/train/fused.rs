@@ -46,11 +46,9 @@ pub(crate) trait Elem: WithDType + Float {
         soft_max_row(x, f16);
     }
 
-    /// `out = silu(g) · u`, `silu(a) = a / (1 + e⁻ᵃ)`.
-    fn swiglu(g: &[Self], u: &[Self], out: &mut [Self]) {
-        for ((d, &a), &b) in out.iter_mut().zip(g).zip(u) {
-            *d = a / (Self::one() + (-a).exp()) * b;
-        }
+    /// `out = silu(g) · u`, `silu(a) = a / (1 + e⁻ᵃ)`; `ggml` asks for ggml's arithmetic.
+    fn swiglu(g: &[Self], u: &[Self], out: &mut [Self], _ggml: bool) {
+        swiglu_plain(g, u, out);
     }
 }
 impl Elem for f32 {
@@ -72,9 +70,13 @@ impl Elem for f32 {
         }
     }
 
-    /// The serving forward's (ggml's vectorised) SwiGLU.
-    fn swiglu(g: &[f32], u: &[f32], out: &mut [f32]) {
-        ggml::swiglu(g, u, out);
+    /// The serving forward's SwiGLU: ggml's vectorised one in ggml mode, else the plain one.
+    fn swiglu(g: &[f32], u: &[f32], out: &mut [f32], ggml: bool) {
+        if ggml {
+            ggml::swiglu(g, u, out);
+        } else {
+            swiglu_plain(g, u, out);
+        }
     }
 }
 impl Elem for f64 {}
@@ -88,6 +90,13 @@ fn soft_max_row<T: Elem>(x: &mut [T], f16: bool) {
     }
     if f16 {
         T::round_f16(x);
+    }
+}
+
+/// [`Elem::swiglu`] in plain arithmetic, as the serving forward outside ggml mode.
+fn swiglu_plain<T: Elem>(g: &[T], u: &[T], out: &mut [T]) {
+    for ((d, &a), &b) in out.iter_mut().zip(g).zip(u) {
+        *d = a / (T::one() + (-a).exp()) * b;
     }
 }
 
@@ -308,9 +317,12 @@ impl CustomOp3 for RmsNormBackward {
     }
 }
 
-/// `silu(gate) · up` with `silu(a) = a / (1 + e⁻ᵃ)` (the serving forward's SwiGLU).
+/// `silu(gate) · up` with `silu(a) = a / (1 + e⁻ᵃ)` (the serving forward's SwiGLU; `ggml`:
+/// in ggml's arithmetic, as the serving forward of a GGUF model).
 #[derive(Debug, Clone, Copy)]
-pub struct SwiGlu;
+pub struct SwiGlu {
+    pub ggml: bool,
+}
 
 fn sigmoid<T: Elem>(a: T) -> T {
     T::one() / (T::one() + (-a).exp())
@@ -341,7 +353,12 @@ impl CustomOp2 for SwiGlu {
             let a = slice::<T>(gs, gl, self.name())?;
             let b = slice::<T>(us, ul, self.name())?;
             let out = map_rows(rows, n, n, |r, dst: &mut [T]| {
-                T::swiglu(&a[r * n..(r + 1) * n], &b[r * n..(r + 1) * n], dst);
+                T::swiglu(
+                    &a[r * n..(r + 1) * n],
+                    &b[r * n..(r + 1) * n],
+                    dst,
+                    self.ggml,
+                );
             });
             Ok((T::to_cpu_storage_owned(out), gl.shape().clone()))
         })
@@ -1381,16 +1398,18 @@ mod tests {
 
     #[test]
     fn swiglu_matches_composition() {
-        each_dtype(|dt, tol| {
-            let a = random(&[7, 24], 3, dt);
-            let b = random(&[7, 24], 4, dt);
-            check(
-                &[a, b],
-                |t| t[0].apply_op2(t[1], SwiGlu).expect("fused"),
-                |t| (ops::silu(t[0]).expect("silu") * t[1]).expect("mul"),
-                tol,
-            );
-        });
+        for ggml in [false, true] {
+            each_dtype(|dt, tol| {
+                let a = random(&[7, 24], 3, dt);
+                let b = random(&[7, 24], 4, dt);
+                check(
+                    &[a, b],
+                    |t| t[0].apply_op2(t[1], SwiGlu { ggml }).expect("fused"),
+                    |t| (ops::silu(t[0]).expect("silu") * t[1]).expect("mul"),
+                    tol,
+                );
+            });
+        }
     }
 
     #[test]

@@ -29,6 +29,8 @@ const BACKWARD_BLOCK_ELEMS: usize = 1 << 20;
 thread_local! {
     /// The backward's dequantised block of `W`, kept between calls (no allocation per call).
     static DEQUANTIZED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The forward's LoRA delta, kept between calls.
+    static DELTA: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// `y = x Wᵀ` for `x` `[.., in]` with `W` a quantized `[out, in]` matrix (or a range of its
@@ -236,7 +238,14 @@ impl CustomOp3 for QLoraLinear {
         let x = f32_slice(xs, xl, what)?;
         let (a, b) = (f32_slice(as_, al, what)?, f32_slice(bs, bl, what)?);
         let mut out = self.base.product(x, m)?;
-        self.lora.values_into((x, a, b), dims, (&mut out, true));
+        // The delta is rounded on its own and then added, as the serving forward adds it: the
+        // 8-bit activations downstream turn any other rounding into different numbers.
+        with_buffer(&DELTA, out.len(), |delta| {
+            self.lora.values_into((x, a, b), dims, (delta, false));
+            for (y, d) in out.iter_mut().zip(delta.iter()) {
+                *y += d;
+            }
+        });
         Ok((CpuStorage::F32(out), Shape::from((m, o))))
     }
 
