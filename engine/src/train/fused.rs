@@ -924,12 +924,12 @@ impl LoraDelta {
     }
 
     /// The delta `[m, o]` of row-major `x`, `A` and `B` of `dims` (from [`LoraDelta::dims`]),
-    /// written into `out`, or added to it when `acc`.
+    /// written into `out`.
     pub(crate) fn values_into<T: Elem>(
         &self,
         (x, a, b): (&[T], &[T], &[T]),
         (m, i, r, o): (usize, usize, usize, usize),
-        (out, acc): (&mut [T], bool),
+        out: &mut [T],
     ) {
         let mut u = vec![T::zero(); m * r];
         gemm_into(
@@ -943,7 +943,7 @@ impl LoraDelta {
         gemm_into(
             (m, o, r),
             out,
-            acc,
+            false,
             (&u, 1, r as isize),
             (b, r as isize, 1),
             cast::<T>(self.scale),
@@ -971,7 +971,7 @@ impl CustomOp3 for LoraDelta {
             let a = slice::<T>(as_, al, self.name())?;
             let b = slice::<T>(bs, bl, self.name())?;
             let mut out = vec![T::zero(); dims.0 * dims.3];
-            self.values_into((x, a, b), dims, (&mut out, false));
+            self.values_into((x, a, b), dims, &mut out);
             Ok((T::to_cpu_storage_owned(out), Shape::from((dims.0, dims.3))))
         })
     }

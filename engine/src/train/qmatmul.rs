@@ -241,7 +241,7 @@ impl CustomOp3 for QLoraLinear {
         // The delta is rounded on its own and then added, as the serving forward adds it: the
         // 8-bit activations downstream turn any other rounding into different numbers.
         with_buffer(&DELTA, out.len(), |delta| {
-            self.lora.values_into((x, a, b), dims, (delta, false));
+            self.lora.values_into((x, a, b), dims, delta);
             for (y, d) in out.iter_mut().zip(delta.iter()) {
                 *y += d;
             }

@@ -370,15 +370,46 @@ macro_rules! vnni_set {
                 }
             }
 
+            /// `d_r·d_a` (exact: two f16) of the tile block at `tb` for its four rows and
+            /// block `i` of each activation row, into `out[c][r]`. They stay in memory so that
+            /// [`fma_scaled`] reads each with a broadcast load (the load ports are idle), not a
+            /// shuffle on the vector ports.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn tile_scales<const C: usize>(
+                tb: *const u8,
+                s: [*const f32; C],
+                i: usize,
+                out: &mut [[f32; 4]; C],
+            ) {
+                // SAFETY: the caller guarantees a tile block at `tb` and block `i`'s two f32
+                // at each s[c].
+                unsafe {
+                    let d = _mm_loadu_ps(tb.add(128) as *const f32);
+                    for (c, sc) in out.iter_mut().enumerate() {
+                        let da = _mm_set1_ps(*s[c].add(2 * i));
+                        _mm_storeu_ps(sc.as_mut_ptr(), _mm_mul_ps(d, da));
+                    }
+                }
+            }
+
+            /// `acc + scale·p` lane by lane, `scale` read by a load of its own.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            fn fma_scaled(acc: __m256, scale: &f32, p: __m256) -> __m256 {
+                // SAFETY: `scale` is a reference, valid to read.
+                let sr = _mm256_set1_ps(unsafe { std::ptr::read_volatile(scale) });
+                _mm256_fmadd_ps(sr, p, acc)
+            }
+
             /// A Q4_1 tile (four weight rows) × `C` Q8_1 activation rows; `out[c][r]` is
             /// `dot(w[r], a[c])`, with `s[c]` the activation blocks' `(d, s)` as f32 (see
             /// `activation_scales`). Every pair keeps ggml's arithmetic: eight i32 lanes of
             /// four products each, `acc = fma(d_w·d_a, lanes, acc)` block after block in its
             /// own accumulator (16 of them: this needs the 32 registers of AVX512VL), and
             /// `m_w·s_a` (exact: two f16) summed in order. The weights come unpacked and the
-            /// scales as f32, so the loop is loads, `vpdpbusd`, convert and FMA; the 16 scales
-            /// `d_w·d_a` (exact) go through a small array that each pair reads with a broadcast
-            /// load (the load ports are idle), not a shuffle on the vector ports.
+            /// scales as f32, so the loop is loads, `vpdpbusd`, convert and FMA (the 16 scales
+            /// `d_w·d_a` from [`tile_scales`]).
             #[target_feature(enable = $feat)]
             unsafe fn q4_1_4x4_impl<const C: usize>(
                 n: usize,
@@ -395,21 +426,14 @@ macro_rules! vnni_set {
                 unsafe {
                     for i in 0..n / 32 {
                         let tb = tile.add(TILE_BLOCK_BYTES * i);
-                        let d = _mm_loadu_ps(tb.add(128) as *const f32);
                         let m = _mm_loadu_ps(tb.add(144) as *const f32);
-                        for (c, sc) in scales.iter_mut().enumerate() {
-                            // d_r·d_a for the four rows (exact: two f16).
-                            let da = _mm_set1_ps(*s[c].add(2 * i));
-                            _mm_storeu_ps(sc.as_mut_ptr(), _mm_mul_ps(d, da));
-                        }
+                        tile_scales(tb, s, i, &mut scales);
                         let q = [0, 1, 2, 3].map(|r| ld256(tb.add(32 * r)));
                         for c in 0..C {
                             let y = ld256(a[c].add(36 * i + 4));
                             for r in 0..4 {
                                 let p = _mm256_cvtepi32_ps(dp(z, q[r], y));
-                                // A load of its own (a broadcast load, no shuffle).
-                                let sr = _mm256_set1_ps(std::ptr::read_volatile(&scales[c][r]));
-                                acc[c][r] = _mm256_fmadd_ps(sr, p, acc[c][r]);
+                                acc[c][r] = fma_scaled(acc[c][r], &scales[c][r], p);
                             }
                             let sa = _mm_set1_ps(*s[c].add(2 * i + 1));
                             mins[c] = _mm_fmadd_ps(m, sa, mins[c]);
@@ -441,11 +465,7 @@ macro_rules! vnni_set {
                 unsafe {
                     for i in 0..n / 32 {
                         let tb = tile.add(TILE_BLOCK_BYTES * i);
-                        let d = _mm_loadu_ps(tb.add(128) as *const f32);
-                        for (c, sc) in scales.iter_mut().enumerate() {
-                            let da = _mm_set1_ps(*s[c].add(2 * i));
-                            _mm_storeu_ps(sc.as_mut_ptr(), _mm_mul_ps(d, da));
-                        }
+                        tile_scales(tb, s, i, &mut scales);
                         let u = [0, 1, 2, 3].map(|r| ld256(tb.add(32 * r)));
                         for c in 0..C {
                             let y = ld256(a[c].add(34 * i + 2));
@@ -453,9 +473,7 @@ macro_rules! vnni_set {
                             let corr = _mm256_sub_epi32(z, dp(z, bias, y));
                             for r in 0..4 {
                                 let p = _mm256_cvtepi32_ps(dp(corr, u[r], y));
-                                // As in the Q4_1 kernel: a broadcast load, no shuffle.
-                                let sr = _mm256_set1_ps(std::ptr::read_volatile(&scales[c][r]));
-                                acc[c][r] = _mm256_fmadd_ps(sr, p, acc[c][r]);
+                                acc[c][r] = fma_scaled(acc[c][r], &scales[c][r], p);
                             }
                         }
                     }
